@@ -1,0 +1,3 @@
+from aecho.cli import main
+
+main()

@@ -1,0 +1,223 @@
+"""The ``aecho`` command line: parse options, build a config, call one function.
+
+Every failure a user can cause ends as one line on stderr and a non-zero exit:
+1 for runtime failures, 2 for usage errors.  Tracebacks go to the log at
+debug level only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn
+
+import typer
+import typer.core
+
+from aecho.config import (
+    DEFAULT_BACKLOG,
+    DEFAULT_GRACEFUL_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_LINE,
+    DEFAULT_PORT,
+    ClientConfig,
+    ConfigError,
+    Framing,
+    LoopKind,
+    Offload,
+    ServerConfig,
+)
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors as one line (``aecho serve: error: ...``) and exit 2, not a panel."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else (prog_name or "aecho")
+            code = getattr(exc, "exit_code", 1)
+            hint = f" (see '{where} --help')" if code == 2 else ""
+            typer.echo(f"{where}: error: {exc.format_message()}{hint}", err=True)
+            rv = code
+        except typer.Abort:
+            rv = 130
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    name="aecho",
+    help="A concurrent TCP echo service, an interactive client and a verifying load tester.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+log = logging.getLogger("aecho")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one line on stderr and exit."""
+    typer.echo(f"aecho: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def setup_logging(level: str, log_file: str | None = None) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler: logging.Handler
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def run_server(config: ServerConfig) -> None:
+    """Run the server in the foreground until it is stopped.
+
+    Raises:
+        aecho.server.StartupError, aecho.handlers.HandlerError: start-up failed.
+    """
+    from aecho.loops import run
+    from aecho.server import Server, bind_listeners
+
+    sockets = bind_listeners(config)  # bind before the loop exists, like the daemon does
+    server = Server(config, sockets=sockets)
+    run(server.run(), config.loop)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address or name to listen on (IPv4, IPv6).")] = (
+        DEFAULT_HOST
+    ),
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="TCP port; 0 picks a free one (logged).")
+    ] = DEFAULT_PORT,
+    unix: Annotated[
+        str | None, typer.Option(help="Listen on this Unix socket path instead of TCP.")
+    ] = None,
+    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.auto,
+    offload: Annotated[
+        Offload, typer.Option(help="Run the handler on the loop or in worker processes.")
+    ] = Offload.inline,
+    pool_size: Annotated[
+        int | None, typer.Option(min=1, help="Worker processes (default: CPU count).")
+    ] = None,
+    handler: Annotated[
+        str,
+        typer.Option(help="echo, upper, reverse, sha256, burn, or package.module:function."),
+    ] = "echo",
+    framing: Annotated[
+        Framing, typer.Option(help="raw: bytes as they come; line: one message per line.")
+    ] = Framing.raw,
+    max_line: Annotated[
+        int, typer.Option(min=1, help="Longest line in bytes (line framing).")
+    ] = DEFAULT_MAX_LINE,
+    max_connections: Annotated[
+        int, typer.Option(min=1, help="Connections beyond this are closed at once.")
+    ] = DEFAULT_MAX_CONNECTIONS,
+    idle_timeout: Annotated[
+        float, typer.Option(min=0, help="Close connections idle this long (s); 0 = never.")
+    ] = DEFAULT_IDLE_TIMEOUT,
+    graceful_timeout: Annotated[
+        float, typer.Option(min=0, help="On SIGTERM/SIGINT, wait this long (s) for replies.")
+    ] = DEFAULT_GRACEFUL_TIMEOUT,
+    backlog: Annotated[
+        int, typer.Option(min=1, help="Listen backlog (capped by net.core.somaxconn).")
+    ] = DEFAULT_BACKLOG,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the echo server (foreground; SIGTERM or Ctrl-C stops it gracefully)."""
+    try:
+        config = ServerConfig(
+            host=host,
+            port=port,
+            unix=unix,
+            loop=loop,
+            offload=offload,
+            pool_size=pool_size,
+            handler=handler,
+            framing=framing,
+            max_line=max_line,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+            graceful_timeout=graceful_timeout,
+            backlog=backlog,
+            log_level=log_level,
+        ).validate()
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    setup_logging(config.log_level, config.log_file)
+    _run_or_fail(run_server, config)
+
+
+def _run_or_fail(func: Callable[[Any], None], config: object) -> None:
+    from aecho.handlers import HandlerError
+    from aecho.server import StartupError
+
+    try:
+        func(config)
+    except (StartupError, HandlerError, ConfigError) as exc:
+        log.debug("start-up failed", exc_info=True)
+        fail(str(exc))
+
+
+# -- client --------------------------------------------------------------------------------------
+
+
+def run_client(config: ClientConfig) -> None:
+    from aecho.client import run
+
+    run(config)
+
+
+@app.command()
+def client(
+    host: Annotated[str, typer.Argument(help="Server address or name.")] = DEFAULT_HOST,
+    port: Annotated[int, typer.Argument(min=0, max=65535, help="Server port.")] = DEFAULT_PORT,
+    unix: Annotated[str | None, typer.Option(help="Connect to this Unix socket instead.")] = None,
+    connect_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds to wait for the connection.")
+    ] = 5.0,
+) -> None:
+    """Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise."""
+    from aecho.client import ClientError
+
+    config = ClientConfig(host=host, port=port, unix=unix, connect_timeout=connect_timeout)
+    try:
+        run_client(config.validate())
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    except ClientError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    app(args=sys.argv[1:] if argv is None else argv, prog_name="aecho")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Sans-IO framers: bytes in, messages out.  No asyncio here.
+
+A framer turns a stream of arbitrarily chunked bytes into messages.  ``raw``
+treats each chunk as a message (an echo needs no boundaries); ``line`` yields
+each ``\\n``-terminated line without its terminator.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class FrameError(Exception):
+    """The peer broke the framing rules; str() is the reason sent back to it."""
+
+
+class Framer(Protocol):
+    def feed(self, data: bytes) -> list[bytes]:
+        """Consume ``data`` and return the complete messages it finished.
+
+        Raises:
+            FrameError: the input violates a limit; the framer is unusable afterwards.
+        """
+        ...
+
+    def encode(self, reply: bytes) -> bytes:
+        """Turn a handler's reply into the bytes to write back."""
+        ...
+
+
+class RawFramer:
+    """Every chunk is a message; replies go back as they are."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return [data] if data else []
+
+    def encode(self, reply: bytes) -> bytes:
+        return reply
+
+
+class LineFramer:
+    """``\\n``-terminated lines of at most ``max_line`` bytes (terminator excluded)."""
+
+    __slots__ = ("_buf", "max_line")
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf + data if self._buf else data
+        if b"\n" not in data:
+            self._buf = buf
+            self._check(buf)
+            return []
+        *lines, rest = buf.split(b"\n")
+        self._buf = rest
+        for line in lines:
+            self._check(line)
+        self._check(rest)
+        return lines
+
+    def _check(self, line: bytes) -> None:
+        if len(line) > self.max_line:
+            self._buf = b""
+            raise FrameError(f"line too long: limit is {self.max_line} bytes")
+
+    def encode(self, reply: bytes) -> bytes:
+        return reply + b"\n"
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished line held back."""
+        return len(self._buf)

@@ -1,0 +1,91 @@
+"""Built-in message handlers and loading of ``package.module:function``.
+
+A handler is a top-level function ``bytes -> bytes``.  Top-level, so worker
+processes can find it by name.  No asyncio here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import time
+from collections.abc import Callable
+
+Handler = Callable[[bytes], bytes]
+
+
+class HandlerError(ValueError):
+    """A handler name could not be resolved; str() is the user message."""
+
+
+def echo(data: bytes) -> bytes:
+    return data
+
+
+def upper(data: bytes) -> bytes:
+    return data.upper()
+
+
+def reverse(data: bytes) -> bytes:
+    return data[::-1]
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).hexdigest().encode("ascii")
+
+
+BURN_SECONDS = 0.001
+
+
+def burn(data: bytes) -> bytes:
+    """Return ``data`` after about 1 ms of CPU work (a stand-in for a costly handler)."""
+    deadline = time.thread_time() + BURN_SECONDS
+    x = 0
+    while time.thread_time() < deadline:
+        for i in range(200):
+            x ^= i * i
+    return data
+
+
+BUILTINS: dict[str, Handler] = {
+    "echo": echo,
+    "upper": upper,
+    "reverse": reverse,
+    "sha256": sha256,
+    "burn": burn,
+}
+
+
+def load_handler(name: str) -> Handler:
+    """Resolve a built-in name or ``package.module:function``.
+
+    Raises:
+        HandlerError: unknown name, import failure, missing attribute, or not callable.
+    """
+    if name in BUILTINS:
+        return BUILTINS[name]
+    if ":" not in name:
+        known = ", ".join(BUILTINS)
+        raise HandlerError(
+            f"unknown handler {name!r}: use one of {known}, or package.module:function"
+        )
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise HandlerError(f"bad handler {name!r}: expected package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure is the user's handler's fault
+        raise HandlerError(
+            f"cannot import handler module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise HandlerError(
+                f"handler {name!r}: module {module_name!r} has no {attr!r}"
+            ) from None
+    if not callable(obj):
+        raise HandlerError(f"handler {name!r} is not callable")
+    return obj
