@@ -13,6 +13,7 @@ import asyncio
 from typing import ClassVar
 
 from aecho.handlers import Handler
+from aecho.stats import Stats
 
 Outcome = bytes | BaseException
 
@@ -25,6 +26,8 @@ class Processor:
     def __init__(self, handler: Handler, handler_name: str = "echo") -> None:
         self.handler = handler
         self.handler_name = handler_name
+        # The server hands over its counters (handler errors, pool restarts, latency).
+        self.stats = Stats()
 
     async def start(self) -> None:
         """Acquire resources (worker processes); called once, inside the running loop."""

@@ -17,12 +17,12 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from aecho.config import WRITE_HIGH_WATER, WRITE_LOW_WATER, Framing, ServerConfig
 from aecho.connection import Connection, RawEchoConnection
 from aecho.handlers import load_handler
 from aecho.offload import InlineProcessor, Processor
+from aecho.stats import Stats
 
 log = logging.getLogger("aecho.server")
 
@@ -32,14 +32,6 @@ SHUTDOWN_SWEEP_S = 0.05
 
 class StartupError(RuntimeError):
     """The server cannot start; str() is the one-line message for the operator."""
-
-
-@dataclass(slots=True)
-class Stats:
-    accepted: int = 0
-    refused: int = 0
-    messages: int = 0
-    handler_errors: int = 0
 
 
 def format_address(address: object) -> str:
@@ -209,6 +201,7 @@ class Server:
         """
         if self._processor is None:
             self._processor = make_processor(self.config)
+        self._processor.stats = self.stats
         if self._sockets is None:
             self._sockets = bind_listeners(self.config)
         await self._processor.start()

@@ -1,0 +1,145 @@
+"""Shared test fixtures: both event loops, and real servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import uvloop
+
+from aecho.config import ServerConfig
+from aecho.server import Server
+
+LISTENING = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs once on the stdlib loop and once on uvloop."""
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@contextlib.asynccontextmanager
+async def running_server(**overrides: Any) -> AsyncIterator[Server]:
+    """An in-process server on 127.0.0.1, port 0, in the test's own loop."""
+    config = replace(ServerConfig(port=0), **overrides).validate()
+    server = Server(config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown()
+
+
+class ServerProcess:
+    """``aecho serve`` in a subprocess; ready once it logged ``listening on``."""
+
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 30.0,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        cmd = [sys.executable, "-m", "aecho", "serve", *args]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            text=True,
+            preexec_fn=preexec_fn,
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.host = ""
+        self.port = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(ready_timeout):
+            self.kill()
+            raise RuntimeError(f"server did not become ready: {self.output}")
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if not self._ready.is_set() and (m := LISTENING.search(line)):
+                self.host = m.group(1).strip("[]")
+                self.port = int(m.group(2))
+                self._ready.set()
+        self._ready.set()  # exited before ready: let the waiter see it
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self._close_pipe()
+        return rc
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait(10)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        self._reader.join(5)
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServerProcess]]:
+    """Start ``aecho serve --port 0 ARGS...`` subprocesses; all are killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, **kwargs: Any) -> ServerProcess:
+        proc = ServerProcess(["--port", "0", *args], **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.kill()
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
+) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
