@@ -79,6 +79,12 @@ class ServerConfig:
     log_file: str | None = None
     log_level: str = "INFO"
 
+    def __post_init__(self) -> None:
+        # Accept plain strings for the enum fields (tests, embedding code).
+        object.__setattr__(self, "loop", LoopKind(self.loop))
+        object.__setattr__(self, "offload", Offload(self.offload))
+        object.__setattr__(self, "framing", Framing(self.framing))
+
     @property
     def effective_backlog(self) -> int:
         return min(self.backlog, somaxconn())

@@ -43,6 +43,7 @@ class Connection(asyncio.Protocol):
         "_eof",
         "_framer",
         "_inflight",
+        "_last_words",
         "_paused",
         "_pending",
         "active",
@@ -61,6 +62,7 @@ class Connection(asyncio.Protocol):
         self._paused = 0
         self._eof = False
         self._inflight = 0
+        self._last_words = b""
         self._pending: deque[tuple[int, asyncio.Future[list[Outcome]]]] | None = None
         self._framer: Framer = self._make_framer()
 
@@ -120,6 +122,8 @@ class Connection(asyncio.Protocol):
         try:
             messages = self._framer.feed(data)
         except FrameError as exc:
+            if exc.messages:
+                self._handle(exc.messages)
             self._refuse(exc)
             return
         if messages:
@@ -165,9 +169,18 @@ class Connection(asyncio.Protocol):
 
     def _refuse(self, exc: FrameError) -> None:
         log.info("closing %s: %s", self.peer, exc)
-        if self.transport is not None:
-            self.transport.write(f"ERR {exc}\n".encode())
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        last_words = f"ERR {exc}\n".encode()
+        if self._pending:
+            # Pooled replies to earlier lines are still owed: the error goes after them.
+            self._last_words = last_words
+            self._eof = True
+            self._pause(_PAUSE_WINDOW)
+            return
+        transport.write(last_words)
+        transport.close()
 
     # -- pooled processing -------------------------------------------------------------------
 
@@ -208,6 +221,8 @@ class Connection(asyncio.Protocol):
         if self._inflight < INFLIGHT_WINDOW:
             self._resume(_PAUSE_WINDOW)
         if self._eof and not pending:
+            if self._last_words:
+                transport.write(self._last_words)
             transport.close()
 
     # -- server-side control -----------------------------------------------------------------

@@ -11,7 +11,15 @@ from typing import Protocol
 
 
 class FrameError(Exception):
-    """The peer broke the framing rules; str() is the reason sent back to it."""
+    """The peer broke the framing rules; str() is the reason sent back to it.
+
+    ``messages`` holds the complete messages that came before the violation: they
+    were sent in good faith and still deserve their replies.
+    """
+
+    def __init__(self, reason: str, messages: list[bytes] | None = None) -> None:
+        super().__init__(reason)
+        self.messages = messages or []
 
 
 class Framer(Protocol):
@@ -53,19 +61,19 @@ class LineFramer:
         buf = self._buf + data if self._buf else data
         if b"\n" not in data:
             self._buf = buf
-            self._check(buf)
+            self._check(buf, [])
             return []
         *lines, rest = buf.split(b"\n")
         self._buf = rest
-        for line in lines:
-            self._check(line)
-        self._check(rest)
+        for i, line in enumerate(lines):
+            self._check(line, lines[:i])
+        self._check(rest, lines)
         return lines
 
-    def _check(self, line: bytes) -> None:
+    def _check(self, line: bytes, before: list[bytes]) -> None:
         if len(line) > self.max_line:
             self._buf = b""
-            raise FrameError(f"line too long: limit is {self.max_line} bytes")
+            raise FrameError(f"line too long: limit is {self.max_line} bytes", before)
 
     def encode(self, reply: bytes) -> bytes:
         return reply + b"\n"
