@@ -129,8 +129,7 @@ def serve_process() -> Iterator[Callable[..., ServerProcess]]:
 
     yield start
     for proc in started:
-        if proc.proc.poll() is None:
-            proc.kill()
+        proc.kill()
 
 
 def wait_until(

@@ -84,6 +84,7 @@ class ServerConfig:
         object.__setattr__(self, "loop", LoopKind(self.loop))
         object.__setattr__(self, "offload", Offload(self.offload))
         object.__setattr__(self, "framing", Framing(self.framing))
+        object.__setattr__(self, "log_level", self.log_level.upper())
 
     @property
     def effective_backlog(self) -> int:
@@ -114,7 +115,7 @@ class ServerConfig:
             raise ConfigError("--backlog must be at least 1")
         if self.pool_size is not None and self.pool_size < 1:
             raise ConfigError("--pool-size must be at least 1")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(
                 f"unknown --log-level {self.log_level!r}: use debug, info, warning, error"
             )

@@ -1,0 +1,220 @@
+"""Limits and lifecycle: backpressure, idle timeout, max connections, SIGTERM, EMFILE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import resource
+import select
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServerProcess, running_server, wait_until
+
+MiB = 1024 * 1024
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0
+
+
+def echoes(port: int, payload: bytes = b"ping\x00", timeout: float = 10.0) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            data = sock.recv(65536)
+            if not data:
+                return False
+            got += data
+        return got == payload
+
+
+def test_a_peer_that_never_reads_does_not_grow_server_memory(
+    serve_process: type[ServerProcess],
+) -> None:
+    server = serve_process()
+    assert echoes(server.port)
+    before = rss_kib(server.pid)
+    chunk = b"\xab" * MiB
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.setblocking(False)
+        deadline = time.monotonic() + 60
+        stalled_since = time.monotonic()
+        # Push up to 1 GiB; once the server stops reading, sends stall: stop after 2 s of that.
+        while sent < 1024 * MiB and time.monotonic() < deadline:
+            _, writable, _ = select.select([], [sock], [], 0.2)
+            if not writable:
+                if time.monotonic() - stalled_since > 2.0:
+                    break
+                continue
+            try:
+                sent += sock.send(chunk)
+                stalled_since = time.monotonic()
+            except BlockingIOError:
+                pass
+        growth_mib = (rss_kib(server.pid) - before) / 1024
+        assert sent > 4 * MiB  # the server did read for a while
+        assert growth_mib < 64, f"server RSS grew {growth_mib:.1f} MiB after {sent / MiB:.0f} MiB"
+        # Other peers are still served while this one is stuck.
+        assert echoes(server.port)
+    assert server.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_idle_connections_are_closed_and_active_ones_kept() -> None:
+    async with running_server(idle_timeout=0.4) as server:
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", server.port)
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", server.port)
+        started = time.monotonic()
+        # The busy peer talks every 0.1 s for 1.2 s (3x the timeout) and must stay open.
+        for i in range(12):
+            busy_w.write(b"%d" % i)
+            assert await asyncio.wait_for(busy_r.readexactly(len(b"%d" % i)), 5) == b"%d" % i
+            await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(idle_r.read(), 5) == b""  # EOF: closed by the server
+        assert time.monotonic() - started < 5
+        busy_w.write(b"alive")
+        assert await asyncio.wait_for(busy_r.readexactly(5), 5) == b"alive"
+        for w in (idle_w, busy_w):
+            w.close()
+            await w.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_max_connections_refuses_the_excess_and_serves_the_rest() -> None:
+    async with running_server(max_connections=5) as server:
+        conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(5)]
+        for r, w in conns:  # all five admitted and served
+            w.write(b"in")
+            assert await asyncio.wait_for(r.readexactly(2), 5) == b"in"
+        extra_r, extra_w = await asyncio.open_connection("127.0.0.1", server.port)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            extra_w.write(b"out")
+            await asyncio.wait_for(extra_r.readexactly(3), 5)
+        assert server.stats.refused == 1
+        for r, w in conns:
+            w.write(b"still")
+            assert await asyncio.wait_for(r.readexactly(5), 5) == b"still"
+        for _, w in [*conns, (extra_r, extra_w)]:
+            w.close()
+            with contextlib.suppress(ConnectionResetError):
+                await w.wait_closed()
+        # Room again once the others are gone.
+        assert await asyncio.wait_for(_wait_for_room(server.port), 10)
+
+
+async def _wait_for_room(port: int) -> bool:
+    for _ in range(100):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            w.write(b"x")
+            if await asyncio.wait_for(r.read(1), 5) == b"x":
+                return True
+        except ConnectionResetError:
+            pass
+        finally:
+            w.close()
+        await asyncio.sleep(0.05)
+    return False
+
+
+def test_sigterm_delivers_every_in_flight_reply_and_exits_zero(
+    serve_process: type[ServerProcess],
+) -> None:
+    grace = 15.0
+    server = serve_process("--graceful-timeout", str(grace))
+    payloads = [random.Random(i).randbytes(256 * 1024) for i in range(200)]
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in payloads]
+
+    def exchange(i: int) -> bytes:
+        sock = socks[i]
+        sock.sendall(payloads[i])
+        got = bytearray()
+        while len(got) < len(payloads[i]):
+            data = sock.recv(65536)
+            if not data:
+                break
+            got += data
+        tail = sock.recv(1)  # then the server closes: EOF, not a reset
+        sock.close()
+        return bytes(got) + tail
+
+    with ThreadPoolExecutor(max_workers=200) as pool:
+        futures = [pool.submit(exchange, i) for i in range(200)]
+        time.sleep(0.05)  # let the exchanges get going; the signal lands mid-echo
+        stopped_at = time.monotonic()
+        server.signal(signal.SIGTERM)
+        results = [f.result(timeout=120) for f in futures]
+    rc = server.proc.wait(grace + 10)
+    elapsed = time.monotonic() - stopped_at
+    assert rc == 0
+    assert elapsed < grace
+    for i, got in enumerate(results):
+        assert got == payloads[i], f"connection {i}: {len(got)} of {len(payloads[i])} bytes"
+
+
+def test_second_sigint_forces_exit(serve_process: type[ServerProcess]) -> None:
+    server = serve_process("--graceful-timeout", "60")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        # A peer that sends and never reads keeps the graceful stop waiting.
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            for _ in range(10_000):
+                sock.send(b"q" * 65536)
+        server.signal(signal.SIGINT)
+        assert wait_until(lambda: "stopping" in server.output, 10)
+        assert server.proc.poll() is None
+        server.signal(signal.SIGINT)
+        assert server.proc.wait(10) == 130
+
+
+def _limit_fds() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def test_out_of_descriptors_pauses_accepting_and_recovers(
+    serve_process: type[ServerProcess],
+) -> None:
+    server = serve_process(preexec_fn=_limit_fds)
+    held: list[socket.socket] = []
+    for _ in range(200):
+        sock = socket.socket()
+        sock.settimeout(2)
+        try:
+            sock.connect(("127.0.0.1", server.port))
+        except OSError:
+            sock.close()
+            continue
+        held.append(sock)
+    # The server is at its descriptor limit now: it must neither exit nor spin.
+    cpu_before = cpu_seconds(server.pid)
+    time.sleep(1.0)
+    assert server.proc.poll() is None
+    assert cpu_seconds(server.pid) - cpu_before < 0.5
+    for sock in held:
+        sock.close()
+    assert wait_until(lambda: _echoes_quietly(server.port), 20, 0.2)
+    assert server.stop() == 0
+
+
+def _echoes_quietly(port: int) -> bool:
+    try:
+        return echoes(port, timeout=2)
+    except OSError:
+        return False
