@@ -136,3 +136,17 @@ def test_a_reset_mid_write_drops_only_that_connection(echo_server: ServerProcess
     assert roundtrip(echo_server.port, [payload]) == payload
     noisy = [line for line in echo_server.lines[lines_before:] if "DEBUG" not in line]
     assert noisy == []
+
+
+@pytest.mark.asyncio
+async def test_server_side_sockets_have_tcp_nodelay() -> None:
+    async with running_server() as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"n")
+        assert await reader.readexactly(1) == b"n"
+        (conn,) = server.connections
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        writer.close()
+        await writer.wait_closed()

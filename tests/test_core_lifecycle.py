@@ -188,10 +188,11 @@ def _limit_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_out_of_descriptors_pauses_accepting_and_recovers(
-    serve_process: type[ServerProcess],
+    serve_process: type[ServerProcess], loop: str
 ) -> None:
-    server = serve_process(preexec_fn=_limit_fds)
+    server = serve_process("--loop", loop, preexec_fn=_limit_fds)
     held: list[socket.socket] = []
     for _ in range(200):
         sock = socket.socket()
@@ -211,6 +212,7 @@ def test_out_of_descriptors_pauses_accepting_and_recovers(
         sock.close()
     assert wait_until(lambda: _echoes_quietly(server.port), 20, 0.2)
     assert server.stop() == 0
+    assert "Traceback" not in server.output
 
 
 def _echoes_quietly(port: int) -> bool:

@@ -28,6 +28,8 @@ log = logging.getLogger("aecho.server")
 
 # While stopping, connections are swept this often and closed once quiet.
 SHUTDOWN_SWEEP_S = 0.05
+# Out-of-descriptor warnings are repeated at most this often.
+EMFILE_LOG_INTERVAL_S = 10.0
 
 
 class StartupError(RuntimeError):
@@ -165,6 +167,7 @@ class Server:
         self._sweeper: asyncio.Task[None] | None = None
         self._factory: Callable[[], Connection] = self._choose_factory()
         self.started_at = time.time()
+        self._emfile_logged_at = -EMFILE_LOG_INTERVAL_S
 
     @property
     def processor(self) -> Processor:
@@ -206,6 +209,7 @@ class Server:
             self._sockets = bind_listeners(self.config)
         await self._processor.start()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
         for sock in self._sockets:
             srv = await loop.create_server(
                 self._factory, sock=sock, backlog=self.config.effective_backlog
@@ -294,6 +298,23 @@ class Server:
             os._exit(130 if sig == signal.SIGINT else 143)
         log.info("%s: stopping (grace %.3gs)", sig.name, self.config.graceful_timeout)
         self.request_stop()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        """One line per loop-level error; the traceback only at debug level."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            now = time.monotonic()
+            if now - self._emfile_logged_at > EMFILE_LOG_INTERVAL_S:
+                self._emfile_logged_at = now
+                log.warning(
+                    "out of file descriptors with %d connections open: accepting paused "
+                    "until some close (raise the limit with `ulimit -n`)",
+                    len(self.connections),
+                )
+            return
+        log.error("%s%s", context.get("message", "event loop error"), f": {exc!r}" if exc else "")
+        if isinstance(exc, BaseException):
+            log.debug("traceback", exc_info=exc)
 
     # -- connection registry -----------------------------------------------------------------
 
