@@ -182,6 +182,10 @@ def test_status_stop_and_stop_again(daemons: Daemons) -> None:
     status = aecho("status", "--pidfile", str(d.pidfile))
     assert status.returncode == 0, status.stdout
     assert f"running, pid {d.pid}, serving on 127.0.0.1:{d.port}, up " in status.stdout
+    # Without a log file, SIGHUP must not kill a daemon (it has no terminal to lose).
+    os.kill(d.pid, signal.SIGHUP)
+    assert echo_once(d.port) == b"hello\x00\xff\n"
+    assert pid_alive(d.pid)
 
     stop = aecho("stop", "--pidfile", str(d.pidfile))
     assert stop.returncode == 0, stop.stderr

@@ -280,8 +280,9 @@ class Server:
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        # SIGHUP reopens the log file; without one, a hang-up keeps its default meaning.
-        reopen = self.config.log_file is not None
+        # SIGHUP reopens the log file.  A foreground server without one keeps the default
+        # (a closed terminal ends it); a daemon has no terminal and must not die of it.
+        reopen = self.config.log_file is not None or self.config.daemon
         if reopen:
             loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
@@ -297,6 +298,9 @@ class Server:
     def _on_hangup(self) -> None:
         from aecho.daemon import reopen_log_files
 
+        if self.config.log_file is None:
+            log.info("SIGHUP: no log file to reopen")
+            return
         reopen_log_files(redirect_stdio=self.config.daemon)
         log.info("SIGHUP: reopened log file %s", self.config.log_file)
 
