@@ -97,12 +97,16 @@ def run_server(config: ServerConfig) -> None:
     Raises:
         aecho.server.StartupError, aecho.handlers.HandlerError: start-up failed.
     """
+    from aecho.daemon import Lifecycle
     from aecho.loops import run
-    from aecho.server import Server, bind_listeners
+    from aecho.server import Server
 
-    sockets = bind_listeners(config)  # bind before the loop exists, like the daemon does
-    server = Server(config, sockets=sockets)
-    run(server.run(), config.loop)
+    # Bind (or inherit systemd's sockets), lock the pidfile and, with --daemon, detach,
+    # all before the loop exists; only the serving process returns from begin().
+    life = Lifecycle.begin(config)
+    server = Server(life.config, sockets=life.sockets)
+    with life:
+        run(server.run(life.on_ready), life.config.loop)
 
 
 @app.command()
@@ -146,8 +150,18 @@ def serve(
         int, typer.Option(min=1, help="Listen backlog (capped by net.core.somaxconn).")
     ] = DEFAULT_BACKLOG,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    daemon: Annotated[
+        bool, typer.Option("--daemon", help="Detach once serving; the command reports the outcome.")
+    ] = False,
+    pidfile: Annotated[
+        str | None,
+        typer.Option(help="Pidfile, locked while serving (--daemon default: aecho-PORT.pid)."),
+    ] = None,
+    log_file: Annotated[
+        str | None, typer.Option(help="Append the log here (reopened on SIGHUP).")
+    ] = None,
 ) -> None:
-    """Run the echo server (foreground; SIGTERM or Ctrl-C stops it gracefully)."""
+    """Run the echo server (SIGTERM or Ctrl-C stops it gracefully; --daemon detaches)."""
     try:
         config = ServerConfig(
             host=host,
@@ -164,10 +178,16 @@ def serve(
             graceful_timeout=graceful_timeout,
             backlog=backlog,
             log_level=log_level,
+            daemon=daemon,
+            pidfile=pidfile,
+            log_file=log_file,
         ).validate()
     except ConfigError as exc:
         fail(str(exc), 2)
-    setup_logging(config.log_level, config.log_file)
+    try:
+        setup_logging(config.log_level, config.log_file)
+    except OSError as exc:
+        fail(f"cannot open --log-file {config.log_file}: {exc.strerror}")
     _run_or_fail(run_server, config)
 
 
@@ -180,6 +200,29 @@ def _run_or_fail(func: Callable[[Any], None], config: object) -> None:
     except (StartupError, HandlerError, ConfigError) as exc:
         log.debug("start-up failed", exc_info=True)
         fail(str(exc))
+
+
+@app.command()
+def stop(
+    pidfile: Annotated[str, typer.Option(help="The pidfile the server was started with.")],
+    timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait after SIGTERM before SIGKILL.")
+    ] = 15.0,
+) -> None:
+    """Stop a server gracefully (SIGTERM), killing it past --timeout."""
+    from aecho.daemon import stop_server
+
+    raise typer.Exit(stop_server(pidfile, timeout))
+
+
+@app.command()
+def status(
+    pidfile: Annotated[str, typer.Option(help="The pidfile the server was started with.")],
+) -> None:
+    """Is the server running? Exit 0 if so, 3 if not."""
+    from aecho.daemon import server_status
+
+    raise typer.Exit(server_status(pidfile))
 
 
 # -- client --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from aecho.connection import Connection, RawEchoConnection
 from aecho.handlers import load_handler
 from aecho.offload import InlineProcessor, Processor
 from aecho.stats import Stats
+from aecho.systemd import notify as sd_notify
 
 log = logging.getLogger("aecho.server")
 
@@ -234,6 +235,7 @@ class Server:
             return
         self._stopping = True
         self._stop.set()
+        sd_notify("STOPPING=1")
         for srv in self._servers:
             srv.close()
         if self._sweeper is not None:
@@ -282,6 +284,11 @@ class Server:
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # SIGHUP reopens the log file.  A foreground server without one keeps the default
+        # (a closed terminal ends it); a daemon has no terminal and must not die of it.
+        reopen = self.config.log_file is not None or self.config.daemon
+        if reopen:
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
             if on_ready is not None:
                 on_ready(self)
@@ -289,6 +296,17 @@ class Server:
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
+            if reopen:
+                loop.remove_signal_handler(signal.SIGHUP)
+
+    def _on_hangup(self) -> None:
+        from aecho.daemon import reopen_log_files
+
+        if self.config.log_file is None:
+            log.info("SIGHUP: no log file to reopen")
+            return
+        reopen_log_files(redirect_stdio=self.config.daemon)
+        log.info("SIGHUP: reopened log file %s", self.config.log_file)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():

@@ -1,0 +1,206 @@
+"""systemd integration: sd_notify over a real datagram socket, and socket activation."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LISTENING, wait_until
+
+TIMEOUT = 30.0
+
+
+@contextlib.contextmanager
+def notify_socket(address: str) -> Iterator[socket.socket]:
+    """A datagram socket bound where ``NOTIFY_SOCKET=address`` points."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + address[1:] if address.startswith("@") else address)
+    sock.settimeout(TIMEOUT)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_notify_ready_then_stopping(serve_process, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    address = str(tmp_path / "notify") if kind == "path" else f"@aecho-test-{uuid.uuid4().hex}"
+    with notify_socket(address) as sock:
+        srv = serve_process(env={"NOTIFY_SOCKET": address})
+        ready = sock.recv(4096).decode().split("\n")
+        assert ready[0] == "READY=1"
+        assert f"STATUS=serving on 127.0.0.1:{srv.port}" in ready
+        assert srv.stop() == 0
+        assert sock.recv(4096) == b"STOPPING=1"
+
+
+class Spawned:
+    """A command that ends by exec'ing ``aecho serve``; ready once it logs ``listening on``."""
+
+    def __init__(self, cmd: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=pass_fds,
+        )
+        self.lines: list[str] = []
+        self.port = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if m := LISTENING.search(line):
+                self.port = int(m.group(2))
+
+    def wait_for(self, pattern: str) -> bool:
+        """Wait until a line matches ``pattern`` (or the process ends)."""
+
+        def seen() -> bool:
+            return any(re.search(pattern, line) for line in list(self.lines))
+
+        ended = lambda: self.proc.poll() is not None and not self._reader.is_alive()  # noqa: E731
+        wait_until(lambda: seen() or ended(), timeout=TIMEOUT, interval=0.05)
+        return seen()
+
+    def finish(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(5)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+        return rc
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def with_listen_env(fd: int, listen_pid: str = "self", listen_fds: str = "1") -> list[str]:
+    """A wrapper that puts ``fd`` at 3, sets LISTEN_* for its own pid, then execs aecho."""
+    pid_expr = "str(os.getpid())" if listen_pid == "self" else repr(listen_pid)
+    code = (
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\n"
+        f"os.environ['LISTEN_PID'] = {pid_expr}\n"
+        f"os.environ['LISTEN_FDS'] = {listen_fds!r}\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'aecho', *sys.argv[1:]])\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def echo_once(port: int, payload: bytes = b"activated\x00\xff") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload) and (chunk := sock.recv(4096)):
+            got += chunk
+    return got
+
+
+def test_socket_passed_by_the_caller_is_used() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        # --port 9 would need privileges: proof that nothing was bound but the inherited socket.
+        proc = Spawned(
+            [*with_listen_env(listener.fileno()), "serve", "--port", "9"],
+            pass_fds=(listener.fileno(),),
+        )
+    try:
+        assert proc.wait_for(r"listening on "), proc.output
+        assert proc.port == port
+        assert echo_once(port) == b"activated\x00\xff"
+    finally:
+        assert proc.finish() == 0, proc.output
+
+
+def test_listen_pid_for_another_process_is_ignored() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        proc = Spawned(
+            [*with_listen_env(listener.fileno(), listen_pid="1"), "serve", "--port", "0"],
+            pass_fds=(listener.fileno(),),
+        )
+        try:
+            assert proc.wait_for(r"listening on "), proc.output
+            assert proc.port != listener.getsockname()[1]
+            assert echo_once(proc.port) == b"activated\x00\xff"
+        finally:
+            assert proc.finish() == 0, proc.output
+
+
+@pytest.mark.parametrize(
+    ("listen_fds", "message"),
+    [
+        ("many", "socket activation: LISTEN_PID="),
+        ("1", "socket activation: descriptor 3 is not a listening stream socket"),
+    ],
+)
+def test_unusable_activation_is_one_line(listen_fds: str, message: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as not_listening:
+        proc = Spawned(
+            [*with_listen_env(not_listening.fileno(), listen_fds=listen_fds), "serve"],
+            pass_fds=(not_listening.fileno(),),
+        )
+        proc.proc.wait(TIMEOUT)
+        rc = proc.finish()
+    assert rc == 1
+    assert proc.output.startswith(f"aecho: error: {message}"), proc.output
+    assert proc.output.count("\n") == 1
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate"
+)
+def test_systemd_socket_activate() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tool = shutil.which("systemd-socket-activate")
+    assert tool is not None
+    proc = Spawned(
+        [tool, "-l", f"127.0.0.1:{port}", sys.executable, "-m", "aecho", "serve", "--port", "9"]
+    )
+    try:
+        # The tool binds first and execs the server on the first connection.
+        assert proc.wait_for(rf"Listening on 127\.0\.0\.1:{port}"), proc.output
+        assert echo_once(port) == b"activated\x00\xff"
+        assert proc.wait_for(r"listening on "), proc.output
+        assert proc.port == port
+        assert echo_once(port, b"second") == b"second"
+    finally:
+        assert proc.finish() == 0, proc.output
+
+
+def test_deploy_units_are_consistent() -> None:
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    service = (deploy / "aecho.service").read_text()
+    sock = (deploy / "aecho.socket").read_text()
+    assert re.search(r"^Type=notify$", service, re.M)
+    assert re.search(r"^ExecStart=\S*aecho serve", service, re.M)
+    assert re.search(r"^ListenStream=127\.0\.0\.1:7007$", sock, re.M)
