@@ -150,3 +150,9 @@ async def test_server_side_sockets_have_tcp_nodelay() -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         writer.close()
         await writer.wait_closed()
+
+
+def test_a_100_mib_message_is_echoed_exactly(echo_server: ServerProcess) -> None:
+    block = random.Random(100).randbytes(MiB)
+    payload = b"".join(block[i:] + block[:i] for i in range(100))  # 100 MiB, no period of 1 MiB
+    assert roundtrip(echo_server.port, [payload], timeout=120) == payload
