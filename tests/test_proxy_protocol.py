@@ -234,7 +234,9 @@ async def test_garbage_truncated_and_missing_headers_close_one_connection(
         assert await _closed_without_reply(server.port, b"PROXY " + b"9" * 200)
         assert await _closed_without_reply(server.port, V2_SIGNATURE + b"\x21\x11\xff\xff")
         # Truncated: half a header, then silence until the deadline.
-        assert await _closed_without_reply(server.port, encode_v2(("192.0.2.1", 1), ("::1", 2))[:20])
+        assert await _closed_without_reply(
+            server.port, encode_v2(("192.0.2.1", 1), ("::1", 2))[:20]
+        )
         assert await _closed_without_reply(server.port, b"")
         assert server.stats.proxy_errors == 5
         bystander_w.write(b"still here")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -68,9 +69,9 @@ def _bind_error(where: str, exc: OSError) -> StartupError:
 
 def _unix_bind_error(path: str, exc: OSError) -> StartupError:
     directory = os.path.dirname(os.path.abspath(path))
-    if exc.errno == errno.ENOENT:
+    if exc.errno == errno.ENOENT and not os.path.isdir(directory):
         reason = f"directory {directory} does not exist"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
         reason = f"cannot create a socket in {directory}: {exc.strerror}"
     elif exc.errno is None and "too long" in str(exc):
         reason = "path too long for a Unix socket (at most 107 bytes)"
@@ -289,7 +290,7 @@ class Server:
                 from aecho.udp import UdpEcho
 
                 transport, _ = await loop.create_datagram_endpoint(
-                    lambda: UdpEcho(self.stats), sock=sock
+                    functools.partial(UdpEcho, self.stats, sock), sock=sock
                 )
                 self._udp.append(transport)
                 log.info("answering UDP on %s", format_address(sock.getsockname()))

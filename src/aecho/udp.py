@@ -42,8 +42,9 @@ def bind_udp(family: int, address: tuple[object, ...]) -> socket.socket:
 class UdpEcho(asyncio.DatagramProtocol):
     """One reply per datagram, the exact bytes received."""
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, sock: socket.socket) -> None:
         self.stats = stats
+        self.sock = sock
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -52,6 +53,11 @@ class UdpEcho(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         self.stats.udp_datagrams += 1
         self.stats.udp_bytes += len(data)
+        if not data:
+            # Transports drop empty sends, but an empty datagram deserves its echo too.
+            with contextlib.suppress(OSError):
+                self.sock.sendto(data, addr)
+            return
         assert self.transport is not None
         self.transport.sendto(data, addr)
 
