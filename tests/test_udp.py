@@ -96,9 +96,22 @@ def test_udp_with_unix_is_a_usage_error(tmp_path) -> None:
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--udp" in res.stderr
 
 
-def test_udp_port_in_use_one_line(serve_process) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blocker:
+def _udp_blocker() -> socket.socket:
+    """A UDP socket on a port whose TCP twin is free (so only the UDP bind can fail)."""
+    for _ in range(50):
+        blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         blocker.bind(("127.0.0.1", 0))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", blocker.getsockname()[1]))
+                return blocker
+            except OSError:
+                blocker.close()
+    raise AssertionError("no port with a free TCP twin")
+
+
+def test_udp_port_in_use_one_line() -> None:
+    with _udp_blocker() as blocker:
         port = blocker.getsockname()[1]
         res = subprocess.run(
             [sys.executable, "-m", "aecho", "serve", "--udp", "--port", str(port)],
