@@ -23,11 +23,13 @@ from aecho.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_LINE,
     DEFAULT_PORT,
+    DEFAULT_PROXY_ALLOW_FROM,
     ClientConfig,
     ConfigError,
     Framing,
     LoopKind,
     Offload,
+    ProxyMode,
     ServerConfig,
 )
 
@@ -160,8 +162,39 @@ def serve(
     log_file: Annotated[
         str | None, typer.Option(help="Append the log here (reopened on SIGHUP).")
     ] = None,
+    tls_cert: Annotated[
+        str | None, typer.Option(help="PEM certificate chain: serve TLS (1.2+) on the listeners.")
+    ] = None,
+    tls_key: Annotated[str | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    unix_mode: Annotated[
+        str, typer.Option(help="Octal permissions of the --unix socket file.")
+    ] = "0660",
+    udp: Annotated[
+        bool, typer.Option("--udp", help="Also echo UDP datagrams on the same port.")
+    ] = False,
+    proxy_protocol: Annotated[
+        ProxyMode, typer.Option(help="Expect a PROXY protocol header (HAProxy) from trusted peers.")
+    ] = ProxyMode.off,
+    proxy_allow_from: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Network (CIDR) whose peers must send a PROXY header; repeatable "
+            "[default: 127.0.0.1/32 and ::1/128]."
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+    ] = None,
+    max_connections_per_ip: Annotated[
+        int, typer.Option(min=0, help="Connections per client address (after PROXY); 0 = any.")
+    ] = 0,
 ) -> None:
     """Run the echo server (SIGTERM or Ctrl-C stops it gracefully; --daemon detaches)."""
+    try:
+        mode = int(unix_mode, 8)
+    except ValueError:
+        fail(f"bad --unix-mode {unix_mode!r}: use octal permissions such as 0660", 2)
     try:
         config = ServerConfig(
             host=host,
@@ -181,6 +214,14 @@ def serve(
             daemon=daemon,
             pidfile=pidfile,
             log_file=log_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            unix_mode=mode,
+            udp=udp,
+            proxy_protocol=proxy_protocol,
+            proxy_allow_from=tuple(proxy_allow_from or DEFAULT_PROXY_ALLOW_FROM),
+            metrics_port=metrics_port,
+            max_connections_per_ip=max_connections_per_ip,
         ).validate()
     except ConfigError as exc:
         fail(str(exc), 2)
@@ -242,11 +283,26 @@ def client(
     connect_timeout: Annotated[
         float, typer.Option(min=0.001, help="Seconds to wait for the connection.")
     ] = 5.0,
+    tls: Annotated[bool, typer.Option("--tls", help="Connect with TLS.")] = False,
+    cafile: Annotated[
+        str | None, typer.Option(help="PEM CA bundle to verify the server (with --tls).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Do not verify the server certificate (--tls).")
+    ] = False,
 ) -> None:
     """Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise."""
     from aecho.client import ClientError
 
-    config = ClientConfig(host=host, port=port, unix=unix, connect_timeout=connect_timeout)
+    config = ClientConfig(
+        host=host,
+        port=port,
+        unix=unix,
+        connect_timeout=connect_timeout,
+        tls=tls,
+        cafile=cafile,
+        insecure=insecure,
+    )
     try:
         run_client(config.validate())
     except ConfigError as exc:

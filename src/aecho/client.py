@@ -6,9 +6,13 @@ Plain blocking sockets: one peer, no concurrency worth an event loop.
 from __future__ import annotations
 
 import contextlib
+import queue
+import selectors
 import socket
+import ssl
 import sys
 import threading
+from dataclasses import replace
 from typing import BinaryIO
 
 from aecho.config import ClientConfig
@@ -64,8 +68,37 @@ def connect(config: ClientConfig) -> socket.socket:
         ) from exc
     except OSError as exc:
         raise ClientError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+    if config.tls:
+        sock = _wrap_tls(sock, config, where)
     sock.settimeout(None)
     return sock
+
+
+def _wrap_tls(sock: socket.socket, config: ClientConfig, where: str) -> ssl.SSLSocket:
+    """Run the TLS handshake on a connected socket.
+
+    Raises:
+        ClientError: the handshake failed or timed out.
+        aecho.config.ConfigError: ``--cafile`` cannot be loaded.
+    """
+    from aecho.tls import client_context, describe_handshake_error
+
+    try:
+        ctx = client_context(config.cafile, config.insecure)
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(config.connect_timeout)
+    try:
+        return ctx.wrap_socket(sock, server_hostname=config.host)
+    except ssl.SSLError as exc:
+        raise ClientError(describe_handshake_error(where, exc)) from exc
+    except TimeoutError as exc:
+        raise ClientError(f"TLS handshake with {where} timed out (is it a TLS server?)") from exc
+    except OSError as exc:
+        raise ClientError(f"TLS handshake with {where} failed: {exc.strerror or exc}") from exc
+    finally:
+        sock.close()  # detached by wrap_socket on success; closes it on failure
 
 
 def run_pipe(config: ClientConfig, stdin: BinaryIO, stdout: BinaryIO) -> None:
@@ -74,6 +107,9 @@ def run_pipe(config: ClientConfig, stdin: BinaryIO, stdout: BinaryIO) -> None:
     Raises:
         ClientError: connecting failed or the connection broke.
     """
+    if config.tls:
+        run_pipe_tls(config, stdin, stdout)
+        return
     sock = connect(config)
     where = _describe(config)
     send_error: list[BaseException] = []
@@ -105,6 +141,118 @@ def run_pipe(config: ClientConfig, stdin: BinaryIO, stdout: BinaryIO) -> None:
         sock.close()
     if send_error or sender.is_alive():
         raise ClientError(f"{where} closed the connection before all input was sent")
+
+
+def run_pipe_tls(config: ClientConfig, stdin: BinaryIO, stdout: BinaryIO) -> None:
+    """Pipe mode over TLS: stdin to the server, replies to stdout, until the server closes.
+
+    A TLS socket cannot half-close, and one SSL object must not be driven from
+    two threads, so TLS runs here in memory (``wrap_bio``) on one thread; only
+    stdin is read by a helper thread.  End of input is a TLS close_notify, which
+    the server takes as end of input: it flushes its replies and closes.
+
+    Raises:
+        ClientError: connecting, the handshake or the connection failed.
+        aecho.config.ConfigError: ``--cafile`` cannot be loaded.
+    """
+    from aecho.tls import client_context, describe_handshake_error
+
+    where = _describe(config)
+    ctx = client_context(config.cafile, config.insecure)
+    raw = connect(replace(config, tls=False))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=config.host)
+    chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+    wake_r, wake_w = socket.socketpair()
+    read = getattr(stdin, "read1", stdin.read)
+
+    def pump() -> None:
+        try:
+            while chunk := read(CHUNK):
+                chunks.put(chunk)
+                with contextlib.suppress(OSError):
+                    wake_w.send(b"\0")
+        finally:
+            chunks.put(None)
+            with contextlib.suppress(OSError):
+                wake_w.send(b"\0")
+
+    sel = selectors.DefaultSelector()
+    reader = threading.Thread(target=pump, name="aecho-client-stdin", daemon=True)
+    try:
+        raw.setblocking(False)
+        sel.register(raw, selectors.EVENT_READ)
+        sel.register(wake_r, selectors.EVENT_READ)
+        handshaken = input_done = shut = False
+        to_send = bytearray()
+        while True:
+            if not handshaken:
+                try:
+                    tls.do_handshake()
+                    handshaken = True
+                    reader.start()
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLError as exc:
+                    raise ClientError(describe_handshake_error(where, exc)) from exc
+            if handshaken:
+                # Take more input only when the last has gone out: stdin waits on the network.
+                while not input_done and len(to_send) + outgoing.pending < CHUNK:
+                    try:
+                        chunk = chunks.get_nowait()
+                    except queue.Empty:
+                        break
+                    if chunk is None:
+                        input_done = True
+                    else:
+                        tls.write(chunk)
+                try:
+                    while data := tls.read(CHUNK):
+                        stdout.write(data)
+                    break  # an empty read: the server's close_notify
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    break
+                except ssl.SSLError as exc:
+                    raise ClientError(f"TLS error from {where}: {exc.reason or exc}") from exc
+                stdout.flush()
+                if input_done and not shut and not to_send and not outgoing.pending:
+                    shut = True
+                    with contextlib.suppress(ssl.SSLWantReadError):
+                        tls.unwrap()
+            to_send += outgoing.read()
+            if to_send:
+                try:
+                    del to_send[: raw.send(to_send)]
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise ClientError(f"connection to {where} broke: {exc.strerror}") from exc
+            sel.modify(raw, selectors.EVENT_READ | (selectors.EVENT_WRITE if to_send else 0))
+            ready = sel.select(REPLY_TIMEOUT_S if not handshaken else None)
+            if not ready and not handshaken:
+                raise ClientError(f"TLS handshake with {where} timed out (is it a TLS server?)")
+            for key, events in ready:
+                if key.fileobj is wake_r:
+                    wake_r.recv(4096)
+                elif events & selectors.EVENT_READ:
+                    try:
+                        data = raw.recv(CHUNK)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        raise ClientError(f"connection to {where} broke: {exc.strerror}") from exc
+                    if data:
+                        incoming.write(data)
+                    else:
+                        incoming.write_eof()  # the next read reports the end
+        stdout.flush()
+    finally:
+        sel.close()
+        raw.close()
+        wake_r.close()
+        wake_w.close()
 
 
 def _read_reply(sock: socket.socket, buf: bytearray) -> bytes | None:

@@ -7,6 +7,7 @@ The CLI builds these; everything else reads them.  ``validate()`` raises
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 from dataclasses import dataclass
 
@@ -23,6 +24,11 @@ DEFAULT_GRACEFUL_TIMEOUT = 10.0
 # memory (plus one kernel socket buffer).
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+
+DEFAULT_UNIX_MODE = 0o660
+DEFAULT_PROXY_ALLOW_FROM = ("127.0.0.1/32", "::1/128")
+# Seconds a PROXY protocol header may take to arrive after the connection opens.
+PROXY_HEADER_TIMEOUT = 3.0
 
 
 class ConfigError(ValueError):
@@ -43,6 +49,33 @@ class Offload(enum.StrEnum):
 class Framing(enum.StrEnum):
     raw = "raw"
     line = "line"
+
+
+class ProxyMode(enum.StrEnum):
+    off = "off"
+    v1 = "v1"
+    v2 = "v2"
+    auto = "auto"
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    """Parse ``--proxy-allow-from`` values (a bare address means just that host).
+
+    Raises:
+        ConfigError: a value is not an IPv4 or IPv6 network.
+    """
+    nets: list[Network] = []
+    for cidr in cidrs:
+        try:
+            nets.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"bad --proxy-allow-from {cidr!r}: use a network such as 10.0.0.0/8 or ::1/128"
+            ) from None
+    return tuple(nets)
 
 
 def somaxconn() -> int:
@@ -78,6 +111,14 @@ class ServerConfig:
     pidfile: str | None = None
     log_file: str | None = None
     log_level: str = "INFO"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    unix_mode: int = DEFAULT_UNIX_MODE
+    udp: bool = False
+    proxy_protocol: ProxyMode = ProxyMode.off
+    proxy_allow_from: tuple[str, ...] = DEFAULT_PROXY_ALLOW_FROM
+    metrics_port: int | None = None
+    max_connections_per_ip: int = 0
 
     def __post_init__(self) -> None:
         # Accept plain strings for the enum fields (tests, embedding code).
@@ -119,7 +160,25 @@ class ServerConfig:
             raise ConfigError(
                 f"unknown --log-level {self.log_level!r}: use debug, info, warning, error"
             )
+        self._validate_edge()
         return self
+
+    def _validate_edge(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if not 0 <= self.unix_mode <= 0o777:
+            raise ConfigError(f"--unix-mode {self.unix_mode:o} is not a permission mode (0-777)")
+        if self.udp and self.unix:
+            raise ConfigError("--udp needs a TCP port: it cannot be combined with --unix")
+        if self.proxy_protocol is not ProxyMode.off and self.tls_cert:
+            raise ConfigError(
+                "--proxy-protocol with --tls-cert is not supported: terminate TLS at the proxy"
+            )
+        parse_networks(self.proxy_allow_from)
+        if self.metrics_port is not None:
+            _check_port(self.metrics_port)
+        if self.max_connections_per_ip < 0:
+            raise ConfigError("--max-connections-per-ip must be 0 (no limit) or more")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +187,9 @@ class ClientConfig:
     port: int = DEFAULT_PORT
     unix: str | None = None
     connect_timeout: float = 5.0
+    tls: bool = False
+    cafile: str | None = None
+    insecure: bool = False
 
     def validate(self) -> ClientConfig:
         """Return self when consistent.
@@ -138,4 +200,8 @@ class ClientConfig:
         _check_port(self.port)
         if self.connect_timeout <= 0:
             raise ConfigError("--connect-timeout must be positive")
+        if (self.cafile or self.insecure) and not self.tls:
+            raise ConfigError("--cafile and --insecure only apply with --tls")
+        if self.cafile and self.insecure:
+            raise ConfigError("--cafile and --insecure contradict each other: choose one")
         return self

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from aecho.config import PROXY_HEADER_TIMEOUT
 from aecho.framing import FrameError, Framer, LineFramer, RawFramer
 from aecho.offload import Outcome
+from aecho.proxy_protocol import ProxyError, ProxyHeaderReader, could_be_header
 
 if TYPE_CHECKING:
     from aecho.server import Server
@@ -28,6 +31,13 @@ _PAUSE_WINDOW = 2
 
 # Messages a connection may have queued in a worker pool before it stops reading.
 INFLIGHT_WINDOW = 256
+
+
+def _fmt(address: Any) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address or "unix")
 
 
 def error_line(exc: BaseException) -> bytes:
@@ -49,8 +59,10 @@ class Connection(asyncio.Protocol):
         "active",
         "idle_ticks",
         "peer",
+        "rx",
         "server",
         "transport",
+        "tx",
     )
 
     def __init__(self, server: Server) -> None:
@@ -59,6 +71,10 @@ class Connection(asyncio.Protocol):
         self.active = False
         self.idle_ticks = 0
         self.peer: Any = None
+        # Bytes read and written; the server adds them to its totals when the
+        # connection ends and metrics sum the open ones at scrape time.
+        self.rx = 0
+        self.tx = 0
         self._paused = 0
         self._eof = False
         self._inflight = 0
@@ -77,14 +93,22 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)
         self.transport = t
-        self.peer = t.get_extra_info("peername")
+        if self.peer is None:  # a PROXY header may already have named the real client
+            self.peer = t.get_extra_info("peername")
         if not self.server.admit(self):
             t.abort()
             return
         t.set_write_buffer_limits(self.server.write_high, self.server.write_low)
 
+    @property
+    def bytes_out(self) -> int:
+        return self.tx
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.forget(self)
+        stats = self.server.stats
+        stats.bytes_in += self.rx
+        stats.bytes_out += self.bytes_out
         if exc is not None:
             log.debug("connection %s lost: %r", self.peer, exc)
         self._pending = None
@@ -119,6 +143,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.active = True
+        self.rx += len(data)
         try:
             messages = self._framer.feed(data)
         except FrameError as exc:
@@ -149,7 +174,9 @@ class Connection(asyncio.Protocol):
                 if not self._handler_failed(exc, out):
                     return
         self.server.stats.messages += len(messages)
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        payload = out[0] if len(out) == 1 else b"".join(out)
+        self.tx += len(payload)
+        transport.write(payload)
 
     def _handler_failed(self, exc: BaseException, out: list[bytes]) -> bool:
         """Record a failed message; return whether the connection carries on."""
@@ -163,7 +190,9 @@ class Connection(asyncio.Protocol):
         # Raw framing has no way to say "this chunk failed": the connection ends.
         if self.transport is not None:
             if out:
-                self.transport.write(b"".join(out))
+                payload = b"".join(out)
+                self.tx += len(payload)
+                self.transport.write(payload)
             self.transport.close()
         return False
 
@@ -179,6 +208,7 @@ class Connection(asyncio.Protocol):
             self._eof = True
             self._pause(_PAUSE_WINDOW)
             return
+        self.tx += len(last_words)
         transport.write(last_words)
         transport.close()
 
@@ -217,7 +247,9 @@ class Connection(asyncio.Protocol):
                     out.append(encode(outcome))
             self.server.stats.messages += count
         if out:
-            transport.write(b"".join(out))
+            payload = b"".join(out)
+            self.tx += len(payload)
+            transport.write(payload)
         if self._inflight < INFLIGHT_WINDOW:
             self._resume(_PAUSE_WINDOW)
         if self._eof and not pending:
@@ -253,8 +285,109 @@ class RawEchoConnection(Connection):
 
     def data_received(self, data: bytes) -> None:
         self.active = True
+        self.rx += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
+
+    @property
+    def bytes_out(self) -> int:
+        return self.rx  # every byte read is written straight back
 
     def eof_received(self) -> bool:
         self._eof = True
         return False
+
+
+class ProxyPrelude(Connection):
+    """A connection's first phase with ``--proxy-protocol``: find out who the client is.
+
+    From a peer in ``--proxy-allow-from`` a PROXY header is required within
+    PROXY_HEADER_TIMEOUT; from any other peer a header is refused (the
+    connection is closed) and anything else is served as sent.  Once decided,
+    the real connection is created with the client's address, takes over the
+    transport (``set_protocol``) and gets the bytes that followed the header,
+    so the prelude costs nothing afterwards.  One timer per connection, and
+    only during the prelude.
+    """
+
+    __slots__ = ("_buf", "_factory", "_reader", "_timer", "_trusted")
+
+    def __init__(self, server: Server, factory: Callable[[], Connection]) -> None:
+        super().__init__(server)
+        self._factory = factory
+        self._reader = ProxyHeaderReader(server.config.proxy_protocol)
+        self._timer: asyncio.TimerHandle | None = None
+        self._trusted = False
+        self._buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        self.transport = t
+        self.peer = t.get_extra_info("peername")
+        if not self.server.hold(self):
+            t.abort()
+            return
+        self._trusted = self.server.proxy_trusted(self.peer)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.server.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.active = True
+        if self._trusted:
+            try:
+                header = self._reader.feed(data)
+            except ProxyError as exc:
+                self._reject(str(exc))
+                return
+            if header is not None:
+                self._hand_over(header.source, self._reader.remainder)
+            return
+        self._buf += data
+        verdict = could_be_header(self._buf, self.server.config.proxy_protocol)
+        if verdict:
+            self._reject("PROXY header from a peer not in --proxy-allow-from")
+        elif verdict is not None:
+            self._hand_over(None, self._buf)
+
+    def eof_received(self) -> bool:
+        if self._trusted or not self._buf:
+            return False
+        # The start of a signature, then EOF: it was data after all.
+        inner = self._hand_over(None, self._buf)
+        return inner is not None and bool(inner.eof_received())
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._trusted:
+            self._reject(f"no PROXY header within {PROXY_HEADER_TIMEOUT:g}s")
+        else:
+            self._hand_over(None, self._buf)
+
+    def _reject(self, reason: str) -> None:
+        self.server.stats.proxy_errors += 1
+        log.info("closing %s: %s", self.peer, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _hand_over(self, client: Any, data: bytes) -> Connection | None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.server.connections.discard(self)
+        t = self.transport
+        if t is None or t.is_closing():
+            return None
+        inner = self._factory()
+        if client is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("proxied connection from %s via %s", _fmt(client), _fmt(self.peer))
+        inner.peer = client if client is not None else self.peer
+        t.set_protocol(inner)
+        inner.connection_made(t)
+        if data and not t.is_closing():
+            inner.data_received(data)
+        return inner

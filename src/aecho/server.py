@@ -10,16 +10,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import ipaddress
 import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Callable
+from typing import Any
 
-from aecho.config import WRITE_HIGH_WATER, WRITE_LOW_WATER, Framing, ServerConfig
-from aecho.connection import Connection, RawEchoConnection
+from aecho.config import (
+    DEFAULT_UNIX_MODE,
+    WRITE_HIGH_WATER,
+    WRITE_LOW_WATER,
+    Framing,
+    ProxyMode,
+    ServerConfig,
+    parse_networks,
+)
+from aecho.connection import Connection, ProxyPrelude, RawEchoConnection
 from aecho.handlers import load_handler
 from aecho.offload import InlineProcessor, Processor
 from aecho.stats import Stats
@@ -58,9 +70,28 @@ def _bind_error(where: str, exc: OSError) -> StartupError:
     return StartupError(f"cannot listen on {where}: {reason}")
 
 
-def _bind_unix(path: str, backlog: int) -> socket.socket:
+def _unix_bind_error(path: str, exc: OSError) -> StartupError:
+    directory = os.path.dirname(os.path.abspath(path))
+    if exc.errno == errno.ENOENT and not os.path.isdir(directory):
+        reason = f"directory {directory} does not exist"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+        reason = f"cannot create a socket in {directory}: {exc.strerror}"
+    elif exc.errno is None and "too long" in str(exc):
+        reason = "path too long for a Unix socket (at most 107 bytes)"
+    else:
+        reason = exc.strerror or str(exc)
+    return StartupError(f"cannot listen on {path}: {reason}; choose another --unix path")
+
+
+def _bind_unix(path: str, backlog: int, mode: int = DEFAULT_UNIX_MODE) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
+        st_mode = os.stat(path).st_mode
+        if not stat.S_ISSOCK(st_mode):
+            raise StartupError(
+                f"cannot listen on {path}: it exists and is not a socket; "
+                "remove it or choose another --unix path"
+            )
+        if stat.S_ISSOCK(st_mode):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(path)
@@ -73,26 +104,29 @@ def _bind_unix(path: str, backlog: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+        # Before listen(): no peer can connect while the mode is still the umask's.
+        os.chmod(path, mode)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise _bind_error(path, exc) from exc
+        raise _unix_bind_error(path, exc) from exc
     sock.setblocking(False)
     return sock
 
 
-def bind_listeners(config: ServerConfig) -> list[socket.socket]:
+def bind_listeners(config: ServerConfig, _attempt: int = 0) -> list[socket.socket]:
     """Create, bind and listen on every socket the configuration asks for.
 
     A host name that resolves to several addresses gets one listener each; with
-    ``--port 0`` they all share the port the first one was given.
+    ``--port 0`` they all share the port the first one was given.  ``--udp``
+    adds a UDP socket on each TCP listener's address and port.
 
     Raises:
         StartupError: the host does not resolve, or a bind or listen fails.
     """
     backlog = config.effective_backlog
     if config.unix:
-        return [_bind_unix(config.unix, backlog)]
+        return [_bind_unix(config.unix, backlog, config.unix_mode)]
     try:
         infos = socket.getaddrinfo(
             config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -125,7 +159,37 @@ def bind_listeners(config: ServerConfig) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         raise
+    if config.udp:
+        try:
+            sockets += _bind_udp_twins(sockets)
+        except StartupError:
+            for sock in sockets:
+                sock.close()
+            if config.port == 0 and _attempt < 5:
+                # The free TCP port was taken for UDP: pick another pair.
+                return bind_listeners(config, _attempt + 1)
+            raise
     return sockets
+
+
+def _bind_udp_twins(tcp_sockets: list[socket.socket]) -> list[socket.socket]:
+    """A UDP socket on the address and port of each TCP listener.
+
+    Raises:
+        StartupError: a bind failed (all UDP sockets made so far are closed).
+    """
+    from aecho.udp import bind_udp
+
+    made: list[socket.socket] = []
+    for tcp in tcp_sockets:
+        addr = tcp.getsockname()
+        try:
+            made.append(bind_udp(tcp.family, addr))
+        except OSError as exc:
+            for sock in made:
+                sock.close()
+            raise _bind_error(f"udp {format_address(addr)}", exc) from exc
+    return made
 
 
 def make_processor(config: ServerConfig) -> Processor:
@@ -169,6 +233,14 @@ class Server:
         self._factory: Callable[[], Connection] = self._choose_factory()
         self.started_at = time.time()
         self._emfile_logged_at = -EMFILE_LOG_INTERVAL_S
+        self.proxy_networks = parse_networks(config.proxy_allow_from)
+        if config.proxy_protocol is not ProxyMode.off:
+            inner = self._factory
+            self._factory = lambda: ProxyPrelude(self, inner)
+        self._per_ip: dict[str, int] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._udp: list[asyncio.BaseTransport] = []
+        self.metrics: Any = None
 
     @property
     def processor(self) -> Processor:
@@ -203,22 +275,66 @@ class Server:
             StartupError: binding failed.
             aecho.handlers.HandlerError: the handler cannot be loaded.
         """
+        cfg = self.config
+        if cfg.tls_cert and cfg.tls_key and self._ssl is None:
+            from aecho.tls import server_context
+
+            self._ssl = server_context(cfg.tls_cert, cfg.tls_key)
         if self._processor is None:
             self._processor = make_processor(self.config)
         self._processor.stats = self.stats
         if self._sockets is None:
             self._sockets = bind_listeners(self.config)
+        if cfg.metrics_port is not None:
+            await self._start_metrics(cfg.metrics_port)
         await self._processor.start()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
         for sock in self._sockets:
+            if sock.type == socket.SOCK_DGRAM:
+                from aecho.udp import UdpEcho
+
+                transport, _ = await loop.create_datagram_endpoint(
+                    functools.partial(UdpEcho, self.stats, sock), sock=sock
+                )
+                self._udp.append(transport)
+                log.info("answering UDP on %s", format_address(sock.getsockname()))
+                continue
             srv = await loop.create_server(
-                self._factory, sock=sock, backlog=self.config.effective_backlog
+                self._factory, sock=sock, backlog=self.config.effective_backlog, ssl=self._ssl
             )
             self._servers.append(srv)
         for addr in self.addresses:
             log.info("listening on %s", format_address(addr))
+        if self._ssl is not None:
+            log.info("TLS on, certificate %s", cfg.tls_cert)
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="aecho-idle-sweeper")
+
+    async def _start_metrics(self, port: int) -> None:
+        """Serve Prometheus metrics on 127.0.0.1:``port``.
+
+        Raises:
+            StartupError: the port cannot be bound or prometheus_client is missing.
+        """
+        try:
+            from aecho.metrics import MetricsServer
+        except ImportError:
+            self._close_sockets()
+            raise StartupError(
+                "--metrics-port needs prometheus_client: pip install 'aecho[metrics]'"
+            ) from None
+        metrics = MetricsServer(self)
+        try:
+            await metrics.start(port)
+        except OSError as exc:
+            self._close_sockets()
+            raise _bind_error(f"metrics port 127.0.0.1:{port}", exc) from exc
+        self.metrics = metrics
+        log.info("metrics on http://127.0.0.1:%d/metrics", metrics.port)
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets or ():
+            sock.close()
 
     def request_stop(self) -> None:
         """Begin a graceful stop (idempotent; safe from signal handlers)."""
@@ -238,6 +354,8 @@ class Server:
         sd_notify("STOPPING=1")
         for srv in self._servers:
             srv.close()
+        for transport in self._udp:
+            transport.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -264,6 +382,8 @@ class Server:
         if self.config.unix:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.unix)
+        if self.metrics is not None:
+            await self.metrics.close()
         log.info(
             "stopped: %d connections open at stop, %d cut at the grace deadline",
             open_at_stop,
@@ -342,12 +462,55 @@ class Server:
             self.stats.refused += 1
             log.debug("refusing %s: %d connections open", conn.peer, len(self.connections))
             return False
+        per_ip = self.config.max_connections_per_ip
+        if per_ip and isinstance(conn.peer, tuple):
+            ip = conn.peer[0]
+            count = self._per_ip.get(ip, 0)
+            if count >= per_ip:
+                self.stats.refused_per_ip += 1
+                log.debug("refusing %s: %d connections open from %s", conn.peer, count, ip)
+                return False
+            self._per_ip[ip] = count + 1
         self.stats.accepted += 1
         self.connections.add(conn)
         return True
 
     def forget(self, conn: Connection) -> None:
-        self.connections.discard(conn)
+        if conn not in self.connections:
+            return
+        self.connections.remove(conn)
+        if self.config.max_connections_per_ip and isinstance(conn.peer, tuple):
+            ip = conn.peer[0]
+            count = self._per_ip.get(ip, 0) - 1
+            if count > 0:
+                self._per_ip[ip] = count
+            else:
+                self._per_ip.pop(ip, None)
+
+    def hold(self, conn: Connection) -> bool:
+        """Register a connection still reading its PROXY header; False when refused.
+
+        It counts toward ``--max-connections`` (and is swept at shutdown) but is
+        only admitted, per-IP limit included, once its real client is known.
+        """
+        if self._stopping or len(self.connections) >= self.config.max_connections:
+            self.stats.refused += 1
+            return False
+        self.connections.add(conn)
+        return True
+
+    def proxy_trusted(self, peer: object) -> bool:
+        """Whether ``peer`` may (and must) send a PROXY header: in --proxy-allow-from.
+
+        Unix socket peers are local processes and always trusted.
+        """
+        if not isinstance(peer, tuple):
+            return True
+        try:
+            ip = ipaddress.ip_address(peer[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in self.proxy_networks)
 
     async def _sweep_idle(self) -> None:
         timeout = self.config.idle_timeout

@@ -51,4 +51,12 @@ class Stats:
     messages: int = 0
     handler_errors: int = 0
     pool_restarts: int = 0
+    # Bytes of connections that have closed; open ones keep their own tallies
+    # (Connection.rx/tx), summed in at scrape time so reads cost one increment.
+    bytes_in: int = 0
+    bytes_out: int = 0
+    refused_per_ip: int = 0
+    proxy_errors: int = 0
+    udp_datagrams: int = 0
+    udp_bytes: int = 0
     offload_latency: LatencyBuckets = field(default_factory=LatencyBuckets)

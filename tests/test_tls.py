@@ -1,0 +1,172 @@
+"""TLS: in-process servers with trustme certificates, openssl s_client, the client CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import shutil
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trustme
+
+from aecho.config import ConfigError
+from aecho.tls import client_context, server_context
+from tests.conftest import running_server
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def pems(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("pki")
+    cert = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    paths = {"cert": d / "cert.pem", "key": d / "key.pem", "ca": d / "ca.pem"}
+    cert.cert_chain_pems[0].write_to_path(paths["cert"])
+    for blob in cert.cert_chain_pems[1:]:
+        blob.write_to_path(paths["cert"], append=True)
+    cert.private_key_pem.write_to_path(paths["key"])
+    ca.cert_pem.write_to_path(paths["ca"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.mark.asyncio
+async def test_tls_echo_exact_bytes(pems: dict[str, str]) -> None:
+    async with running_server(tls_cert=pems["cert"], tls_key=pems["key"]) as server:
+        ctx = client_context(pems["ca"])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=ctx, server_hostname="127.0.0.1"
+        )
+        payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
+        writer.write(payload)
+        assert await asyncio.wait_for(reader.readexactly(len(payload)), 30) == payload
+        ssl_obj = writer.get_extra_info("ssl_object")
+        assert ssl_obj.version() in ("TLSv1.2", "TLSv1.3")
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_tls_1_1_refused_and_plaintext_peer_harmless(pems: dict[str, str]) -> None:
+    async with running_server(tls_cert=pems["cert"], tls_key=pems["key"]) as server:
+        # A peer speaking plain text gets a closed connection, the server carries on.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"hello in clear\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.check_hostname = False
+        old.verify_mode = ssl.CERT_NONE
+        with pytest.warns(DeprecationWarning):
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.open_connection("127.0.0.1", server.port, ssl=old)
+        ctx = client_context(pems["ca"])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=ctx, server_hostname="127.0.0.1"
+        )
+        writer.write(b"ok")
+        assert await asyncio.wait_for(reader.readexactly(2), 10) == b"ok"
+        writer.close()
+        await writer.wait_closed()
+
+
+def test_openssl_s_client(pems: dict[str, str], serve_process) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not installed (apt-get install openssl)")
+    srv = serve_process("--tls-cert", pems["cert"], "--tls-key", pems["key"])
+    proc = subprocess.Popen(
+        [
+            openssl,
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{srv.port}",
+            "-CAfile",
+            pems["ca"],
+            "-verify_return_error",
+            "-quiet",
+            "-ign_eof",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"echo over s_client\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "no reply through openssl s_client within 60 s"
+        assert proc.stdout.readline() == b"echo over s_client\n"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert srv.stop() == 0
+
+
+def _client(*args: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "aecho", "client", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_client_pipe_over_tls(pems: dict[str, str], serve_process) -> None:
+    srv = serve_process("--tls-cert", pems["cert"], "--tls-key", pems["key"])
+    data = os.urandom(300_000) + b"\x00end"
+    res = _client("127.0.0.1", str(srv.port), "--tls", "--cafile", pems["ca"], stdin=data)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == data
+    res = _client("127.0.0.1", str(srv.port), "--tls", "--insecure", stdin=b"x\n")
+    assert (res.returncode, res.stdout) == (0, b"x\n")
+
+
+def test_client_untrusted_certificate_one_line(pems: dict[str, str], serve_process) -> None:
+    srv = serve_process("--tls-cert", pems["cert"], "--tls-key", pems["key"])
+    res = _client("127.0.0.1", str(srv.port), "--tls", stdin=b"x")
+    assert res.returncode == 1
+    err = res.stderr.decode()
+    assert err.count("\n") == 1 and "certificate not trusted" in err and "--cafile" in err
+
+
+def test_bad_tls_files_one_line(pems: dict[str, str], tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    other_key = tmp_path / "other.pem"
+    trustme.CA().issue_cert("x.test").private_key_pem.write_to_path(other_key)
+    cases = [
+        (["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", pems["key"]], "no such file"),
+        (["--tls-cert", pems["cert"], "--tls-key", str(garbage)], "cannot load"),
+        (["--tls-cert", pems["cert"], "--tls-key", str(other_key)], "does not match"),
+        (["--tls-cert", pems["cert"]], "go together"),
+        (["--tls-cert", str(tmp_path), "--tls-key", pems["key"]], "directory"),
+    ]
+    for args, needle in cases:
+        res = subprocess.run(
+            [sys.executable, "-m", "aecho", "serve", "--port", "0", *args],
+            capture_output=True,
+            timeout=60,
+            text=True,
+        )
+        assert res.returncode != 0, args
+        assert res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_contexts_refuse_old_protocols(pems: dict[str, str]) -> None:
+    assert server_context(pems["cert"], pems["key"]).minimum_version == ssl.TLSVersion.TLSv1_2
+    assert client_context().minimum_version == ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ConfigError, match="no such file"):
+        client_context("/nonexistent/ca.pem")
