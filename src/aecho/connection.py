@@ -15,7 +15,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 from aecho.framing import FrameError, Framer, LineFramer, RawFramer
-from aecho.offload import Outcome
+from aecho.offload import Outcome, Processor
 
 if TYPE_CHECKING:
     from aecho.server import Server
@@ -61,7 +61,8 @@ class Connection(asyncio.Protocol):
         self._paused = 0
         self._eof = False
         self._inflight = 0
-        self._pending: deque[tuple[int, asyncio.Future[list[Outcome]]]] | None = None
+        # Pooled batches in arrival order: [message count, outcomes once they are back].
+        self._pending: deque[list[Any]] | None = None
         self._framer: Framer = self._make_framer()
 
     def _make_framer(self) -> Framer:
@@ -130,7 +131,7 @@ class Connection(asyncio.Protocol):
         if processor.inline:
             self._handle_inline(messages)
         else:
-            self._submit(messages)
+            self._submit(processor, messages)
 
     def _handle_inline(self, messages: list[bytes]) -> None:
         transport = self.transport
@@ -171,32 +172,32 @@ class Connection(asyncio.Protocol):
 
     # -- pooled processing -------------------------------------------------------------------
 
-    def _submit(self, messages: list[bytes]) -> None:
-        if self._pending is None:
-            self._pending = deque()
-        future = self.server.processor.submit(messages)
-        self._pending.append((len(messages), future))
+    def _submit(self, processor: Processor, messages: list[bytes]) -> None:
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
+        entry: list[Any] = [len(messages), None]
+        pending.append(entry)
         self._inflight += len(messages)
         if self._inflight >= INFLIGHT_WINDOW:
             self._pause(_PAUSE_WINDOW)
-        future.add_done_callback(self._batch_done)
+        processor.submit_to(messages, self._batch_done, entry)
 
-    def _batch_done(self, _future: asyncio.Future[list[Outcome]]) -> None:
+    def _batch_done(self, entry: list[Any], outcomes: list[Outcome]) -> None:
+        entry[1] = outcomes
         pending = self._pending
         transport = self.transport
         if pending is None or transport is None or transport.is_closing():
             return
+        if pending[0] is not entry:
+            return  # an earlier batch is still out; it writes this one when it is back
         encode = self._framer.encode
         out: list[bytes] = []
         # Replies leave in arrival order: only a finished head of the queue is written.
-        while pending and pending[0][1].done():
-            count, future = pending.popleft()
+        while pending and pending[0][1] is not None:
+            count, done = pending.popleft()
             self._inflight -= count
-            try:
-                outcomes: list[Outcome] = future.result()
-            except BaseException as exc:
-                outcomes = [exc] * count
-            for outcome in outcomes:
+            for outcome in done:
                 if isinstance(outcome, BaseException):
                     if not self._handler_failed(outcome, out):
                         return
@@ -204,7 +205,7 @@ class Connection(asyncio.Protocol):
                     out.append(encode(outcome))
             self.server.stats.messages += count
         if out:
-            transport.write(b"".join(out))
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
         if self._inflight < INFLIGHT_WINDOW:
             self._resume(_PAUSE_WINDOW)
         if self._eof and not pending:

@@ -133,9 +133,9 @@ def make_processor(config: ServerConfig) -> Processor:
     """
     handler = load_handler(config.handler)
     if config.offload.value == "process":
-        from aecho.offload import PoolProcessor  # type: ignore[attr-defined]
+        from aecho.offload import PoolProcessor
 
-        return PoolProcessor(handler, config.handler, config)  # type: ignore[no-any-return]
+        return PoolProcessor(handler, config.handler, config)
     return InlineProcessor(handler, config.handler)
 
 
