@@ -342,10 +342,6 @@ class PoolProcessor(Processor):
         self._drained: asyncio.Event | None = None  # set once no task is left, while closing
 
     @property
-    def _in_flight(self) -> bool:
-        return any(slot.tasks for slot in self._slots)
-
-    @property
     def pids(self) -> list[int]:
         """Worker pids known to be running (for logs and tests)."""
         return [s.pid for s in self._slots if s.pid is not None]
@@ -489,9 +485,9 @@ class PoolProcessor(Processor):
             if cost > 0
             else self.MAX_MIN_BATCH
         )
-        if self._queued < min_batch and self._in_flight:
-            # Too little for a task of its own while another is out: like Nagle's
-            # algorithm, wait for that one's return, which flushes again.
+        if self._queued < min_batch and positions[0].tasks:
+            # Every worker is busy and this is too little for a task of its own: like
+            # Nagle's algorithm, wait for the next task to return, which flushes again.
             return
         n_tasks = min(len(positions), max(1, math.ceil(self._queued / min_batch)))
         for i in range(n_tasks):
