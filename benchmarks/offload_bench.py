@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,10 @@ def measure(args: list[str], duration: float, warmup: float) -> dict[str, Any]:
     return result
 
 
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions (median taken)")
@@ -64,8 +69,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     opts = parser.parse_args()
 
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"loadavg_before": loadavg()}
     ok = True
+    print(f"load average before: {report['loadavg_before']} on {os.cpu_count()} CPUs", flush=True)
     for name in opts.case or list(CASES):
         case = CASES[name]
         runs: dict[str, list[float]] = {"inline": [], "process": []}
@@ -96,6 +102,8 @@ def main() -> int:
             f"ratio {ratio:.2f} (target >= {case['target']}) {'ok' if passed else 'MISSED'}",
             flush=True,
         )
+    report["loadavg_after"] = loadavg()
+    print(f"load average after: {report['loadavg_after']}", flush=True)
     if opts.json:
         opts.json.write_text(json.dumps(report, indent=2))
     return 0 if ok else 1

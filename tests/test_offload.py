@@ -344,3 +344,16 @@ def test_no_orphan_workers_after_server_sigkill(serve_process) -> None:  # type:
     assert wait_until(lambda: not any(_alive(pid) for pid in family), 20.0), [
         pid for pid in family if _alive(pid)
     ]
+
+
+@pytest.mark.asyncio
+async def test_half_close_flushes_pooled_replies_then_closes() -> None:
+    async with running_server(
+        offload=Offload.process, pool_size=1, framing=Framing.line, handler=T + "nap"
+    ) as server:
+        reader, writer = await _open(server.port)
+        writer.write(b"first\nlast without newline")
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), TIMEOUT)  # until the server closes
+        assert got == b"first\nlast without newline\n"
+        await _close(writer)
