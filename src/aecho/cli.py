@@ -18,6 +18,7 @@ import typer.core
 from aecho.config import (
     DEFAULT_BACKLOG,
     DEFAULT_GRACEFUL_TIMEOUT,
+    DEFAULT_HANDLER_TIMEOUT,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -133,6 +134,12 @@ def serve(
         str,
         typer.Option(help="echo, upper, reverse, sha256, burn, or package.module:function."),
     ] = "echo",
+    handler_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Process offload: a batch running longer (s) fails; its worker is replaced."
+        ),
+    ] = DEFAULT_HANDLER_TIMEOUT,
     framing: Annotated[
         Framing, typer.Option(help="raw: bytes as they come; line: one message per line.")
     ] = Framing.raw,
@@ -204,6 +211,7 @@ def serve(
             offload=offload,
             pool_size=pool_size,
             handler=handler,
+            handler_timeout=handler_timeout,
             framing=framing,
             max_line=max_line,
             max_connections=max_connections,

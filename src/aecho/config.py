@@ -18,6 +18,7 @@ DEFAULT_MAX_LINE = 64 * 1024
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_GRACEFUL_TIMEOUT = 10.0
+DEFAULT_HANDLER_TIMEOUT = 30.0
 
 # Per-connection write buffer watermarks.  Reading pauses above HIGH and resumes
 # below LOW, so a peer that never reads costs at most about HIGH bytes of server
@@ -101,6 +102,7 @@ class ServerConfig:
     offload: Offload = Offload.inline
     pool_size: int | None = None
     handler: str = "echo"
+    handler_timeout: float = DEFAULT_HANDLER_TIMEOUT
     framing: Framing = Framing.raw
     max_line: int = DEFAULT_MAX_LINE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -156,6 +158,8 @@ class ServerConfig:
             raise ConfigError("--backlog must be at least 1")
         if self.pool_size is not None and self.pool_size < 1:
             raise ConfigError("--pool-size must be at least 1")
+        if not self.handler_timeout > 0:
+            raise ConfigError("--handler-timeout must be a positive number of seconds")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(
                 f"unknown --log-level {self.log_level!r}: use debug, info, warning, error"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aecho.config import PROXY_HEADER_TIMEOUT
 from aecho.framing import FrameError, Framer, LineFramer, RawFramer
-from aecho.offload import Outcome
+from aecho.offload import Outcome, Processor
 from aecho.proxy_protocol import ProxyError, ProxyHeaderReader, could_be_header
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ log = logging.getLogger("aecho.connection")
 # Reasons for which reading is paused (a bit mask).
 _PAUSE_WRITE = 1
 _PAUSE_WINDOW = 2
+_PAUSE_CLOSING = 4  # never lifted: the connection ends once owed replies are out
 
 # Messages a connection may have queued in a worker pool before it stops reading.
 INFLIGHT_WINDOW = 256
@@ -79,7 +80,8 @@ class Connection(asyncio.Protocol):
         self._eof = False
         self._inflight = 0
         self._last_words = b""
-        self._pending: deque[tuple[int, asyncio.Future[list[Outcome]]]] | None = None
+        # Pooled batches in arrival order: [message count, outcomes once they are back].
+        self._pending: deque[list[Any]] | None = None
         self._framer: Framer = self._make_framer()
 
     def _make_framer(self) -> Framer:
@@ -159,7 +161,7 @@ class Connection(asyncio.Protocol):
         if processor.inline:
             self._handle_inline(messages)
         else:
-            self._submit(messages)
+            self._submit(processor, messages)
 
     def _handle_inline(self, messages: list[bytes]) -> None:
         transport = self.transport
@@ -206,7 +208,7 @@ class Connection(asyncio.Protocol):
             # Pooled replies to earlier lines are still owed: the error goes after them.
             self._last_words = last_words
             self._eof = True
-            self._pause(_PAUSE_WINDOW)
+            self._pause(_PAUSE_CLOSING)
             return
         self.tx += len(last_words)
         transport.write(last_words)
@@ -214,32 +216,32 @@ class Connection(asyncio.Protocol):
 
     # -- pooled processing -------------------------------------------------------------------
 
-    def _submit(self, messages: list[bytes]) -> None:
-        if self._pending is None:
-            self._pending = deque()
-        future = self.server.processor.submit(messages)
-        self._pending.append((len(messages), future))
+    def _submit(self, processor: Processor, messages: list[bytes]) -> None:
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
+        entry: list[Any] = [len(messages), None]
+        pending.append(entry)
         self._inflight += len(messages)
         if self._inflight >= INFLIGHT_WINDOW:
             self._pause(_PAUSE_WINDOW)
-        future.add_done_callback(self._batch_done)
+        processor.submit_to(messages, self._batch_done, entry)
 
-    def _batch_done(self, _future: asyncio.Future[list[Outcome]]) -> None:
+    def _batch_done(self, entry: list[Any], outcomes: list[Outcome]) -> None:
+        entry[1] = outcomes
         pending = self._pending
         transport = self.transport
         if pending is None or transport is None or transport.is_closing():
             return
+        if pending[0] is not entry:
+            return  # an earlier batch is still out; it writes this one when it is back
         encode = self._framer.encode
         out: list[bytes] = []
         # Replies leave in arrival order: only a finished head of the queue is written.
-        while pending and pending[0][1].done():
-            count, future = pending.popleft()
+        while pending and pending[0][1] is not None:
+            count, done = pending.popleft()
             self._inflight -= count
-            try:
-                outcomes: list[Outcome] = future.result()
-            except BaseException as exc:
-                outcomes = [exc] * count
-            for outcome in outcomes:
+            for outcome in done:
                 if isinstance(outcome, BaseException):
                     if not self._handler_failed(outcome, out):
                         return
@@ -247,13 +249,14 @@ class Connection(asyncio.Protocol):
                     out.append(encode(outcome))
             self.server.stats.messages += count
         if out:
-            payload = b"".join(out)
+            payload = out[0] if len(out) == 1 else b"".join(out)
             self.tx += len(payload)
             transport.write(payload)
         if self._inflight < INFLIGHT_WINDOW:
             self._resume(_PAUSE_WINDOW)
         if self._eof and not pending:
             if self._last_words:
+                self.tx += len(self._last_words)
                 transport.write(self._last_words)
             transport.close()
 

@@ -200,9 +200,9 @@ def make_processor(config: ServerConfig) -> Processor:
     """
     handler = load_handler(config.handler)
     if config.offload.value == "process":
-        from aecho.offload import PoolProcessor  # type: ignore[attr-defined]
+        from aecho.offload import PoolProcessor
 
-        return PoolProcessor(handler, config.handler, config)  # type: ignore[no-any-return]
+        return PoolProcessor(handler, config.handler, config)
     return InlineProcessor(handler, config.handler)
 
 
@@ -399,8 +399,9 @@ class Server:
             StartupError: binding failed.
             aecho.handlers.HandlerError: the handler cannot be loaded.
         """
-        await self.start()
         loop = asyncio.get_running_loop()
+        # Handlers go in before start() logs `listening on`: whoever waits for that line
+        # may signal at once, and must get a graceful stop, not the default death.
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -410,6 +411,7 @@ class Server:
         if reopen:
             loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
+            await self.start()
             if on_ready is not None:
                 on_ready(self)
             await self.serve()

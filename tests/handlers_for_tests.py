@@ -1,0 +1,47 @@
+"""Handlers the offload tests run by name (``tests.handlers_for_tests:NAME``), in workers too."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+not_callable = 42
+
+
+def boom(data: bytes) -> bytes:
+    """Raise for messages starting with ``boom``; echo the rest."""
+    if data.startswith(b"boom"):
+        raise ValueError(f"refused {data[:16]!r}")
+    return data
+
+
+def jitter(data: bytes) -> bytes:
+    """Echo after a random pause of up to 0.5 ms, so batches finish out of order."""
+    time.sleep(random.random() * 0.0005)
+    return data
+
+
+def stall(data: bytes) -> bytes:
+    """``stall PATH``: write this worker's pid to PATH, then hang (to be killed); echo the rest."""
+    if data.startswith(b"stall "):
+        path = Path(data[6:].decode())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.rename(path)
+        time.sleep(60)
+    return data
+
+
+def hang(data: bytes) -> bytes:
+    """Hang on ``hang``; echo the rest."""
+    if data == b"hang":
+        time.sleep(60)
+    return data
+
+
+def nap(data: bytes) -> bytes:
+    """Echo after 0.3 s."""
+    time.sleep(0.3)
+    return data

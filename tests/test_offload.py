@@ -1,0 +1,359 @@
+"""Process-pool offload: identical replies, ordering, handler faults, worker crashes and
+timeouts, start-up errors, worker titles, and no orphans after the server is SIGKILLed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from aecho.cli import app
+from aecho.config import Framing, Offload
+from aecho.handlers import BUILTINS
+from aecho.offload import PoolProcessor
+from tests.conftest import running_server, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+T = "tests.handlers_for_tests:"
+TIMEOUT = 60.0
+
+
+async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()
+
+
+def _messages(seed: int, count: int, line: bool) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        size = rng.choice([0, 1, 2, 7, 64, 255, 1000]) if line else rng.randint(1, 1000)
+        data = rng.randbytes(size)
+        if line:
+            data = data.replace(b"\n", b"N")
+        if rng.random() < 0.3:
+            data = b"mixed Case text \x00\xff " + data
+        out.append(data)
+    return out
+
+
+async def _exchange(
+    port: int, framing: Framing, messages: list[bytes], handler_name: str
+) -> list[bytes]:
+    handler = BUILTINS[handler_name]
+    reader, writer = await _open(port)
+    replies = []
+    try:
+        if framing is Framing.line:
+            # Pipelined: every message in flight at once, replies must come back in order.
+            writer.write(b"".join(m + b"\n" for m in messages))
+            for _ in messages:
+                replies.append(await asyncio.wait_for(reader.readline(), TIMEOUT))
+        else:
+            # Raw framing hands the handler each chunk as read: one message at a time.
+            for m in messages:
+                writer.write(m)
+                replies.append(await asyncio.wait_for(reader.readexactly(len(handler(m))), TIMEOUT))
+    finally:
+        await _close(writer)
+    return replies
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("framing", [Framing.raw, Framing.line])
+async def test_inline_and_process_give_identical_replies(framing: Framing) -> None:
+    for seed, name in enumerate(BUILTINS):
+        messages = _messages(seed, 25 if name == "burn" else 60, framing is Framing.line)
+        suffix = b"\n" if framing is Framing.line else b""
+        expected = [BUILTINS[name](m) + suffix for m in messages]
+        for offload in (Offload.inline, Offload.process):
+            async with running_server(
+                offload=offload, pool_size=2, handler=name, framing=framing
+            ) as server:
+                got = await _exchange(server.port, framing, messages, name)
+            assert got == expected, (name, offload)
+
+
+@pytest.mark.asyncio
+async def test_order_holds_with_64_pipelined_on_200_connections() -> None:
+    async with running_server(
+        offload=Offload.process, pool_size=2, framing=Framing.line, handler=T + "jitter"
+    ) as server:
+
+        async def one(c: int) -> bytes:
+            reader, writer = await _open(server.port)
+            lines = [b"c%d-m%d\n" % (c, i) for i in range(64)]
+            # Eight writes with a yield between them, so one connection's messages
+            # travel in several batches that can finish out of order.
+            for k in range(0, 64, 8):
+                writer.write(b"".join(lines[k : k + 8]))
+                await asyncio.sleep(0)
+            got = await asyncio.wait_for(reader.readexactly(len(b"".join(lines))), TIMEOUT)
+            await _close(writer)
+            return got
+
+        results = await asyncio.gather(*(one(c) for c in range(200)))
+        for c, got in enumerate(results):
+            assert got == b"".join(b"c%d-m%d\n" % (c, i) for i in range(64))
+        assert server.stats.offload_latency.count == 200 * 64
+        assert server.stats.pool_restarts == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("offload", [Offload.inline, Offload.process])
+async def test_raising_handler_line_framing_replies_err(offload: Offload) -> None:
+    async with running_server(
+        offload=offload, pool_size=1, framing=Framing.line, handler=T + "boom"
+    ) as server:
+        reader, writer = await _open(server.port)
+        writer.write(b"a\nboom1\nb\n")
+        got = [await asyncio.wait_for(reader.readline(), TIMEOUT) for _ in range(3)]
+        assert got == [b"a\n", b"ERR ValueError: refused b'boom1'\n", b"b\n"]
+        assert server.stats.handler_errors == 1
+        await _close(writer)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("offload", [Offload.inline, Offload.process])
+async def test_raising_handler_raw_framing_closes_connection(offload: Offload) -> None:
+    async with running_server(
+        offload=offload, pool_size=1, framing=Framing.raw, handler=T + "boom"
+    ) as server:
+        reader, writer = await _open(server.port)
+        writer.write(b"boom!")
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        await _close(writer)
+        reader, writer = await _open(server.port)  # the server carries on
+        writer.write(b"fine")
+        assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT) == b"fine"
+        await _close(writer)
+
+
+async def _until(predicate: Callable[[], object], what: str) -> None:
+    """Poll ``predicate`` on the loop (the server runs there too), bounded in time."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        if predicate():
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_worker_sigkilled_mid_load(tmp_path: Path) -> None:
+    async with running_server(
+        offload=Offload.process, pool_size=2, framing=Framing.line, handler=T + "stall"
+    ) as server:
+        processor = server.processor
+        assert isinstance(processor, PoolProcessor)
+        before = set(processor.pids)
+        pidfile = tmp_path / "stalled.pid"
+        victim_r, victim_w = await _open(server.port)
+        victim_w.write(b"stall %s\n" % str(pidfile).encode())
+        await _until(pidfile.exists, "the stalled worker's pid")  # its batch is running
+        victim = int(pidfile.read_text())
+        assert victim in before
+
+        done = [0] * 20
+        killed = asyncio.Event()
+
+        async def traffic(c: int) -> None:
+            reader, writer = await _open(server.port)
+            n = 0
+            # Keep going until 20 round trips after the kill.
+            while not killed.is_set() or done[c] < 20:
+                msg = b"t%d-%d\n" % (c, n)
+                writer.write(msg)
+                assert await asyncio.wait_for(reader.readline(), TIMEOUT) == msg
+                n += 1
+                if killed.is_set():
+                    done[c] += 1
+            await _close(writer)
+
+        tasks = [asyncio.create_task(traffic(c)) for c in range(20)]
+        await _until(lambda: server.stats.messages >= 200, "traffic")
+        os.kill(victim, signal.SIGKILL)
+        killed.set()
+        line = await asyncio.wait_for(victim_r.readline(), TIMEOUT)
+        assert line == b"ERR WorkerDied: worker process died while handling this message\n"
+        await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
+        assert server.stats.pool_restarts == 1
+        assert server.stats.handler_errors == 1
+        victim_w.write(b"after\n")
+        assert await asyncio.wait_for(victim_r.readline(), TIMEOUT) == b"after\n"
+        await _close(victim_w)
+        await _until(lambda: len(processor.pids) == 2, "the replacement worker")
+        assert victim not in processor.pids
+
+
+@pytest.mark.asyncio
+async def test_handler_timeout_fails_the_batch_and_replaces_the_worker() -> None:
+    async with running_server(
+        offload=Offload.process,
+        pool_size=1,
+        framing=Framing.line,
+        handler=T + "hang",
+        handler_timeout=0.5,
+    ) as server:
+        processor = server.processor
+        assert isinstance(processor, PoolProcessor)
+        [old] = processor.pids
+        reader, writer = await _open(server.port)
+        started = time.monotonic()
+        writer.write(b"hang\n")
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        assert line == b"ERR HandlerTimeout: handler ran longer than --handler-timeout 0.5s\n"
+        assert time.monotonic() - started >= 0.5
+        writer.write(b"ok\n")
+        assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"ok\n"
+        assert server.stats.pool_restarts == 1
+        assert processor.pids and old not in processor.pids
+        assert await asyncio.to_thread(wait_until, lambda: not _alive(old), 30.0)
+        await _close(writer)
+
+
+@pytest.mark.asyncio
+async def test_graceful_stop_waits_for_running_batches() -> None:
+    async with running_server(
+        offload=Offload.process, pool_size=1, framing=Framing.line, handler=T + "nap"
+    ) as server:
+        processor = server.processor
+        assert isinstance(processor, PoolProcessor)
+        pids = processor.pids
+        reader, writer = await _open(server.port)
+        writer.write(b"late\n")
+        await _until(lambda: processor._slots[0].tasks, "the batch to be running")
+        stop = asyncio.create_task(server.shutdown())
+        assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"late\n"
+        await asyncio.wait_for(stop, TIMEOUT)
+        await _close(writer)
+        assert await asyncio.to_thread(wait_until, lambda: not any(map(_alive, pids)), 30.0)
+
+
+@pytest.mark.asyncio
+async def test_workers_carry_the_process_title() -> None:
+    async with running_server(offload=Offload.process, pool_size=2) as server:
+        processor = server.processor
+        assert isinstance(processor, PoolProcessor)
+        assert len(processor.pids) == 2
+        for pid in processor.pids:
+            assert _cmdline(pid).startswith(b"aecho: worker")
+
+
+BAD_HANDLERS = [
+    ("nosuch", "unknown handler 'nosuch'"),
+    ("no_such_module_xyz:f", "cannot import handler module 'no_such_module_xyz'"),
+    ("os:no_such_function", "module 'os' has no 'no_such_function'"),
+    (T + "not_callable", "is not callable"),
+]
+
+
+@pytest.mark.parametrize("offload", ["inline", "process"])
+@pytest.mark.parametrize(("name", "message"), BAD_HANDLERS)
+def test_bad_handler_is_one_line_and_exit_1(offload: str, name: str, message: str) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aecho",
+            "serve",
+            "--port",
+            "0",
+            "--offload",
+            offload,
+            "--handler",
+            name,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("aecho: error: ") and message in lines[0]
+
+
+def test_handler_timeout_must_be_positive() -> None:
+    result = CliRunner().invoke(app, ["serve", "--handler-timeout", "0"])
+    assert result.exit_code == 2
+    assert "--handler-timeout must be a positive number" in result.output
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a container's init may never reap orphans)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _descendants(root: int) -> dict[int, bytes]:
+    """pid -> cmdline of every live process below ``root``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: dict[int, bytes] = {}
+    todo = [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            if _alive(pid):
+                try:
+                    found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                todo.append(pid)
+    return found
+
+
+def test_no_orphan_workers_after_server_sigkill(serve_process) -> None:  # type: ignore[no-untyped-def]
+    srv = serve_process("--offload", "process", "--pool-size", "2", env={"PYTHONPATH": str(ROOT)})
+    family = _descendants(srv.pid)
+    workers = [pid for pid, cmd in family.items() if cmd.startswith(b"aecho: worker")]
+    assert len(workers) == 2, family
+    srv.kill()  # SIGKILL: no chance to clean up
+    assert wait_until(lambda: not any(_alive(pid) for pid in family), 20.0), [
+        pid for pid in family if _alive(pid)
+    ]
+
+
+@pytest.mark.asyncio
+async def test_half_close_flushes_pooled_replies_then_closes() -> None:
+    async with running_server(
+        offload=Offload.process, pool_size=1, framing=Framing.line, handler=T + "nap"
+    ) as server:
+        reader, writer = await _open(server.port)
+        writer.write(b"first\nlast without newline")
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), TIMEOUT)  # until the server closes
+        assert got == b"first\nlast without newline\n"
+        await _close(writer)
