@@ -33,8 +33,8 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from time import monotonic_ns
 from dataclasses import dataclass, field
+from time import monotonic_ns
 from typing import Any, cast
 
 from aecho.bench.stats import HIGHEST_NS, SUB_BITS, Histogram
