@@ -7,7 +7,9 @@ subprocess and measures that.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from aecho.config import BenchConfig
 
@@ -26,11 +28,12 @@ def main(cfg: BenchConfig) -> int:
         report.check_plot()
     engine.reply_function(cfg)
     progress = report.Progress(cfg) if not cfg.json and sys.stderr.isatty() else None
-    on_progress = progress.update if progress is not None else None
+    on_progress = progress.update if progress is not None else _announce(cfg)
     try:
         if cfg.embedded:
-            with engine.embedded_server(cfg) as (host, port):
+            with engine.embedded_server(cfg) as (host, port, pid):
                 result = engine.run(replace(cfg, host=host, port=port), on_progress)
+            result.server_pid = pid
         else:
             result = engine.run(cfg, on_progress)
     finally:
@@ -46,3 +49,21 @@ def main(cfg: BenchConfig) -> int:
     for line in failures:
         print(f"aecho bench: {line}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _announce(cfg: BenchConfig) -> Callable[[dict[str, Any]], None]:
+    """Without a terminal, one line on stderr once the connections are up and load starts."""
+    said = False
+
+    def on_progress(_: dict[str, Any]) -> None:
+        nonlocal said
+        if not said:
+            said = True
+            what = f"{cfg.duration:g} s" if cfg.duration is not None else f"{cfg.messages} messages"
+            print(
+                f"aecho bench: measuring with {cfg.connections} connections for {what}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return on_progress

@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from time import monotonic_ns
 from typing import Any, cast
 
@@ -215,10 +215,11 @@ class BenchConn(asyncio.Protocol):
             w.inflight -= owed
             self.out.clear()
         if not self.failed and not w.closing:
-            if exc is not None:
-                w.error("reset", f"connection reset: {exc}")
-            elif not self.replies:
+            if not self.replies:
+                # Closed or reset before a single reply: how a full server turns one away.
                 w.error("refused", "the server closed the connection before any reply")
+            elif exc is not None:
+                w.error("reset", f"connection reset: {exc}")
             elif owed:
                 w.error("short", "the server closed the connection with replies owed")
             else:
@@ -474,6 +475,8 @@ class Worker:
         if cfg.duration is not None:
             deadline = self.measure_ns + int(cfg.duration * 1e9)
             loop.call_later((deadline - time.monotonic_ns()) / 1e9, self.stop_sending)
+        if self.on_progress is not None:
+            self.on_progress(self.progress(monotonic_ns()))
         ticker = asyncio.create_task(self._tick())
         pacer = None
         if self.closed_loop:
@@ -604,6 +607,7 @@ class Result:
     duration_s: float
     timeline: list[int]
     interrupted: bool = False
+    server_pid: int | None = None  # the embedded server's, once stopped
     workers: list[WorkerResult] = field(default_factory=list)
 
     @property
@@ -715,6 +719,19 @@ def _run_inline(cfg: BenchConfig, plan: WorkerPlan, on_progress: ProgressFn | No
 
     part = run_loop(main(), cfg.loop)
     return Result.merge(cfg, [part], interrupted)
+
+
+async def measure(cfg: BenchConfig, on_progress: ProgressFn | None = None) -> Result:
+    """One worker with all the connections, on the running loop (no Ctrl-C handling).
+
+    Raises:
+        BenchError: not one connection could be opened.
+        ConfigError: the handler's replies cannot be verified with this framing.
+    """
+    worker = Worker(cfg, plans(replace(cfg, workers=1))[0], on_progress)
+    await worker.connect()
+    await worker.run(monotonic_ns())
+    return Result.merge(cfg, [worker.result()])
 
 
 def _add_sigint(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
@@ -876,8 +893,10 @@ def _merge_progress(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def embedded_server(cfg: BenchConfig, ready_timeout: float = 60.0) -> Iterator[tuple[str, int]]:
-    """``aecho serve --port 0`` in a subprocess; yields its (host, port), then stops it.
+def embedded_server(
+    cfg: BenchConfig, ready_timeout: float = 60.0
+) -> Iterator[tuple[str, int, int]]:
+    """``aecho serve --port 0`` in a subprocess; yields its (host, port, pid), then stops it.
 
     Raises:
         BenchError: the server exited or did not report readiness in time.
@@ -913,7 +932,7 @@ def embedded_server(cfg: BenchConfig, ready_timeout: float = 60.0) -> Iterator[t
         )
         try:
             host, port = _wait_listening(proc, logf, ready_timeout)
-            yield host, port
+            yield host, port, proc.pid
         finally:
             _stop_server(proc)
 

@@ -110,6 +110,7 @@ def as_json(result: Result) -> dict[str, Any]:
             "max": us(ch.max),
         },
         "timeline_msgs_per_s": [n * 1e9 / TICK_NS for n in result.timeline],
+        "embedded_server_pid": result.server_pid,
     }
 
 
