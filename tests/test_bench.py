@@ -7,8 +7,10 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -90,13 +92,15 @@ class Stalling(Echo):
 
 
 @contextlib.contextmanager
-def threaded_server(factory: Callable[[], asyncio.Protocol]) -> Iterator[int]:
+def threaded_server(
+    factory: Callable[[], asyncio.Protocol], ssl_ctx: ssl.SSLContext | None = None
+) -> Iterator[int]:
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     box: dict[str, Any] = {}
 
     async def main() -> None:
-        server = await loop.create_server(factory, "127.0.0.1", 0)
+        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=ssl_ctx)
         box["port"] = server.sockets[0].getsockname()[1]
         box["stop"] = stop = asyncio.Event()
         ready.set()
@@ -379,3 +383,47 @@ def test_ctrl_c_stops_early_and_reports(serve_process: Callable[..., ServerProce
     assert data["interrupted"] is True
     assert data["duration_s"] < 30
     assert data["errors"] == 0
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_cert(tmp_path: Path) -> tuple[str, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    args = ["-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key, "-out", cert]
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            *args,
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def test_tls(tls_cert: tuple[str, str]) -> None:
+    cert, key = tls_cert
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    with threaded_server(Echo, ctx) as port:
+        code, out, err = bench_cli(
+            "127.0.0.1", str(port), "-n", "300", "-c", "3", "--tls", "--cafile", cert, "--json"
+        )
+        assert code == 0, err
+        assert json.loads(out)["messages"] == 300
+        code, out, err = bench_cli("127.0.0.1", str(port), "-n", "30", "--tls", "--insecure")
+        assert code == 0, err
+        code, out, err = bench_cli("127.0.0.1", str(port), "-n", "30", "-c", "2", "--tls")
+        assert code == 1
+        assert err.count("\n") == 1
+        assert "TLS handshake with 127.0.0.1:" in err
