@@ -111,6 +111,8 @@ class BenchConn(asyncio.Protocol):
             start : start + max(0, size - BENCH_HEADER_SIZE)
         ]
         self.filler = filler + (b"\n" if worker.cfg.framing is Framing.line else b"")
+        # One formatting operation per message: the sequence goes into a template.
+        self.template = self.prefix + b"%016x" + self.filler.replace(b"%", b"%%")
 
     # asyncio callbacks
 
@@ -146,7 +148,7 @@ class BenchConn(asyncio.Protocol):
                     w.bytes += len(exp)
                     seq = self.seq
                     self.seq = seq + 1
-                    payload = self.prefix + b"%016x" % seq + self.filler
+                    payload = self.template % seq
                     out.append((payload, now))
                     self.transport.write(payload)  # type: ignore[union-attr]
                     return
