@@ -6,6 +6,8 @@ subprocess and measures that.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +29,10 @@ def main(cfg: BenchConfig) -> int:
     if cfg.plot:
         report.check_plot()
     engine.reply_function(cfg)
+    # SIGTERM ends a run like Ctrl-C does, so the embedded server is still stopped.
+    previous = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread
+        signal.signal(signal.SIGTERM, _interrupt)
     progress = report.Progress(cfg) if not cfg.json and sys.stderr.isatty() else None
     on_progress = progress.update if progress is not None else _announce(cfg)
     try:
@@ -39,6 +45,8 @@ def main(cfg: BenchConfig) -> int:
     finally:
         if progress is not None:
             progress.stop()
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, previous)
     if cfg.json:
         report.print_json(result)
     else:
@@ -49,6 +57,10 @@ def main(cfg: BenchConfig) -> int:
     for line in failures:
         print(f"aecho bench: {line}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _announce(cfg: BenchConfig) -> Callable[[dict[str, Any]], None]:

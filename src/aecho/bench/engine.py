@@ -711,12 +711,13 @@ def _run_inline(cfg: BenchConfig, plan: WorkerPlan, on_progress: ProgressFn | No
             worker.stop_sending()
 
         await worker.connect()
-        installed = _add_sigint(loop, on_sigint)
+        installed = _add_stop_signals(loop, on_sigint)
         try:
             await worker.run(time.monotonic_ns())
         finally:
-            if installed:
-                loop.remove_signal_handler(signal.SIGINT)
+            for sig, previous in installed:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, previous)  # remove_signal_handler would leave SIG_DFL
         return worker.result()
 
     part = run_loop(main(), cfg.loop)
@@ -736,12 +737,19 @@ async def measure(cfg: BenchConfig, on_progress: ProgressFn | None = None) -> Re
     return Result.merge(cfg, [worker.result()])
 
 
-def _add_sigint(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
-    try:
-        loop.add_signal_handler(signal.SIGINT, callback)
-    except (ValueError, RuntimeError, NotImplementedError):
-        return False  # not the main thread: Ctrl-C handling is the caller's business
-    return True
+def _add_stop_signals(
+    loop: asyncio.AbstractEventLoop, callback: Callable[[], None]
+) -> list[tuple[signal.Signals, Any]]:
+    """Make SIGINT and SIGTERM stop the measurement early; return what to restore."""
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        try:
+            loop.add_signal_handler(sig, callback)
+        except (ValueError, RuntimeError, NotImplementedError):
+            break  # not the main thread: signals are the caller's business
+        installed.append((sig, previous))
+    return installed
 
 
 def worker_main(
@@ -750,8 +758,10 @@ def worker_main(
     """Entry point of a spawned worker: connect, report, wait for "go", measure, report."""
     from aecho.loops import run as run_loop
 
-    # Ctrl-C reaches the whole process group; the parent decides and tells us to stop.
+    # Ctrl-C reaches the whole process group; the parent decides and tells us to stop
+    # (and if the parent dies, the pipe's EOF stops us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     async def main() -> None:
         def progress(p: dict[str, Any]) -> None:
@@ -842,29 +852,27 @@ def _run_spawned(cfg: BenchConfig, on_progress: ProgressFn | None) -> Result:
         pending = set(range(len(pipes)))
         while pending:
             try:
-                ready = multiprocessing.connection.wait([pipes[i] for i in pending], 0.5)
+                for p in multiprocessing.connection.wait([pipes[i] for i in pending], 0.5):
+                    i = pipes.index(p)  # type: ignore[arg-type]
+                    try:
+                        msg = pipes[i].recv()
+                    except EOFError:
+                        pending.discard(i)
+                        continue
+                    if msg[0] == "progress":
+                        progress[i] = msg[2]
+                        if on_progress is not None:
+                            on_progress(_merge_progress(list(progress.values())))
+                    elif msg[0] in ("result", "fatal"):
+                        if msg[0] == "result":
+                            results[i] = msg[2]
+                        pending.discard(i)
             except KeyboardInterrupt:
+                # Workers ignore SIGINT: they stop sending, drain and report when told.
                 interrupted = True
                 for i in pending:
                     with contextlib.suppress(OSError):
                         pipes[i].send(("stop",))
-                continue
-            for p in ready:
-                i = pipes.index(p)  # type: ignore[arg-type]
-                try:
-                    msg = pipes[i].recv()
-                except EOFError:
-                    pending.discard(i)
-                    continue
-                if msg[0] == "progress":
-                    progress[i] = msg[2]
-                    if on_progress is not None:
-                        on_progress(_merge_progress(list(progress.values())))
-                elif msg[0] == "result":
-                    results[i] = msg[2]
-                    pending.discard(i)
-                elif msg[0] == "fatal":
-                    pending.discard(i)
     finally:
         for p in pipes:
             with contextlib.suppress(OSError):
