@@ -427,3 +427,25 @@ def test_tls(tls_cert: tuple[str, str]) -> None:
         assert code == 1
         assert err.count("\n") == 1
         assert "TLS handshake with 127.0.0.1:" in err
+
+
+def test_sigterm_still_reports_and_stops_the_embedded_server() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aecho", "bench", "-d", "60", "-c", "4", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        assert "measuring" in proc.stderr.readline()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    data = json.loads(out)
+    assert data["interrupted"] is True
+    with pytest.raises(ProcessLookupError):
+        os.kill(data["embedded_server_pid"], 0)
