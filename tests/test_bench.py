@@ -189,6 +189,21 @@ async def test_corrupted_echo_is_a_mismatch() -> None:
     assert result.messages < 500
 
 
+@pytest.mark.asyncio
+async def test_warmup_is_left_out_and_connect_rate_paces() -> None:
+    async with running_server() as server:
+        cfg = cfg_for(server.port, connections=8, messages=None, duration=0.4, warmup=0.3)
+        t0 = time.monotonic()
+        result = await engine.measure(replace(cfg, connect_rate=40.0))
+        elapsed = time.monotonic() - t0
+    assert_clean(result)
+    assert result.connected == 8
+    assert elapsed >= 7 / 40 + 0.3 + 0.4 - 0.02  # 8 connects 25 ms apart, warm-up, measuring
+    assert 0.4 <= result.duration_s < 0.4 + 5  # the warm-up is not part of the duration
+    assert result.hist.total == result.messages > 0
+    assert len(result.timeline) <= 6
+
+
 def test_unverifiable_handler_is_refused() -> None:
     with pytest.raises(ConfigError, match="framing line"):
         engine.reply_function(BenchConfig(handler="sha256"))

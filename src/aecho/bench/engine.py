@@ -43,6 +43,7 @@ from aecho.config import BENCH_HEADER_SIZE, BenchConfig, ConfigError, Framing
 log = logging.getLogger("aecho.bench")
 
 TICK_NS = 100_000_000  # timeline resolution and timeout scan interval
+TICK_SLACK_NS = 2_000_000  # ticks come this long after a slot ends
 PROGRESS_EVERY = 3  # ticks between progress reports
 FD_SLACK = 64  # descriptors a bench process needs besides its connections
 CONNECT_CONCURRENCY = 256  # half-open connects at once: more overflows small listen backlogs
@@ -79,6 +80,15 @@ def reply_function(cfg: BenchConfig) -> Callable[[bytes], bytes] | None:
         f"--handler {cfg.handler} replies depend on how TCP splits a raw stream, so they "
         "cannot be verified: use --framing line"
     )
+
+
+async def _sleep_until(target_ns: int) -> None:
+    """Sleep until CLOCK_MONOTONIC reaches ``target_ns``, however early timers fire."""
+    for _ in range(100):
+        rest = target_ns - monotonic_ns()
+        if rest <= 0:
+            return
+        await asyncio.sleep(rest / 1e9)
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -468,15 +478,13 @@ class Worker:
         """Measure from ``start_ns`` (CLOCK_MONOTONIC, shared by all workers) until done."""
         cfg = self.cfg
         self.measure_ns = start_ns + int(cfg.warmup * 1e9)
-        delay = (start_ns - time.monotonic_ns()) / 1e9
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await _sleep_until(start_ns)
         self.done.clear()  # connections lost while connecting may have set it
         self.sending = True
         loop = asyncio.get_running_loop()
         if cfg.duration is not None:
             deadline = self.measure_ns + int(cfg.duration * 1e9)
-            loop.call_later((deadline - time.monotonic_ns()) / 1e9, self.stop_sending)
+            self._stop_at(loop, deadline)
         if self.on_progress is not None:
             self.on_progress(self.progress(monotonic_ns()))
         ticker = asyncio.create_task(self._tick())
@@ -503,7 +511,11 @@ class Worker:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            self._timeline_tick(self.end_ns)
+            last = (self.end_ns - self.measure_ns) // TICK_NS
+            if self.cfg.duration is not None:
+                # Replies drained after the deadline belong to the last slot of the run.
+                last = min(last, max(0, -(-int(self.cfg.duration * 1e9) // TICK_NS) - 1))
+            self._timeline_tick(last)
             self._close_all()
 
     def _close_all(self) -> None:
@@ -544,24 +556,37 @@ class Worker:
             next_due = start_ns + int(m * period) - PACER_EARLY_NS
             await asyncio.sleep(max(0.0, (next_due - time.monotonic_ns()) / 1e9))
 
+    def _stop_at(self, loop: asyncio.AbstractEventLoop, deadline: int) -> None:
+        # Timers may fire early (uvloop counts from when its loop iteration began): re-arm.
+        rest = deadline - monotonic_ns()
+        if rest > 0:
+            loop.call_later(rest / 1e9, self._stop_at, loop, deadline)
+        else:
+            self.stop_sending()
+
     async def _tick(self) -> None:
         timeout_ns = int(self.cfg.timeout * 1e9)
+        # Ticks fall just after the boundaries of the timeline's slots.
+        first = self.measure_ns - -(-(self.measure_ns - monotonic_ns()) // TICK_NS) * TICK_NS
         n = 0
         while True:
-            await asyncio.sleep(TICK_NS / 1e9)
-            now = time.monotonic_ns()
             n += 1
-            self._timeline_tick(now)
+            target = first + n * TICK_NS + TICK_SLACK_NS
+            # uvloop measures timers from the time its loop iteration began, so a
+            # sleep can end early: sleep again until the target has really passed.
+            await _sleep_until(target)
+            now = monotonic_ns()
+            self._timeline_tick((now - TICK_SLACK_NS - self.measure_ns) // TICK_NS - 1)
             for conn in self.conns:
                 if conn.out and now - conn.out[0][1] > timeout_ns and not conn.failed:
                     conn._fail("timeout")
             if self.on_progress is not None and n % PROGRESS_EVERY == 0:
                 self.on_progress(self.progress(now))
 
-    def _timeline_tick(self, now: int) -> None:
-        if now < self.measure_ns:
+    def _timeline_tick(self, slot: int) -> None:
+        """Book the replies measured since the last call into ``slot`` (0: the first)."""
+        if slot < 0:
             return
-        slot = (now - self.measure_ns) // TICK_NS
         done = self.hist.total - self._timeline_seen
         self._timeline_seen = self.hist.total
         while len(self.timeline) <= slot:
