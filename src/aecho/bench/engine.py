@@ -43,7 +43,6 @@ from aecho.config import BENCH_HEADER_SIZE, BenchConfig, ConfigError, Framing
 log = logging.getLogger("aecho.bench")
 
 TICK_NS = 100_000_000  # timeline resolution and timeout scan interval
-TICK_SLACK_NS = 2_000_000  # ticks come this long after a slot ends
 PROGRESS_EVERY = 3  # ticks between progress reports
 FD_SLACK = 64  # descriptors a bench process needs besides its connections
 CONNECT_CONCURRENCY = 256  # half-open connects at once: more overflows small listen backlogs
@@ -156,6 +155,11 @@ class BenchConn(asyncio.Protocol):
                     h.total += 1
                     h.total_ns += d
                     w.bytes += len(exp)
+                    slot = (now - w.measure_ns) // TICK_NS
+                    if slot < len(w.timeline):
+                        w.timeline[slot] += 1
+                    else:
+                        w.book_late(slot)
                     seq = self.seq
                     self.seq = seq + 1
                     payload = self.template % seq
@@ -209,6 +213,11 @@ class BenchConn(asyncio.Protocol):
             h.total += 1
             h.total_ns += d
             w.bytes += len(exp)
+            slot = (now - w.measure_ns) // TICK_NS
+            if slot < len(w.timeline):
+                w.timeline[slot] += 1
+            else:
+                w.book_late(slot)
         if w.sending:
             if w.closed_loop:
                 self.send(now)
@@ -401,8 +410,9 @@ class Worker:
         self.closing = False
         self.measure_ns = 1 << 62  # nothing counts until the start time is known
         self.end_ns = 0
-        self.timeline: list[int] = []
-        self._timeline_seen = 0
+        # Replies completed per TICK_NS slot of the measurement (for the throughput plot).
+        slots = int((cfg.duration or 10) * 1e9 // TICK_NS) + 2
+        self.timeline: list[int] = [0] * slots
         self.done = asyncio.Event()
         self.stopped = asyncio.Event()
 
@@ -511,11 +521,11 @@ class Worker:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            last = (self.end_ns - self.measure_ns) // TICK_NS
+            used = -(-(self.end_ns - self.measure_ns) // TICK_NS)
             if self.cfg.duration is not None:
-                # Replies drained after the deadline belong to the last slot of the run.
-                last = min(last, max(0, -(-int(self.cfg.duration * 1e9) // TICK_NS) - 1))
-            self._timeline_tick(last)
+                used = -(-int(self.cfg.duration * 1e9) // TICK_NS)
+            # Replies drained after the deadline count in the last slot of the run.
+            self.timeline[used - 1 :] = [sum(self.timeline[used - 1 :])] if used > 0 else []
             self._close_all()
 
     def _close_all(self) -> None:
@@ -565,33 +575,23 @@ class Worker:
             self.stop_sending()
 
     async def _tick(self) -> None:
+        """Every TICK_NS: fail connections whose oldest reply is overdue; report progress."""
         timeout_ns = int(self.cfg.timeout * 1e9)
-        # Ticks fall just after the boundaries of the timeline's slots.
-        first = self.measure_ns - -(-(self.measure_ns - monotonic_ns()) // TICK_NS) * TICK_NS
         n = 0
         while True:
             n += 1
-            target = first + n * TICK_NS + TICK_SLACK_NS
-            # uvloop measures timers from the time its loop iteration began, so a
-            # sleep can end early: sleep again until the target has really passed.
-            await _sleep_until(target)
+            await asyncio.sleep(TICK_NS / 1e9)
             now = monotonic_ns()
-            self._timeline_tick((now - TICK_SLACK_NS - self.measure_ns) // TICK_NS - 1)
             for conn in self.conns:
                 if conn.out and now - conn.out[0][1] > timeout_ns and not conn.failed:
                     conn._fail("timeout")
             if self.on_progress is not None and n % PROGRESS_EVERY == 0:
                 self.on_progress(self.progress(now))
 
-    def _timeline_tick(self, slot: int) -> None:
-        """Book the replies measured since the last call into ``slot`` (0: the first)."""
-        if slot < 0:
-            return
-        done = self.hist.total - self._timeline_seen
-        self._timeline_seen = self.hist.total
-        while len(self.timeline) <= slot:
-            self.timeline.append(0)
-        self.timeline[slot] += done
+    def book_late(self, slot: int) -> None:
+        """Count a reply in a timeline slot beyond the ones allocated so far."""
+        self.timeline.extend([0] * (slot + 1 - len(self.timeline)))
+        self.timeline[slot] += 1
 
     def progress(self, now: int) -> dict[str, Any]:
         return {
