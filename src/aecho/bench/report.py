@@ -175,6 +175,7 @@ def write_plot(result: Result, path: str) -> None:
     top.plot([i * step for i in range(len(result.timeline))], [n / step for n in result.timeline])
     top.set_xlabel("time (s)")
     top.set_ylabel("messages/s")
+    top.set_ylim(bottom=0)
     top.set_title(f"aecho bench {result.cfg.target}: throughput")
     curve = [(p, v) for p, v in result.hist.curve() if p < 100]
     if curve:

@@ -4,7 +4,7 @@ Values are integer nanoseconds.  Below 256 ns every value has its own bucket;
 above, each power of two is split into 128 equal buckets, so a bucket is never
 wider than 1/128 of the values it holds and a reported percentile (the bucket's
 upper edge, capped at the exact maximum) is within 0.8 % of the true value.
-Recording from 1 us to 60 s takes about 3,900 integer counters.
+Recording from 1 us to 60 s takes about 3,800 integer counters.
 
 Histograms from several connections or processes combine with :meth:`add`,
 which adds counts: percentiles of the sum are exactly those of one histogram
