@@ -17,6 +17,10 @@ import typer.core
 
 from aecho.config import (
     DEFAULT_BACKLOG,
+    DEFAULT_BENCH_CONNECTIONS,
+    DEFAULT_BENCH_DURATION,
+    DEFAULT_BENCH_SIZE,
+    DEFAULT_BENCH_TIMEOUT,
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HANDLER_TIMEOUT,
     DEFAULT_HOST,
@@ -25,6 +29,7 @@ from aecho.config import (
     DEFAULT_MAX_LINE,
     DEFAULT_PORT,
     DEFAULT_PROXY_ALLOW_FROM,
+    BenchConfig,
     ClientConfig,
     ConfigError,
     Framing,
@@ -319,6 +324,128 @@ def client(
         fail(str(exc))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    host: Annotated[
+        str | None, typer.Argument(help="Server to measure; none: start an embedded one.")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Argument(min=0, max=65535, help=f"Server port [default: {DEFAULT_PORT}].")
+    ] = None,
+    connections: Annotated[
+        int, typer.Option("-c", "--connections", min=1, help="Concurrent connections.")
+    ] = DEFAULT_BENCH_CONNECTIONS,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            "-d", "--duration", help=f"Seconds to measure [default: {DEFAULT_BENCH_DURATION:g}]."
+        ),
+    ] = None,
+    messages: Annotated[
+        int | None, typer.Option("-n", "--messages", help="Messages in total, then stop.")
+    ] = None,
+    size: Annotated[
+        int, typer.Option("-s", "--size", min=1, help="Bytes per message.")
+    ] = DEFAULT_BENCH_SIZE,
+    pipeline: Annotated[
+        int, typer.Option(min=1, help="Messages in flight per connection (1: ping-pong).")
+    ] = 1,
+    rate: Annotated[
+        float | None,
+        typer.Option(help="Open loop: total messages/s, sent on schedule; latency from it."),
+    ] = None,
+    warmup: Annotated[float, typer.Option(help="Seconds of load left out of the results.")] = 0.0,
+    connect_rate: Annotated[
+        float | None, typer.Option(help="Open connections at most this fast (per second).")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Load-generating processes; results merged exactly.")
+    ] = 1,
+    unix: Annotated[
+        str | None, typer.Option(help="Measure the server on this Unix socket.")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a connection or a reply.")
+    ] = DEFAULT_BENCH_TIMEOUT,
+    framing: Annotated[
+        Framing, typer.Option(help="raw: any bytes; line: newline-terminated messages.")
+    ] = Framing.raw,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
+    ] = False,
+    max_p99: Annotated[
+        float | None, typer.Option(help="Exit 1 if p99 latency is above this many ms.")
+    ] = None,
+    min_rate: Annotated[
+        float | None, typer.Option(help="Exit 1 if fewer messages/s than this.")
+    ] = None,
+    plot: Annotated[
+        str | None, typer.Option(help="Write throughput and latency curves to this PNG.")
+    ] = None,
+    offload: Annotated[
+        Offload, typer.Option(help="Embedded server: run the handler inline or in processes.")
+    ] = Offload.inline,
+    handler: Annotated[
+        str, typer.Option(help="The server's handler (embedded: passed on; replies checked).")
+    ] = "echo",
+    tls: Annotated[bool, typer.Option(help="Connect with TLS.")] = False,
+    cafile: Annotated[str | None, typer.Option(help="TLS: trust the CAs in this PEM file.")] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="TLS: do not verify the server's certificate.")
+    ] = False,
+    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.auto,
+) -> None:
+    """Load-test an echo server and verify every byte (no HOST/PORT: an embedded server)."""
+    from aecho.bench import main as bench_main
+    from aecho.bench.engine import BenchError
+    from aecho.handlers import HandlerError
+
+    if duration is None and messages is None:
+        duration = DEFAULT_BENCH_DURATION
+    try:
+        config = BenchConfig(
+            host=host,
+            port=port,
+            unix=unix,
+            connections=connections,
+            duration=duration,
+            messages=messages,
+            size=size,
+            pipeline=pipeline,
+            rate=rate,
+            warmup=warmup,
+            connect_rate=connect_rate,
+            workers=workers,
+            timeout=timeout,
+            framing=framing,
+            json=json_out,
+            max_p99_ms=max_p99,
+            min_rate=min_rate,
+            plot=plot,
+            offload=offload,
+            handler=handler,
+            tls=tls,
+            cafile=cafile,
+            insecure=insecure,
+            loop=loop,
+        ).validate()
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    try:
+        code = bench_main(config)
+    except (ConfigError, HandlerError) as exc:
+        fail(str(exc), 2)
+    except BenchError as exc:
+        log.debug("bench failed", exc_info=True)
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
