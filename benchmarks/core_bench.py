@@ -67,7 +67,10 @@ SERVERS: dict[str, list[str]] = {
     "uvloop-ref": [sys.executable, str(HERE / "ref_uvloop.py")],
     "streams-ref": [sys.executable, str(HERE / "ref_streams.py")],
     "streams-uvloop": [sys.executable, str(HERE / "ref_streams.py"), "--loop", "uvloop"],
+    # Not in the default run: the plain-Protocol shape of the uvloop reference.
+    "uvloop-plain-ref": [sys.executable, str(HERE / "ref_uvloop.py"), "--plain"],
 }
+DEFAULT_SERVERS = ["aecho", "uvloop-ref", "streams-ref", "streams-uvloop"]
 
 
 def loadavg() -> float:
@@ -186,7 +189,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated")
+    parser.add_argument(
+        "--servers", default=",".join(DEFAULT_SERVERS), help=f"of {', '.join(SERVERS)}"
+    )
     parser.add_argument("--loads", default=",".join(LOADS), help="comma-separated")
     parser.add_argument("--split-check", action="store_true", help="also run 1 vs 2 loadgens")
     parser.add_argument("--json", type=Path, help="write every run's raw result here")

@@ -1,12 +1,13 @@
 """Reference echo server: a minimal uvloop ``BufferedProtocol`` echo.
 
-    python benchmarks/ref_uvloop.py [PORT]
+    python benchmarks/ref_uvloop.py [PORT] [--plain]
 
 The loop reads straight into one preallocated buffer shared by every connection (safe: one
 thread, and ``buffer_updated`` copies the bytes out before the next read), and each read is
 written back at once.  No limits, no idle tracking, no backpressure: the floor that aecho's
-features must not measurably rise above.  Announces ``listening on 127.0.0.1:PORT`` on
-stderr; SIGTERM stops it.
+features must not measurably rise above.  ``--plain`` serves a plain ``Protocol`` echo
+instead (``data_received`` -> ``write``), the shape aecho's default path has.  Announces
+``listening on 127.0.0.1:PORT`` on stderr; SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -39,9 +40,23 @@ class Echo(asyncio.BufferedProtocol):
         return False
 
 
-async def main(port: int) -> None:
+class PlainEcho(asyncio.Protocol):
+    __slots__ = ("transport",)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+
+async def main(port: int, plain: bool) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "127.0.0.1", port, backlog=4096)
+    factory = PlainEcho if plain else Echo
+    server = await loop.create_server(factory, "127.0.0.1", port, backlog=4096)
     host, real_port = server.sockets[0].getsockname()[:2]
     print(f"listening on {host}:{real_port}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
@@ -54,4 +69,6 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("port", nargs="?", type=int, default=0)
-    uvloop.run(main(parser.parse_args().port))
+    parser.add_argument("--plain", action="store_true", help="a plain Protocol echo")
+    args = parser.parse_args()
+    uvloop.run(main(args.port, args.plain))
