@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -43,15 +44,49 @@ def run_loadgen(
     warmup: float = 1.0,
     pipeline: int = 1,
     host: str = "127.0.0.1",
+    cpu: int | None = None,
 ) -> dict[str, Any]:
-    """Drive an echo server with the C load generator; return its JSON result."""
-    cmd = [str(loadgen_path()), host, str(port), "-c", str(connections), "-s", str(size)]
-    cmd += ["-d", str(duration), "-w", str(warmup), "-p", str(pipeline)]
+    """Drive an echo server with the C load generator; return its JSON result.
+
+    ``cpu`` pins the load generator to that CPU (taskset).  The result gains ``wall_s`` (the
+    loadgen's whole life: connect, warm-up, measurement) and ``loadgen_cpu_s`` (its user+sys
+    CPU time), so a caller can show whether the load generator had headroom.
+    """
+    cmd = loadgen_cmd(port, connections, size, duration, warmup, pipeline, host, cpu)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, check=False, timeout=duration + warmup + 60)
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0 and not out.stdout:
         raise RuntimeError(f"loadgen failed: {out.stderr.decode(errors='replace')}")
     result: dict[str, Any] = json.loads(out.stdout)
+    result["wall_s"] = wall
+    result["loadgen_cpu_s"] = (after.ru_utime - before.ru_utime) + (
+        after.ru_stime - before.ru_stime
+    )
     return result
+
+
+def loadgen_cmd(
+    port: int,
+    connections: int,
+    size: int,
+    duration: float,
+    warmup: float = 1.0,
+    pipeline: int = 1,
+    host: str = "127.0.0.1",
+    cpu: int | None = None,
+) -> list[str]:
+    """The command line of one load generator run (pinned to ``cpu`` if given)."""
+    cmd = [str(loadgen_path()), host, str(port), "-c", str(connections), "-s", str(size)]
+    cmd += ["-d", str(duration), "-w", str(warmup), "-p", str(pipeline)]
+    return pinned(cmd, cpu)
+
+
+def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:
+    """``argv`` run under ``taskset -c CPU`` (taskset execs, so the pid is the command's)."""
+    return list(argv) if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
 @contextlib.contextmanager
@@ -116,3 +151,34 @@ def cpu_seconds(pid: int) -> float:
 def settle(seconds: float = 0.5) -> None:
     """Let the previous run's sockets drain before the next measurement."""
     time.sleep(seconds)
+
+
+def cpu_times() -> dict[int, tuple[int, int, int]]:
+    """Per-CPU ``(busy, steal, total)`` jiffies since boot (Linux /proc/stat).
+
+    Busy includes softirq time, which on loopback TCP is where much of the delivery work
+    lands and which no process's own CPU time shows.  Steal is time the hypervisor gave to
+    other guests: the noise this process cannot see.
+    """
+    out: dict[int, tuple[int, int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *rest = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        v = [int(x) for x in rest]
+        idle, steal = v[3] + v[4], v[7]
+        total = sum(v[:8])
+        out[int(name[3:])] = (total - idle - steal, steal, total)
+    return out
+
+
+def cpu_busy_pct(
+    before: dict[int, tuple[int, int, int]], after: dict[int, tuple[int, int, int]]
+) -> dict[int, tuple[float, float]]:
+    """Per-CPU ``(busy %, steal %)`` between two :func:`cpu_times` snapshots."""
+    pct: dict[int, tuple[float, float]] = {}
+    for cpu, (busy1, steal1, total1) in after.items():
+        busy0, steal0, total0 = before[cpu]
+        span = max(total1 - total0, 1)
+        pct[cpu] = (100.0 * (busy1 - busy0) / span, 100.0 * (steal1 - steal0) / span)
+    return pct
