@@ -300,6 +300,38 @@ class RawEchoConnection(Connection):
         return False
 
 
+class PooledConnection(Connection):
+    """``--offload process``: each read's messages go to the pool as one batch entry.
+
+    The general path, minus the per-read dispatch: raw framing skips the framer
+    (a chunk is the message, a reply goes back as it is) and the completion
+    callback is bound once per connection instead of once per read.
+    """
+
+    __slots__ = ("_on_done", "_raw")
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server)
+        self._raw = isinstance(self._framer, RawFramer)
+        self._on_done = self._batch_done
+
+    def data_received(self, data: bytes) -> None:
+        if not self._raw:
+            super().data_received(data)
+            return
+        self.active = True
+        self.rx += len(data)
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
+        entry: list[Any] = [1, None]
+        pending.append(entry)
+        self._inflight += 1
+        if self._inflight >= INFLIGHT_WINDOW:
+            self._pause(_PAUSE_WINDOW)
+        self.server.processor.submit_to([data], self._on_done, entry)
+
+
 class ProxyPrelude(Connection):
     """A connection's first phase with ``--proxy-protocol``: find out who the client is.
 

@@ -31,7 +31,7 @@ from aecho.config import (
     ServerConfig,
     parse_networks,
 )
-from aecho.connection import Connection, ProxyPrelude, RawEchoConnection
+from aecho.connection import Connection, PooledConnection, ProxyPrelude, RawEchoConnection
 from aecho.handlers import load_handler
 from aecho.offload import InlineProcessor, Processor
 from aecho.stats import Stats
@@ -251,6 +251,8 @@ class Server:
         cfg = self.config
         if cfg.framing is Framing.raw and cfg.handler == "echo" and cfg.offload.value == "inline":
             return lambda: RawEchoConnection(self)
+        if cfg.offload.value == "process":
+            return lambda: PooledConnection(self)
         return lambda: Connection(self)
 
     @property
