@@ -136,6 +136,18 @@ async def test_counts_add_up(pipeline: int) -> None:
 
 
 @pytest.mark.asyncio
+async def test_timeline_adds_up_to_the_messages() -> None:
+    async with running_server() as server:
+        timed = cfg_for(server.port, connections=8, messages=None, duration=0.5, warmup=0.2)
+        by_duration = await engine.measure(timed)
+        by_count = await engine.measure(cfg_for(server.port, connections=8, messages=3000))
+    for result in (by_duration, by_count):
+        assert_clean(result)
+        assert sum(result.timeline) == result.messages > 0
+    assert len(by_duration.timeline) == 5  # one slot per 100 ms measured
+
+
+@pytest.mark.asyncio
 async def test_n_stops_at_exactly_n() -> None:
     async with running_server() as server:
         result = await engine.measure(

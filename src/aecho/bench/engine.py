@@ -49,6 +49,8 @@ CONNECT_CONCURRENCY = 256  # half-open connects at once: more overflows small li
 PACER_EARLY_NS = 500_000  # --rate: send up to this early rather than wake for each message
 FILLER = bytes(range(0x21, 0x7F))  # printable, no newline: safe for --framing line
 LISTENING = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)")
+SHIFT_BASE = SUB_BITS + 1  # bucket_index's shift offset, precomputed for the hot path
+NEVER = 1 << 63  # a time (ns) no message is ever due at
 ERROR_KINDS = ("connect", "refused", "closed", "short", "reset", "timeout", "mismatch")
 
 
@@ -102,13 +104,14 @@ def split(total: int, parts: int) -> list[int]:
 class BenchConn(asyncio.Protocol):
     """One connection: sends payloads, verifies the echoed stream, times each message."""
 
+    write: Callable[[bytes], object]  # the transport's, bound in connection_made
+
     def __init__(self, worker: Worker, conn_id: int) -> None:
         self.w = worker
         self.transport: asyncio.Transport | None = None
         self.out: deque[tuple[bytes, int]] = deque()  # (expected reply, time due ns)
         self.off = 0  # bytes of out[0] already received
-        self.seq = 0
-        self.replies = 0
+        self.seq = 0  # messages sent; replies received are seq - len(out)
         self.failed = False  # already counted as an error: connection_lost stays quiet
         self.lost = False
         self.prefix = b"%06x." % (conn_id & 0xFFFFFF)
@@ -122,12 +125,14 @@ class BenchConn(asyncio.Protocol):
         self.filler = filler + (b"\n" if worker.cfg.framing is Framing.line else b"")
         # One formatting operation per message: the sequence goes into a template.
         self.template = self.prefix + b"%016x" + self.filler.replace(b"%", b"%%")
+        self.hist = worker.hist  # saves a lookup per message
 
     # asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
         self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write  # saves a lookup per message
         self.w.live += 1
 
     def data_received(self, data: bytes) -> None:
@@ -136,35 +141,28 @@ class BenchConn(asyncio.Protocol):
             exp, due = out[0]
             if data == exp:  # the whole reply in one piece: the common case
                 out.popleft()
-                w = self.w
-                if w.fast and w.sending and due >= w.measure_ns:
+                if due >= self.w.fast_from:
                     # Closed-loop echo while measuring: _complete and send, inlined,
-                    # because this runs once per message and calls cost.
+                    # because this runs once per message and calls cost.  Message and
+                    # byte counts and the timeline are derived later (Worker.sample_timeline,
+                    # Worker.result), not kept here.
                     now = monotonic_ns()
-                    self.replies += 1
                     d = now - due
                     if d > HIGHEST_NS:
                         d = HIGHEST_NS
-                    shift = d.bit_length() - (SUB_BITS + 1)
-                    h = w.hist
+                    shift = d.bit_length() - SHIFT_BASE
+                    h = self.hist
                     h.counts[(shift << SUB_BITS) + (d >> shift) if shift > 0 else d] += 1
                     if d > h.max:
                         h.max = d
-                    if d < h.min or not h.total:
-                        h.min = d
-                    h.total += 1
+                    if d < h.low:
+                        h.low = d
                     h.total_ns += d
-                    w.bytes += len(exp)
-                    slot = (now - w.measure_ns) // TICK_NS
-                    if slot < len(w.timeline):
-                        w.timeline[slot] += 1
-                    else:
-                        w.book_late(slot)
                     seq = self.seq
                     self.seq = seq + 1
                     payload = self.template % seq
                     out.append((payload, now))
-                    self.transport.write(payload)  # type: ignore[union-attr]
+                    self.write(payload)
                     return
                 self._complete(exp, due)
                 return
@@ -197,27 +195,20 @@ class BenchConn(asyncio.Protocol):
         w = self.w
         now = monotonic_ns()
         w.inflight -= 1
-        self.replies += 1
         if due >= w.measure_ns:
             # Histogram.record, inlined: this runs for every message.
             d = now - due
             if d > HIGHEST_NS:
                 d = HIGHEST_NS
-            shift = d.bit_length() - (SUB_BITS + 1)
-            h = w.hist
+            shift = d.bit_length() - SHIFT_BASE
+            h = self.hist
             h.counts[(shift << SUB_BITS) + (d >> shift) if shift > 0 else d] += 1
             if d > h.max:
                 h.max = d
-            if d < h.min or not h.total:
-                h.min = d
-            h.total += 1
+            if d < h.low:
+                h.low = d
             h.total_ns += d
             w.bytes += len(exp)
-            slot = (now - w.measure_ns) // TICK_NS
-            if slot < len(w.timeline):
-                w.timeline[slot] += 1
-            else:
-                w.book_late(slot)
         if w.sending:
             if w.closed_loop:
                 self.send(now)
@@ -232,11 +223,12 @@ class BenchConn(asyncio.Protocol):
         w = self.w
         w.live -= 1
         owed = len(self.out)
+        replies = self.seq - owed
         if owed:
             w.inflight -= owed
             self.out.clear()
         if not self.failed and not w.closing:
-            if not self.replies:
+            if not replies:
                 # Closed or reset before a single reply: how a full server turns one away.
                 w.error("refused", "the server closed the connection before any reply")
             elif exc is not None:
@@ -407,12 +399,15 @@ class Worker:
         self.bytes = 0
         self.sent_measured = 0
         self.sending = False
+        # Replies to messages due from this time on take the inlined path in
+        # BenchConn.data_received: the measurement's start while fast and sending, else never.
+        self.fast_from = NEVER
         self.closing = False
         self.measure_ns = 1 << 62  # nothing counts until the start time is known
         self.end_ns = 0
-        # Replies completed per TICK_NS slot of the measurement (for the throughput plot).
-        slots = int((cfg.duration or 10) * 1e9 // TICK_NS) + 2
-        self.timeline: list[int] = [0] * slots
+        # Replies completed per TICK_NS slot of the measurement (for the throughput plot),
+        # sampled from the histogram's total at each slot's end by _tick.
+        self.timeline: list[int] = []
         self.done = asyncio.Event()
         self.stopped = asyncio.Event()
 
@@ -423,6 +418,7 @@ class Worker:
     def stop_sending(self) -> None:
         if self.sending:
             self.sending = False
+            self.fast_from = NEVER
             self.stopped.set()
             if not self.inflight:
                 self.done.set()
@@ -491,6 +487,8 @@ class Worker:
         await _sleep_until(start_ns)
         self.done.clear()  # connections lost while connecting may have set it
         self.sending = True
+        if self.fast:
+            self.fast_from = self.measure_ns
         loop = asyncio.get_running_loop()
         if cfg.duration is not None:
             deadline = self.measure_ns + int(cfg.duration * 1e9)
@@ -516,17 +514,30 @@ class Worker:
         finally:
             self.end_ns = time.monotonic_ns()
             self.sending = False
+            self.fast_from = NEVER
             for task in (ticker, pacer):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            used = -(-(self.end_ns - self.measure_ns) // TICK_NS)
-            if self.cfg.duration is not None:
-                used = -(-int(self.cfg.duration * 1e9) // TICK_NS)
-            # Replies drained after the deadline count in the last slot of the run.
-            self.timeline[used - 1 :] = [sum(self.timeline[used - 1 :])] if used > 0 else []
+            self._finish_timeline()
             self._close_all()
+
+    def _finish_timeline(self) -> None:
+        """Book the replies since the last sample and trim the timeline to the run."""
+        timeline = self.timeline
+        used = -(-(self.end_ns - self.measure_ns) // TICK_NS)
+        if self.cfg.duration is not None:
+            used = -(-int(self.cfg.duration * 1e9) // TICK_NS)
+        if used <= 0:
+            timeline.clear()
+            return
+        # Replies since the last sample completed by the end: they go in its slot.
+        end_slot = max((self.end_ns - self.measure_ns) // TICK_NS, len(timeline), 0)
+        timeline.extend([0] * (max(end_slot + 1, used) - len(timeline)))
+        timeline[end_slot] += self.hist.total - sum(timeline)
+        # Replies drained after the deadline count in the last slot of the run.
+        timeline[used - 1 :] = [sum(timeline[used - 1 :])]
 
     def _close_all(self) -> None:
         # Replies still owed after the grace period are timeouts.
@@ -575,23 +586,34 @@ class Worker:
             self.stop_sending()
 
     async def _tick(self) -> None:
-        """Every TICK_NS: fail connections whose oldest reply is overdue; report progress."""
+        """Every TICK_NS: sample the timeline, fail connections whose oldest reply is
+        overdue, report progress."""
         timeout_ns = int(self.cfg.timeout * 1e9)
         n = 0
         while True:
             n += 1
-            await asyncio.sleep(TICK_NS / 1e9)
+            # Wake on the measurement's slot boundaries, so each sample closes one slot.
+            ahead = (monotonic_ns() - self.measure_ns) // TICK_NS + 1
+            await _sleep_until(self.measure_ns + ahead * TICK_NS)
             now = monotonic_ns()
+            self.sample_timeline(now)
             for conn in self.conns:
                 if conn.out and now - conn.out[0][1] > timeout_ns and not conn.failed:
                     conn._fail("timeout")
             if self.on_progress is not None and n % PROGRESS_EVERY == 0:
                 self.on_progress(self.progress(now))
 
-    def book_late(self, slot: int) -> None:
-        """Count a reply in a timeline slot beyond the ones allocated so far."""
-        self.timeline.extend([0] * (slot + 1 - len(self.timeline)))
-        self.timeline[slot] += 1
+    def sample_timeline(self, now: int) -> None:
+        """Put the replies counted since the last sample in the slot that just ended.
+
+        A late wake-up books them in the last slot it spans, leaving the skipped ones at 0.
+        """
+        ended = (now - self.measure_ns) // TICK_NS  # slots wholly in the past
+        timeline = self.timeline
+        if ended <= len(timeline):
+            return
+        timeline.extend([0] * (ended - len(timeline)))
+        timeline[-1] = self.hist.total - sum(timeline)
 
     def progress(self, now: int) -> dict[str, Any]:
         return {
@@ -609,7 +631,9 @@ class Worker:
             errors=dict(self.errors),
             first_errors=dict(self.first_errors),
             messages=self.hist.total,
-            bytes=self.bytes,
+            # Closed-loop echo replies all have the configured size: the fast path
+            # leaves them out of self.bytes.
+            bytes=self.hist.total * self.cfg.size if self.fast else self.bytes,
             sent=sum(c.seq for c in self.conns),
             connected=len(self.conns),
             measure_ns=self.measure_ns,

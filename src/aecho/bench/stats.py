@@ -41,19 +41,33 @@ def bucket_upper(index: int) -> int:
 
 
 BUCKETS = bucket_index(HIGHEST_NS) + 1
+EMPTY_LOW = HIGHEST_NS + 1  # Histogram.low before the first value: above any value
 
 
 class Histogram:
-    """Counts of latencies in log-linear buckets, plus the exact min, max and sum."""
+    """Counts of latencies in log-linear buckets, plus the exact min, max and sum.
 
-    __slots__ = ("counts", "max", "min", "total", "total_ns")
+    The counts are the record: ``total`` is their sum, computed when asked, so recording a
+    value touches only its bucket, ``max``, ``low`` and ``total_ns``.  ``low`` is the
+    running minimum, HIGHEST_NS + 1 while nothing is recorded; ``min`` reads it as 0 then.
+    """
+
+    __slots__ = ("counts", "low", "max", "total_ns")
 
     def __init__(self) -> None:
         self.counts = [0] * BUCKETS
-        self.total = 0
         self.total_ns = 0
         self.max = 0
-        self.min = 0
+        self.low = EMPTY_LOW
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def min(self) -> int:
+        low = self.low
+        return 0 if low == EMPTY_LOW else low
 
     def record(self, value_ns: int) -> None:
         """Record one value; negatives count as 0, values beyond 60 s as 60 s."""
@@ -62,22 +76,19 @@ class Histogram:
         self.counts[(shift << SUB_BITS) + (v >> shift) if shift > 0 else v] += 1
         if v > self.max:
             self.max = v
-        if v < self.min or not self.total:
-            self.min = v
-        self.total += 1
+        if v < self.low:
+            self.low = v
         self.total_ns += v
 
     def add(self, other: Histogram) -> Histogram:
         """Add ``other``'s counts into this histogram (exact merge) and return self."""
-        if other.total:
-            counts = self.counts
-            for i, n in enumerate(other.counts):
-                if n:
-                    counts[i] += n
-            self.min = min(self.min, other.min) if self.total else other.min
-            self.max = max(self.max, other.max)
-            self.total += other.total
-            self.total_ns += other.total_ns
+        counts = self.counts
+        for i, n in enumerate(other.counts):
+            if n:
+                counts[i] += n
+        self.low = min(self.low, other.low)
+        self.max = max(self.max, other.max)
+        self.total_ns += other.total_ns
         return self
 
     @classmethod
@@ -97,12 +108,13 @@ class Histogram:
         """
         if not 0 <= q <= 100:
             raise ValueError(f"percentile {q} is outside 0..100")
-        if not self.total:
+        total = self.total
+        if not total:
             return 0
         if q >= 100:
             return self.max
         # The rank of the smallest value with at least q% of values at or below it.
-        rank = max(1, -(-self.total * q // 100))
+        rank = max(1, -(-total * q // 100))
         seen = 0
         for i, n in enumerate(self.counts):
             seen += n
@@ -112,16 +124,18 @@ class Histogram:
 
     @property
     def mean(self) -> float:
-        return self.total_ns / self.total if self.total else 0.0
+        total = self.total
+        return self.total_ns / total if total else 0.0
 
     def curve(self) -> list[tuple[float, int]]:
         """``(percentile, upper value ns)`` for every non-empty bucket, ascending."""
         out: list[tuple[float, int]] = []
+        total = self.total
         seen = 0
         for i, n in enumerate(self.counts):
             if n:
                 seen += n
-                out.append((100.0 * seen / self.total, min(bucket_upper(i), self.max)))
+                out.append((100.0 * seen / total, min(bucket_upper(i), self.max)))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,12 +158,12 @@ class Histogram:
         h = cls()
         for i, n in data["counts"].items():
             h.counts[int(i)] += int(n)
-        h.total = int(data["total"])
         h.total_ns = int(data["total_ns"])
         h.max = int(data["max"])
-        h.min = int(data["min"])
-        if sum(h.counts) != h.total:
+        if h.total != int(data["total"]):
             raise ValueError("histogram counts do not add up to its total")
+        if h.total:
+            h.low = int(data["min"])
         return h
 
     def __eq__(self, other: object) -> bool:
