@@ -49,6 +49,7 @@ the server and all workers are gone.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import ctypes
@@ -66,7 +67,7 @@ from collections.abc import Callable
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aecho.handlers import Handler, HandlerError, load_handler
 from aecho.stats import Stats
@@ -177,8 +178,29 @@ def _failure(name: str, text: str) -> HandlerFailed:
 _PR_SET_PDEATHSIG = 1
 _handlers: dict[str, Handler] = {}
 
-# What a worker sends back for one message: the reply, or (exception name, text).
-WireOutcome = bytes | tuple[str, str]
+# A batch crosses the process boundary packed: one bytes object holding every
+# message back to back, and their lengths as a machine-int array.  Pickling one
+# object instead of hundreds keeps the executor's threads, which share the
+# server's GIL, off the event loop's back.  Replies come back the same way, with
+# failures as {index: (exception name, text)}.
+Packed = tuple[bytes, bytes]
+Failures = dict[int, tuple[str, str]]
+
+
+def pack(messages: list[bytes]) -> Packed:
+    return b"".join(messages), array.array("I", map(len, messages)).tobytes()
+
+
+def unpack(packed: Packed) -> list[bytes]:
+    blob, lengths = packed
+    out: list[bytes] = []
+    append = out.append
+    offset = 0
+    for n in array.array("I", lengths):
+        end = offset + n
+        append(blob[offset:end])
+        offset = end
+    return out
 
 
 def _worker_init(server_pid: int) -> None:
@@ -249,31 +271,30 @@ def _ready(handler_name: str) -> int:
     return os.getpid()
 
 
-def _run_batch(handler_name: str, messages: list[bytes]) -> tuple[list[WireOutcome], float, int]:
-    """Run the handler on every message: (outcomes, seconds spent, number that failed).
+def _run_batch(handler_name: str, packed: Packed) -> tuple[Packed, Failures, float]:
+    """Run the handler on every message of a packed batch.
+
+    Returns the packed replies (a failed message's reply is empty), the failures
+    by index, and the seconds spent.
 
     Raises:
         HandlerError: the handler cannot be loaded in the worker.
     """
     handler = _handlers.get(handler_name) or _resolve(handler_name)
-    out: list[WireOutcome] = []
+    out: list[bytes] = []
     append = out.append
-    failed = 0
+    failures: Failures = {}
     started = time.perf_counter()
-    for message in messages:
+    for i, message in enumerate(unpack(packed)):
         try:
             reply = handler(message)
             if type(reply) is not bytes:
                 reply = _as_bytes(reply)
             append(reply)
         except Exception as exc:
-            failed += 1
-            append((type(exc).__name__, str(exc)))
-    return out, time.perf_counter() - started, failed
-
-
-def _outcome(wire: WireOutcome) -> Outcome:
-    return wire if isinstance(wire, bytes) else _failure(*wire)
+            failures[i] = (type(exc).__name__, str(exc))
+            append(b"")
+    return pack(out), failures, time.perf_counter() - started
 
 
 def _as_bytes(reply: object) -> bytes:
@@ -511,7 +532,7 @@ class PoolProcessor(Processor):
             executor = slot.executor
             assert executor is not None
             try:
-                cfuture = executor.submit(_run_batch, self.handler_name, task.messages)
+                cfuture = executor.submit(_run_batch, self.handler_name, pack(task.messages))
                 break
             except (BrokenProcessPool, RuntimeError) as exc:
                 # The worker died after its last result and before this submit.
@@ -550,10 +571,10 @@ class PoolProcessor(Processor):
         if exc is not None:
             self._resolve_all(task, exc)
         else:
-            results, seconds, failed = cfuture.result()
+            packed, failures, seconds = cfuture.result()
             if task.messages:
                 self._cost = 0.8 * self._cost + 0.2 * seconds / len(task.messages)
-            self._resolve(task, results, failed)
+            self._resolve(task, unpack(packed), failures)
         if self._queue:
             self._flush()
         self._check_drained()
@@ -562,16 +583,20 @@ class PoolProcessor(Processor):
         if self._drained is not None and not any(s.tasks for s in self._slots):
             self._drained.set()
 
-    def _resolve(self, task: _Task, results: list[WireOutcome], failed: int) -> None:
+    def _resolve(self, task: _Task, replies: list[bytes], failures: Failures) -> None:
         assert self._loop is not None
-        self.stats.offload_latency.observe(self._loop.time() - task.queued_at, len(results))
+        stats = self.stats
+        stats.messages += len(replies)
+        stats.offload_latency.observe(self._loop.time() - task.queued_at, len(replies))
+        results: list[Outcome] = replies  # type: ignore[assignment]
+        for index, (name, text) in failures.items():
+            results[index] = _failure(name, text)
         start = 0
         single = len(task.entries) == 1
         for messages, callback, token, _ in task.entries:
             n = len(messages)
-            part = results if single else results[start : start + n]
+            outcomes = results if single else results[start : start + n]
             start += n
-            outcomes = cast("list[Outcome]", part) if not failed else [_outcome(r) for r in part]
             # _tell, inlined: this runs once per read that was offloaded.
             try:
                 callback(token, outcomes)
@@ -579,6 +604,7 @@ class PoolProcessor(Processor):
                 log.exception("delivering offload results failed")
 
     def _resolve_all(self, task: _Task, exc: BaseException) -> None:
+        self.stats.messages += len(task.messages)
         for messages, callback, token, _ in task.entries:
             _tell(callback, token, [exc] * len(messages))
 
