@@ -235,7 +235,8 @@ class Connection(asyncio.Protocol):
             return
         if pending[0] is not entry:
             return  # an earlier batch is still out; it writes this one when it is back
-        encode = self._framer.encode
+        # Raw replies go back as they are: no encode call per message.
+        encode = None if isinstance(self._framer, RawFramer) else self._framer.encode
         out: list[bytes] = []
         # Replies leave in arrival order: only a finished head of the queue is written.
         while pending and pending[0][1] is not None:
@@ -246,13 +247,12 @@ class Connection(asyncio.Protocol):
                     if not self._handler_failed(outcome, out):
                         return
                 else:
-                    out.append(encode(outcome))
-            self.server.stats.messages += count
+                    out.append(outcome if encode is None else encode(outcome))
         if out:
             payload = out[0] if len(out) == 1 else b"".join(out)
             self.tx += len(payload)
             transport.write(payload)
-        if self._inflight < INFLIGHT_WINDOW:
+        if self._paused & _PAUSE_WINDOW and self._inflight < INFLIGHT_WINDOW:
             self._resume(_PAUSE_WINDOW)
         if self._eof and not pending:
             if self._last_words:
@@ -304,16 +304,18 @@ class PooledConnection(Connection):
     """``--offload process``: each read's messages go to the pool as one batch entry.
 
     The general path, minus the per-read dispatch: raw framing skips the framer
-    (a chunk is the message, a reply goes back as it is) and the completion
-    callback is bound once per connection instead of once per read.
+    (a chunk is the message, a reply goes back as it is), and the completion
+    callback and the processor's entry point are bound once per connection
+    instead of looked up on every read.
     """
 
-    __slots__ = ("_on_done", "_raw")
+    __slots__ = ("_on_done", "_raw", "_submit_to")
 
     def __init__(self, server: Server) -> None:
         super().__init__(server)
         self._raw = isinstance(self._framer, RawFramer)
         self._on_done = self._batch_done
+        self._submit_to = server.processor.submit_to
 
     def data_received(self, data: bytes) -> None:
         if not self._raw:
@@ -329,7 +331,7 @@ class PooledConnection(Connection):
         self._inflight += 1
         if self._inflight >= INFLIGHT_WINDOW:
             self._pause(_PAUSE_WINDOW)
-        self.server.processor.submit_to([data], self._on_done, entry)
+        self._submit_to([data], self._on_done, entry)
 
 
 class ProxyPrelude(Connection):
