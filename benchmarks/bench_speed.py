@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 from common import (
-    BIN,
-    HERE,
     aecho_serve,
+    build_c,
     cpu_seconds,
     loadgen_path,
     median,
@@ -46,13 +45,8 @@ def run_bench(port: int, connections: int, size: int, duration: float, warmup: f
 
 
 def echo_epoll_path() -> Path:
-    """Compile benchmarks/echo_epoll.c once (gcc -O2) and return the binary's path."""
-    src = HERE / "echo_epoll.c"
-    exe = BIN / "echo_epoll"
-    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-        BIN.mkdir(exist_ok=True)
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
-    return exe
+    """The compiled minimal C epoll echo server (benchmarks/echo_epoll.c)."""
+    return build_c("echo_epoll")
 
 
 def compare(argv: list[str], args: argparse.Namespace) -> float:

@@ -26,14 +26,19 @@ BIN = HERE / "bin"
 LISTENING = re.compile(rb"listening on (?:\[[^\]]+\]|[^\s:]+):(\d+)")
 
 
-def loadgen_path() -> Path:
-    """Compile benchmarks/loadgen.c once (gcc -O2) and return the binary's path."""
-    src = HERE / "loadgen.c"
-    exe = BIN / "loadgen"
+def build_c(name: str) -> Path:
+    """Compile benchmarks/NAME.c once (gcc -O2) and return the binary's path."""
+    src = HERE / f"{name}.c"
+    exe = BIN / name
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
         BIN.mkdir(exist_ok=True)
         subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
     return exe
+
+
+def loadgen_path() -> Path:
+    """The compiled C load generator (benchmarks/loadgen.c)."""
+    return build_c("loadgen")
 
 
 def run_loadgen(
