@@ -1,8 +1,10 @@
 """One connection: bytes in -> framer -> processor -> ordered replies out.
 
-Hot-path rules: ``data_received`` does no timer work (idle tracking is a flag
-the server's sweeper reads), and the plain raw echo gets its own class whose
-``data_received`` is one write.  Reading pauses for two independent reasons
+Three classes, chosen once per server: ``Connection`` runs the handler inline,
+``PooledConnection`` sends messages to the worker pool, and the plain raw echo
+gets ``RawEchoConnection``, whose ``data_received`` is one write.  Hot-path
+rule: ``data_received`` does no timer work (idle tracking is a flag the
+server's sweeper reads).  Reading pauses for two independent reasons
 (the transport's write buffer is above its high-water mark, or too many
 messages wait in a worker pool); it resumes only when neither holds.
 """
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aecho.config import PROXY_HEADER_TIMEOUT
 from aecho.framing import FrameError, Framer, LineFramer, RawFramer
-from aecho.offload import Outcome, Processor
+from aecho.offload import Outcome
 from aecho.proxy_protocol import ProxyError, ProxyHeaderReader, could_be_header
 
 if TYPE_CHECKING:
@@ -53,7 +55,6 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_eof",
         "_framer",
-        "_inflight",
         "_last_words",
         "_paused",
         "_pending",
@@ -78,7 +79,6 @@ class Connection(asyncio.Protocol):
         self.tx = 0
         self._paused = 0
         self._eof = False
-        self._inflight = 0
         self._last_words = b""
         # Pooled batches in arrival order: [message count, outcomes once they are back].
         self._pending: deque[list[Any]] | None = None
@@ -157,13 +157,7 @@ class Connection(asyncio.Protocol):
             self._handle(messages)
 
     def _handle(self, messages: list[bytes]) -> None:
-        processor = self.server.processor
-        if processor.inline:
-            self._handle_inline(messages)
-        else:
-            self._submit(processor, messages)
-
-    def _handle_inline(self, messages: list[bytes]) -> None:
+        """Run the handler on ``messages`` and write the replies (PooledConnection: queue them)."""
         transport = self.transport
         assert transport is not None
         handler = self.server.processor.handler
@@ -214,52 +208,6 @@ class Connection(asyncio.Protocol):
         transport.write(last_words)
         transport.close()
 
-    # -- pooled processing -------------------------------------------------------------------
-
-    def _submit(self, processor: Processor, messages: list[bytes]) -> None:
-        pending = self._pending
-        if pending is None:
-            pending = self._pending = deque()
-        entry: list[Any] = [len(messages), None]
-        pending.append(entry)
-        self._inflight += len(messages)
-        if self._inflight >= INFLIGHT_WINDOW:
-            self._pause(_PAUSE_WINDOW)
-        processor.submit_to(messages, self._batch_done, entry)
-
-    def _batch_done(self, entry: list[Any], outcomes: list[Outcome]) -> None:
-        entry[1] = outcomes
-        pending = self._pending
-        transport = self.transport
-        if pending is None or transport is None or transport.is_closing():
-            return
-        if pending[0] is not entry:
-            return  # an earlier batch is still out; it writes this one when it is back
-        # Raw replies go back as they are: no encode call per message.
-        encode = None if isinstance(self._framer, RawFramer) else self._framer.encode
-        out: list[bytes] = []
-        # Replies leave in arrival order: only a finished head of the queue is written.
-        while pending and pending[0][1] is not None:
-            count, done = pending.popleft()
-            self._inflight -= count
-            for outcome in done:
-                if isinstance(outcome, BaseException):
-                    if not self._handler_failed(outcome, out):
-                        return
-                else:
-                    out.append(outcome if encode is None else encode(outcome))
-        if out:
-            payload = out[0] if len(out) == 1 else b"".join(out)
-            self.tx += len(payload)
-            transport.write(payload)
-        if self._paused & _PAUSE_WINDOW and self._inflight < INFLIGHT_WINDOW:
-            self._resume(_PAUSE_WINDOW)
-        if self._eof and not pending:
-            if self._last_words:
-                self.tx += len(self._last_words)
-                transport.write(self._last_words)
-            transport.close()
-
     # -- server-side control -----------------------------------------------------------------
 
     @property
@@ -301,37 +249,75 @@ class RawEchoConnection(Connection):
 
 
 class PooledConnection(Connection):
-    """``--offload process``: each read's messages go to the pool as one batch entry.
+    """``--offload process``: messages go to the worker pool; replies leave in arrival order.
 
-    The general path, minus the per-read dispatch: raw framing skips the framer
-    (a chunk is the message, a reply goes back as it is), and the completion
-    callback and the processor's entry point are bound once per connection
-    instead of looked up on every read.
+    Each read's messages are one entry in ``_pending``; the pool fills an entry's
+    outcomes when its batch is back, and only a finished head of the queue is
+    written, so batches that finish out of order cannot reorder replies.  With
+    more than INFLIGHT_WINDOW messages out, reading pauses.  Raw framing skips the
+    framer (a chunk is the message, a reply goes back as it is), and the
+    completion callback and the pool's entry point are bound once per connection.
     """
 
-    __slots__ = ("_on_done", "_raw", "_submit_to")
+    __slots__ = ("_encode", "_inflight", "_on_done", "_submit_to")
 
     def __init__(self, server: Server) -> None:
         super().__init__(server)
-        self._raw = isinstance(self._framer, RawFramer)
+        self._inflight = 0
+        raw = isinstance(self._framer, RawFramer)
+        self._encode: Callable[[bytes], bytes] | None = None if raw else self._framer.encode
         self._on_done = self._batch_done
         self._submit_to = server.processor.submit_to
 
     def data_received(self, data: bytes) -> None:
-        if not self._raw:
+        if self._encode is not None:
             super().data_received(data)
             return
         self.active = True
         self.rx += len(data)
+        self._handle([data])
+
+    def _handle(self, messages: list[bytes]) -> None:
         pending = self._pending
         if pending is None:
             pending = self._pending = deque()
-        entry: list[Any] = [1, None]
+        entry: list[Any] = [len(messages), None]
         pending.append(entry)
-        self._inflight += 1
+        self._inflight += len(messages)
         if self._inflight >= INFLIGHT_WINDOW:
             self._pause(_PAUSE_WINDOW)
-        self._submit_to([data], self._on_done, entry)
+        self._submit_to(messages, self._on_done, entry)
+
+    def _batch_done(self, entry: list[Any], outcomes: list[Outcome]) -> None:
+        entry[1] = outcomes
+        pending = self._pending
+        transport = self.transport
+        if pending is None or transport is None or transport.is_closing():
+            return
+        if pending[0] is not entry:
+            return  # an earlier batch is still out; it writes this one when it is back
+        encode = self._encode
+        out: list[bytes] = []
+        while pending and pending[0][1] is not None:
+            count, done = pending.popleft()
+            self._inflight -= count
+            for outcome in done:
+                if isinstance(outcome, BaseException):
+                    if not self._handler_failed(outcome, out):
+                        return
+                else:
+                    out.append(outcome if encode is None else encode(outcome))
+        if out:
+            payload = out[0] if len(out) == 1 else b"".join(out)
+            self.tx += len(payload)
+            transport.write(payload)
+        if self._paused & _PAUSE_WINDOW and self._inflight < INFLIGHT_WINDOW:
+            self._resume(_PAUSE_WINDOW)
+        if self._eof and not pending:
+            if self._last_words:
+                self.tx += len(self._last_words)
+                transport.write(self._last_words)
+            transport.close()
 
 
 class ProxyPrelude(Connection):

@@ -2,9 +2,9 @@
 
 ``InlineProcessor`` calls the handler on the event loop, synchronously; the
 connection uses its ``handler`` directly on the hot path.  A pooled processor
-(``inline = False``) takes batches with :meth:`Processor.submit` and resolves a
-future with one outcome per message: the reply bytes, or the exception that
-stood in for it.
+(:class:`PoolProcessor`, served by ``connection.PooledConnection``) takes
+batches with :meth:`Processor.submit_to` and reports one outcome per message:
+the reply bytes, or the exception that stood in for it.
 
 Process offload (:class:`PoolProcessor`)
 ----------------------------------------
@@ -67,7 +67,7 @@ from collections.abc import Callable
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from aecho.handlers import Handler, HandlerError, load_handler
 from aecho.stats import Stats
@@ -88,8 +88,6 @@ WORKER_TITLE = "aecho: worker"
 
 class Processor:
     """Interface every processor implements."""
-
-    inline: ClassVar[bool] = True
 
     def __init__(self, handler: Handler, handler_name: str = "echo") -> None:
         self.handler = handler
@@ -128,8 +126,6 @@ class Processor:
 
 class InlineProcessor(Processor):
     """Runs the handler on the event loop, in the connection's own call."""
-
-    inline = True
 
 
 # -- failures a pooled message can have ------------------------------------------------------
@@ -334,8 +330,6 @@ class _Slot:
 
 class PoolProcessor(Processor):
     """Runs the handler in worker processes, in batches; see the module docstring."""
-
-    inline = False
 
     TASKS_PER_WORKER = 2
     MAX_BATCH = 1024
