@@ -43,6 +43,22 @@ async def running_server(**overrides: Any) -> AsyncIterator[Server]:
         await server.shutdown()
 
 
+async def closed_without_reply(
+    port: int, data: bytes = b"?", host: str = "127.0.0.1", timeout: float = 10.0
+) -> bool:
+    """Send ``data``; True when the server closes (or resets) the connection without a reply."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), timeout) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
 class ServerProcess:
     """``aecho serve`` in a subprocess; ready once it logged ``listening on``."""
 

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import running_server
-
-
-async def _refused(port: int, host: str = "127.0.0.1") -> bool:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(b"?")
-        return await asyncio.wait_for(reader.read(), 10) == b""
-    except ConnectionResetError:
-        return True
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+from tests.conftest import closed_without_reply, running_server
 
 
 async def _open(port: int, host: str = "127.0.0.1") -> asyncio.StreamWriter:
@@ -36,8 +22,8 @@ async def _open(port: int, host: str = "127.0.0.1") -> asyncio.StreamWriter:
 async def test_per_ip_limit_refuses_only_the_excess() -> None:
     async with running_server(host="localhost", max_connections_per_ip=2) as server:
         first = [await _open(server.port) for _ in range(2)]
-        assert await _refused(server.port)
-        assert await _refused(server.port)
+        assert await closed_without_reply(server.port)
+        assert await closed_without_reply(server.port)
         assert server.stats.refused_per_ip == 2
         # The other address family is another client address.
         six = [addr for addr in server.addresses if isinstance(addr, tuple) and ":" in addr[0]]

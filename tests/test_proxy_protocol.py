@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import struct
 
@@ -24,7 +23,7 @@ from aecho.proxy_protocol import (
     encode_v2,
     parse,
 )
-from tests.conftest import running_server
+from tests.conftest import closed_without_reply, running_server
 
 ports = st.integers(0, 65535)
 ipv4 = st.builds(lambda n: str(ipaddress.IPv4Address(n)), st.integers(0, 2**32 - 1))
@@ -178,19 +177,6 @@ async def _exchange(port: int, first: bytes, payload: bytes) -> bytes:
         await writer.wait_closed()
 
 
-async def _closed_without_reply(port: int, data: bytes, timeout: float = 10.0) -> bool:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        return await asyncio.wait_for(reader.read(), timeout) == b""
-    except ConnectionResetError:
-        return True
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("framing", [Framing.raw, Framing.line])
 async def test_header_then_data_in_one_chunk(framing: Framing) -> None:
@@ -230,14 +216,12 @@ async def test_garbage_truncated_and_missing_headers_close_one_connection(
     async with running_server(proxy_protocol=ProxyMode.auto) as server:
         bystander_r, bystander_w = await asyncio.open_connection("127.0.0.1", server.port)
         bystander_w.write(encode_v1(("192.0.2.1", 1), ("192.0.2.2", 2)))
-        assert await _closed_without_reply(server.port, b"GET / HTTP/1.0\r\n\r\n")
-        assert await _closed_without_reply(server.port, b"PROXY " + b"9" * 200)
-        assert await _closed_without_reply(server.port, V2_SIGNATURE + b"\x21\x11\xff\xff")
+        assert await closed_without_reply(server.port, b"GET / HTTP/1.0\r\n\r\n")
+        assert await closed_without_reply(server.port, b"PROXY " + b"9" * 200)
+        assert await closed_without_reply(server.port, V2_SIGNATURE + b"\x21\x11\xff\xff")
         # Truncated: half a header, then silence until the deadline.
-        assert await _closed_without_reply(
-            server.port, encode_v2(("192.0.2.1", 1), ("::1", 2))[:20]
-        )
-        assert await _closed_without_reply(server.port, b"")
+        assert await closed_without_reply(server.port, encode_v2(("192.0.2.1", 1), ("::1", 2))[:20])
+        assert await closed_without_reply(server.port, b"")
         assert server.stats.proxy_errors == 5
         bystander_w.write(b"still here")
         assert await asyncio.wait_for(bystander_r.readexactly(10), 10) == b"still here"
@@ -258,8 +242,8 @@ async def test_untrusted_peer_served_plain_but_header_refused(
         assert await _exchange(server.port, b"", b"PROXIMITY") == b"PROXIMITY"
         assert await _exchange(server.port, b"", b"PRO") == b"PRO"  # decided at the deadline
         spoof = encode_v1(("1.2.3.4", 1), ("5.6.7.8", 2))
-        assert await _closed_without_reply(server.port, spoof + b"data")
-        assert await _closed_without_reply(server.port, encode_v2(("1.2.3.4", 1), ("5.6.7.8", 2)))
+        assert await closed_without_reply(server.port, spoof + b"data")
+        assert await closed_without_reply(server.port, encode_v2(("1.2.3.4", 1), ("5.6.7.8", 2)))
         assert server.stats.proxy_errors == 2
         assert {c.peer[0] for c in server.connections} <= {"127.0.0.1"}
 
@@ -274,7 +258,7 @@ async def test_per_ip_limit_counts_the_proxied_address() -> None:
             assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"
             opened.append(writer)
         # Same proxy, same real client as the first: refused.
-        assert await _closed_without_reply(
+        assert await closed_without_reply(
             server.port, encode_v1(("192.0.2.10", 1001), ("192.0.2.1", 7007)) + b"x"
         )
         assert server.stats.refused_per_ip == 1

@@ -15,6 +15,7 @@ import threading
 from dataclasses import replace
 from typing import BinaryIO
 
+from aecho.address import format_address
 from aecho.config import ClientConfig
 
 PROMPT = "client > "
@@ -27,11 +28,7 @@ class ClientError(RuntimeError):
 
 
 def _describe(config: ClientConfig) -> str:
-    if config.unix:
-        return config.unix
-    return (
-        f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
-    )
+    return config.unix or format_address((config.host, config.port))
 
 
 def connect(config: ClientConfig) -> socket.socket:

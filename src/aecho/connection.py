@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from aecho.address import format_address
 from aecho.config import PROXY_HEADER_TIMEOUT
 from aecho.framing import FrameError, Framer, LineFramer, RawFramer
 from aecho.offload import Outcome
@@ -34,13 +35,6 @@ _PAUSE_CLOSING = 4  # never lifted: the connection ends once owed replies are ou
 
 # Messages a connection may have queued in a worker pool before it stops reading.
 INFLIGHT_WINDOW = 256
-
-
-def _fmt(address: Any) -> str:
-    if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(address or "unix")
 
 
 def error_line(exc: BaseException) -> bytes:
@@ -407,7 +401,11 @@ class ProxyPrelude(Connection):
             return None
         inner = self._factory()
         if client is not None and log.isEnabledFor(logging.DEBUG):
-            log.debug("proxied connection from %s via %s", _fmt(client), _fmt(self.peer))
+            log.debug(
+                "proxied connection from %s via %s",
+                format_address(client),
+                format_address(self.peer),
+            )
         inner.peer = client if client is not None else self.peer
         t.set_protocol(inner)
         inner.connection_made(t)

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
+from aecho.address import format_address
 from aecho.config import ConfigError, ServerConfig
 from aecho.handlers import HandlerError
 from aecho.loops import loop_factory
-from aecho.server import StartupError, bind_listeners, format_address
+from aecho.server import StartupError, bind_listeners
 from aecho.systemd import ActivationError, listen_sockets, notify
 
 if TYPE_CHECKING:

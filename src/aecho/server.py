@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from aecho.address import format_address
 from aecho.config import (
     DEFAULT_UNIX_MODE,
     WRITE_HIGH_WATER,
@@ -47,16 +48,6 @@ EMFILE_LOG_INTERVAL_S = 10.0
 
 class StartupError(RuntimeError):
     """The server cannot start; str() is the one-line message for the operator."""
-
-
-def format_address(address: object) -> str:
-    """``host:port`` for IPv4, ``[host]:port`` for IPv6, the path for Unix sockets."""
-    if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if isinstance(address, bytes):
-        return address.decode(errors="replace")
-    return str(address)
 
 
 def _bind_error(where: str, exc: OSError) -> StartupError:
