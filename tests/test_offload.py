@@ -90,29 +90,63 @@ async def test_inline_and_process_give_identical_replies(framing: Framing) -> No
 
 
 @pytest.mark.asyncio
-async def test_order_holds_with_64_pipelined_on_200_connections() -> None:
+@pytest.mark.parametrize(
+    ("framing", "per_write", "connections"), [(Framing.line, 8, 200), (Framing.raw, 1, 50)]
+)
+async def test_order_holds_with_64_pipelined_messages(
+    framing: Framing, per_write: int, connections: int
+) -> None:
     async with running_server(
-        offload=Offload.process, pool_size=2, framing=Framing.line, handler=T + "jitter"
+        offload=Offload.process, pool_size=2, framing=framing, handler=T + "jitter"
     ) as server:
+        shape = b"c%d-m%d\n" if framing is Framing.line else b"<c%d-m%d>"
 
-        async def one(c: int) -> bytes:
+        async def one(c: int) -> tuple[bytes, bytes]:
             reader, writer = await _open(server.port)
-            lines = [b"c%d-m%d\n" % (c, i) for i in range(64)]
-            # Eight writes with a yield between them, so one connection's messages
-            # travel in several batches that can finish out of order.
-            for k in range(0, 64, 8):
-                writer.write(b"".join(lines[k : k + 8]))
+            messages = [shape % (c, i) for i in range(64)]
+            # Writes of a few messages (raw: one chunk, so each is its own read) with a
+            # yield between them, so one connection's messages travel in several
+            # batches that can finish out of order.
+            for k in range(0, 64, per_write):
+                writer.write(b"".join(messages[k : k + per_write]))
+                await writer.drain()
                 await asyncio.sleep(0)
-            got = await asyncio.wait_for(reader.readexactly(len(b"".join(lines))), TIMEOUT)
+            expected = b"".join(messages)
+            got = await asyncio.wait_for(reader.readexactly(len(expected)), TIMEOUT)
             await _close(writer)
-            return got
+            return got, expected
 
-        results = await asyncio.gather(*(one(c) for c in range(200)))
-        for c, got in enumerate(results):
-            assert got == b"".join(b"c%d-m%d\n" % (c, i) for i in range(64))
-        assert server.stats.offload_latency.count == 200 * 64
-        assert server.stats.messages == 200 * 64  # counted once, by the pool
-        assert server.stats.pool_restarts == 0
+        for got, expected in await asyncio.gather(*(one(c) for c in range(connections))):
+            assert got == expected
+        stats = server.stats
+        assert stats.offload_latency.count == stats.messages  # each counted once, by the pool
+        if framing is Framing.line:
+            assert stats.messages == connections * 64
+        assert stats.pool_restarts == 0
+        assert stats.handler_errors == 0
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_worker_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    async with running_server(
+        offload=Offload.process, pool_size=2, framing=Framing.line, handler=T + "stall"
+    ) as server:
+        pidfile = tmp_path / "stalled.pid"
+        victim_r, victim_w = await _open(server.port)
+        victim_w.write(b"stall %s\n" % str(pidfile).encode())
+        await _until(pidfile.exists, "the stalled worker's pid")
+        # Small batches wait for a running task to come back, but not for one that
+        # is overdue: the idle worker serves everyone else meanwhile.
+        reader, writer = await _open(server.port)
+        for i in range(20):
+            started = time.monotonic()
+            writer.write(b"m%d\n" % i)
+            assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"m%d\n" % i
+            assert time.monotonic() - started < 2.0
+        await _close(writer)
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        assert (await asyncio.wait_for(victim_r.readline(), TIMEOUT)).startswith(b"ERR WorkerDied")
+        await _close(victim_w)
 
 
 @pytest.mark.asyncio

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -49,9 +48,9 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_eof",
         "_framer",
+        "_inflight",
         "_last_words",
         "_paused",
-        "_pending",
         "active",
         "idle_ticks",
         "peer",
@@ -74,8 +73,8 @@ class Connection(asyncio.Protocol):
         self._paused = 0
         self._eof = False
         self._last_words = b""
-        # Pooled batches in arrival order: [message count, outcomes once they are back].
-        self._pending: deque[list[Any]] | None = None
+        # Messages in a worker pool whose replies are not written yet (pooled only).
+        self._inflight = 0
         self._framer: Framer = self._make_framer()
 
     def _make_framer(self) -> Framer:
@@ -107,7 +106,6 @@ class Connection(asyncio.Protocol):
         stats.bytes_out += self.bytes_out
         if exc is not None:
             log.debug("connection %s lost: %r", self.peer, exc)
-        self._pending = None
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -115,7 +113,7 @@ class Connection(asyncio.Protocol):
             # A last line without its terminator is still a message the peer sent.
             self._handle(self._framer.feed(b"\n"))
         # Keep the write side open while pooled replies are outstanding.
-        return bool(self._pending)
+        return bool(self._inflight)
 
     def pause_writing(self) -> None:
         self._pause(_PAUSE_WRITE)
@@ -192,7 +190,7 @@ class Connection(asyncio.Protocol):
         if transport is None:
             return
         last_words = f"ERR {exc}\n".encode()
-        if self._pending:
+        if self._inflight:
             # Pooled replies to earlier lines are still owed: the error goes after them.
             self._last_words = last_words
             self._eof = True
@@ -208,7 +206,7 @@ class Connection(asyncio.Protocol):
     def quiet(self) -> bool:
         """Nothing owed to the peer: no queued work and nothing left to write."""
         t = self.transport
-        return not self._pending and (t is None or t.get_write_buffer_size() == 0)
+        return not self._inflight and (t is None or t.get_write_buffer_size() == 0)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -245,23 +243,28 @@ class RawEchoConnection(Connection):
 class PooledConnection(Connection):
     """``--offload process``: messages go to the worker pool; replies leave in arrival order.
 
-    Each read's messages are one entry in ``_pending``; the pool fills an entry's
-    outcomes when its batch is back, and only a finished head of the queue is
-    written, so batches that finish out of order cannot reorder replies.  With
-    more than INFLIGHT_WINDOW messages out, reading pauses.  Raw framing skips the
-    framer (a chunk is the message, a reply goes back as it is), and the
-    completion callback and the pool's entry point are bound once per connection.
+    Each submission (the messages of one read) gets a sequence number, and
+    replies are written strictly in that order: a submission whose batch comes
+    back before an earlier one's waits in ``_early``, and the earlier one writes
+    it.  With more than INFLIGHT_WINDOW messages out, reading pauses.  Raw
+    framing skips the framer (a chunk is the message, a reply goes back as it
+    is).  In the common case, one chunk whose reply is next in line, nothing
+    is kept between the read and the reply but the chunk itself and an int.
     """
 
-    __slots__ = ("_encode", "_inflight", "_on_done", "_submit_to")
+    __slots__ = ("_early", "_encode", "_next_in", "_next_out", "_on_done", "_submit", "_submit_one")
 
     def __init__(self, server: Server) -> None:
         super().__init__(server)
-        self._inflight = 0
+        self._next_in = 0  # sequence number of the next submission
+        self._next_out = 0  # sequence number of the next submission to write
+        self._early: dict[int, tuple[list[Outcome], int, int]] | None = None
         raw = isinstance(self._framer, RawFramer)
         self._encode: Callable[[bytes], bytes] | None = None if raw else self._framer.encode
         self._on_done = self._batch_done
-        self._submit_to = server.processor.submit_to
+        processor = server.processor
+        self._submit = processor.submit_to
+        self._submit_one = processor.submit_one
 
     def data_received(self, data: bytes) -> None:
         if self._encode is not None:
@@ -269,45 +272,70 @@ class PooledConnection(Connection):
             return
         self.active = True
         self.rx += len(data)
-        self._handle([data])
+        seq = self._next_in
+        self._next_in = seq + 1
+        self._inflight += 1
+        if self._inflight >= INFLIGHT_WINDOW:
+            self._pause(_PAUSE_WINDOW)
+        self._submit_one(data, self._on_done, seq)
 
     def _handle(self, messages: list[bytes]) -> None:
-        pending = self._pending
-        if pending is None:
-            pending = self._pending = deque()
-        entry: list[Any] = [len(messages), None]
-        pending.append(entry)
+        seq = self._next_in
+        self._next_in = seq + 1
         self._inflight += len(messages)
         if self._inflight >= INFLIGHT_WINDOW:
             self._pause(_PAUSE_WINDOW)
-        self._submit_to(messages, self._on_done, entry)
+        self._submit(messages, self._on_done, seq)
 
-    def _batch_done(self, entry: list[Any], outcomes: list[Outcome]) -> None:
-        entry[1] = outcomes
-        pending = self._pending
+    def _batch_done(self, seq: int, outcomes: list[Outcome], start: int, stop: int) -> None:
         transport = self.transport
-        if pending is None or transport is None or transport.is_closing():
+        if transport is None or transport.is_closing():
             return
-        if pending[0] is not entry:
-            return  # an earlier batch is still out; it writes this one when it is back
+        if seq != self._next_out:
+            # An earlier submission is still out; it writes this one when it is back.
+            if self._early is None:
+                self._early = {}
+            self._early[seq] = (outcomes, start, stop)
+            return
+        if stop - start == 1 and self._encode is None and not self._early:
+            # The common case: one raw chunk, and next in line.
+            reply = outcomes[start]
+            if type(reply) is bytes:
+                self._next_out = seq + 1
+                self._inflight -= 1
+                self.tx += len(reply)
+                transport.write(reply)
+                if self._paused or self._eof:
+                    self._after_write(transport)
+                return
         encode = self._encode
+        early = self._early
         out: list[bytes] = []
-        while pending and pending[0][1] is not None:
-            count, done = pending.popleft()
-            self._inflight -= count
-            for outcome in done:
+        while True:
+            for i in range(start, stop):
+                outcome = outcomes[i]
                 if isinstance(outcome, BaseException):
                     if not self._handler_failed(outcome, out):
                         return
                 else:
                     out.append(outcome if encode is None else encode(outcome))
+            self._inflight -= stop - start
+            seq += 1
+            if not early or seq not in early:
+                break
+            outcomes, start, stop = early.pop(seq)
+        self._next_out = seq
         if out:
             payload = out[0] if len(out) == 1 else b"".join(out)
             self.tx += len(payload)
             transport.write(payload)
+        self._after_write(transport)
+
+    def _after_write(self, transport: asyncio.Transport) -> None:
+        """Replies were written: read again below the window, end after the last one owed."""
         if self._paused & _PAUSE_WINDOW and self._inflight < INFLIGHT_WINDOW:
             self._resume(_PAUSE_WINDOW)
-        if self._eof and not pending:
+        if self._eof and not self._inflight:
             if self._last_words:
                 self.tx += len(self._last_words)
                 transport.write(self._last_words)

@@ -98,7 +98,8 @@ class ServerCollector(Collector):
         buckets.append(("+Inf", latency.count))
         yield HistogramMetricFamily(
             "aecho_offload_latency_seconds",
-            "Time from submitting a message to a worker pool to its reply.",
+            "Time from the first message of a batch being queued for a worker pool to the"
+            " batch's replies, counted once per message.",
             buckets=buckets,
             sum_value=latency.total,
         )
