@@ -476,3 +476,46 @@ def test_sigterm_still_reports_and_stops_the_embedded_server() -> None:
     assert data["interrupted"] is True
     with pytest.raises(ProcessLookupError):
         os.kill(data["embedded_server_pid"], 0)
+
+
+def test_live_progress_on_a_terminal(serve_process: Callable[..., ServerProcess]) -> None:
+    """With stderr on a terminal, a live line shows progress and is erased; stdout gets the
+    table.  Without one (every other test), stderr gets one plain line instead."""
+    import pty
+
+    server = serve_process()
+    master, slave = pty.openpty()
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="30")
+    env.pop("NO_COLOR", None)
+    argv = [sys.executable, "-m", "aecho", "bench", "127.0.0.1", str(server.port)]
+    proc = subprocess.Popen(
+        [*argv, "-c", "3", "-d", "2"],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the terminal's other end is gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, seen
+    text = seen.decode(errors="replace")
+    assert "msgs/s" in text and "p99" in text and "errors 0" in text
+    assert " / 2 s" in text  # elapsed of the total
+    assert "\x1b[" in text  # drawn in place with terminal controls, not printed line by line
+    assert "measuring with" not in text
+    assert b"msgs/s" in out and b"latency p99" in out
+    assert b"\x1b[" not in out  # the table on a pipe is plain text
