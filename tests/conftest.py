@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,9 +18,8 @@ import pytest
 import uvloop
 
 from aecho.config import ServerConfig
+from aecho.process.systemd import Notification, NotifyReceiver
 from aecho.server import Server
-
-LISTENING = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)")
 
 
 def pytest_asyncio_loop_factories(
@@ -60,7 +58,11 @@ async def closed_without_reply(
 
 
 class ServerProcess:
-    """``aecho serve`` in a subprocess; ready once it logged ``listening on``."""
+    """``aecho serve`` in a subprocess, ready once it sent READY=1 to a private NOTIFY_SOCKET.
+
+    The READY notification names the bound addresses, so ``--port 0`` needs no log parsing.
+    A test that passes its own ``NOTIFY_SOCKET`` in ``env`` waits for readiness itself.
+    """
 
     def __init__(
         self,
@@ -70,34 +72,39 @@ class ServerProcess:
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         cmd = [sys.executable, "-m", "aecho", "serve", *args]
+        own_notify = "NOTIFY_SOCKET" not in (env or {})
+        receiver = NotifyReceiver() if own_notify else None
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(receiver.env if receiver else {}), **(env or {})},
             text=True,
             preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
-        self._ready = threading.Event()
         self.host = ""
         self.port = 0
+        self.ready: Notification | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._ready.wait(ready_timeout):
+        if receiver is None:
+            return
+        with receiver:
+            self.ready = receiver.wait_ready(ready_timeout, lambda: self.proc.poll() is not None)
+        if self.ready is None:
             self.kill()
             raise RuntimeError(f"server did not become ready: {self.output}")
+        for addr in self.ready.addresses:
+            if isinstance(addr, tuple):
+                self.host, self.port = addr
+                break
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
-            if not self._ready.is_set() and (m := LISTENING.search(line)):
-                self.host = m.group(1).strip("[]")
-                self.port = int(m.group(2))
-                self._ready.set()
-        self._ready.set()  # exited before ready: let the waiter see it
 
     @property
     def output(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LISTENING, wait_until
+from aecho.process.systemd import NotifyReceiver
+from tests.conftest import wait_until
 
 TIMEOUT = 30.0
 
@@ -40,15 +42,19 @@ def test_notify_ready_then_stopping(serve_process, tmp_path: Path, kind: str) ->
         srv = serve_process(env={"NOTIFY_SOCKET": address})
         ready = sock.recv(4096).decode().split("\n")
         assert ready[0] == "READY=1"
-        assert f"STATUS=serving on 127.0.0.1:{srv.port}" in ready
+        listen = [f for f in ready if f.startswith("X_AECHO_LISTEN=127.0.0.1:")]
+        assert len(listen) == 1, ready
+        port = int(listen[0].rsplit(":", 1)[1])
+        assert f"STATUS=serving on 127.0.0.1:{port}" in ready
         assert srv.stop() == 0
         assert sock.recv(4096) == b"STOPPING=1"
 
 
 class Spawned:
-    """A command that ends by exec'ing ``aecho serve``; ready once it logs ``listening on``."""
+    """A command that ends by exec'ing ``aecho serve``, with a private NOTIFY_SOCKET."""
 
     def __init__(self, cmd: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+        self.notify = NotifyReceiver()
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -56,6 +62,7 @@ class Spawned:
             stderr=subprocess.PIPE,
             text=True,
             pass_fds=pass_fds,
+            env={**os.environ, **self.notify.env},
         )
         self.lines: list[str] = []
         self.port = 0
@@ -66,8 +73,13 @@ class Spawned:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
-            if m := LISTENING.search(line):
-                self.port = int(m.group(2))
+
+    def wait_ready(self) -> bool:
+        """Wait for READY=1 (False if the process exits first); sets :attr:`port`."""
+        note = self.notify.wait_ready(TIMEOUT, lambda: self.proc.poll() is not None)
+        if note is not None:
+            self.port = note.port
+        return note is not None
 
     def wait_for(self, pattern: str) -> bool:
         """Wait until a line matches ``pattern`` (or the process ends)."""
@@ -85,6 +97,7 @@ class Spawned:
         try:
             rc = self.proc.wait(TIMEOUT)
         finally:
+            self.notify.close()
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
@@ -131,7 +144,7 @@ def test_socket_passed_by_the_caller_is_used() -> None:
             pass_fds=(listener.fileno(),),
         )
     try:
-        assert proc.wait_for(r"listening on "), proc.output
+        assert proc.wait_ready(), proc.output
         assert proc.port == port
         assert echo_once(port) == b"activated\x00\xff"
     finally:
@@ -147,7 +160,7 @@ def test_listen_pid_for_another_process_is_ignored() -> None:
             pass_fds=(listener.fileno(),),
         )
         try:
-            assert proc.wait_for(r"listening on "), proc.output
+            assert proc.wait_ready(), proc.output
             assert proc.port != listener.getsockname()[1]
             assert echo_once(proc.port) == b"activated\x00\xff"
         finally:
@@ -184,13 +197,25 @@ def test_systemd_socket_activate() -> None:
     tool = shutil.which("systemd-socket-activate")
     assert tool is not None
     proc = Spawned(
-        [tool, "-l", f"127.0.0.1:{port}", sys.executable, "-m", "aecho", "serve", "--port", "9"]
+        [
+            tool,
+            "-l",
+            f"127.0.0.1:{port}",
+            "-E",
+            "NOTIFY_SOCKET",
+            sys.executable,
+            "-m",
+            "aecho",
+            "serve",
+            "--port",
+            "9",
+        ]
     )
     try:
         # The tool binds first and execs the server on the first connection.
         assert proc.wait_for(rf"Listening on 127\.0\.0\.1:{port}"), proc.output
         assert echo_once(port) == b"activated\x00\xff"
-        assert proc.wait_for(r"listening on "), proc.output
+        assert proc.wait_ready(), proc.output
         assert proc.port == port
         assert echo_once(port, b"second") == b"second"
     finally:

@@ -28,8 +28,8 @@ from aecho.address import format_address
 from aecho.config import ConfigError, ServerConfig
 from aecho.handlers import HandlerError
 from aecho.loops import loop_factory
+from aecho.process.systemd import LISTEN_FIELD, ActivationError, listen_sockets, notify
 from aecho.server import StartupError, bind_listeners
-from aecho.systemd import ActivationError, listen_sockets, notify
 
 if TYPE_CHECKING:
     from aecho.server import Server
@@ -559,7 +559,8 @@ class Lifecycle:
             os.close(self._pipe)
             _close_in_children.discard(self._pipe)
             self._pipe = -1
-        notify(f"READY=1\nSTATUS=serving on {address}")
+        listen = " ".join(format_address(a) for a in server.addresses)
+        notify(f"READY=1\nSTATUS=serving on {address}\n{LISTEN_FIELD}={listen}")
 
     def __enter__(self) -> Lifecycle:
         return self

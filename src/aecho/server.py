@@ -35,8 +35,8 @@ from aecho.config import (
 from aecho.connection import Connection, PooledConnection, ProxyPrelude, RawEchoConnection
 from aecho.handlers import load_handler
 from aecho.offload import InlineProcessor, Processor
+from aecho.process.systemd import notify as sd_notify
 from aecho.stats import Stats
-from aecho.systemd import notify as sd_notify
 
 log = logging.getLogger("aecho.server")
 

@@ -1,0 +1,1 @@
+"""How aecho processes start, stop and find each other: daemon, pidfile, control, systemd."""
