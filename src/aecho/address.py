@@ -11,3 +11,27 @@ def format_address(address: object) -> str:
     if isinstance(address, bytes):
         return address.decode(errors="replace")
     return str(address or "unix")
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]:port``, ``[v6]`` or a bare IPv6 address -> (host, port).
+
+    The port is None when ``text`` names none.
+
+    Raises:
+        ValueError: the port is not a number from 0 to 65535, or a bracket is unbalanced.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: write an IPv6 address with a port as [::1]:7007")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        return text, None  # a name, IPv4 address, or bare IPv6 address
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)

@@ -38,6 +38,7 @@ from aecho.config import (
     ProxyMode,
     ServerConfig,
 )
+from aecho.units import parse_duration, parse_rate, parse_size
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -78,6 +79,25 @@ app = typer.Typer(
 )
 
 log = logging.getLogger("aecho")
+
+
+def _units(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A typer ``parser`` from a units parser: its ValueError becomes a usage error."""
+
+    def parser(value: str) -> Any:
+        if not isinstance(value, str):  # a default, already parsed
+            return value
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return parser
+
+
+DURATION = {"parser": _units(parse_duration), "metavar": "DURATION"}
+SIZE = {"parser": _units(parse_size), "metavar": "SIZE"}
+RATE = {"parser": _units(parse_rate), "metavar": "RATE"}
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -142,23 +162,24 @@ def serve(
     handler_timeout: Annotated[
         float,
         typer.Option(
-            help="Process offload: a batch running longer (s) fails; its worker is replaced."
+            help="Process offload: a batch running longer (s) fails; its worker is replaced.",
+            **DURATION,
         ),
     ] = DEFAULT_HANDLER_TIMEOUT,
     framing: Annotated[
         Framing, typer.Option(help="raw: bytes as they come; line: one message per line.")
     ] = Framing.raw,
     max_line: Annotated[
-        int, typer.Option(min=1, help="Longest line in bytes (line framing).")
+        int, typer.Option(help="Longest line in bytes (line framing).", **SIZE)
     ] = DEFAULT_MAX_LINE,
     max_connections: Annotated[
         int, typer.Option(min=1, help="Connections beyond this are closed at once.")
     ] = DEFAULT_MAX_CONNECTIONS,
     idle_timeout: Annotated[
-        float, typer.Option(min=0, help="Close connections idle this long (s); 0 = never.")
+        float, typer.Option(help="Close connections idle this long (s); 0 = never.", **DURATION)
     ] = DEFAULT_IDLE_TIMEOUT,
     graceful_timeout: Annotated[
-        float, typer.Option(min=0, help="On SIGTERM/SIGINT, wait this long (s) for replies.")
+        float, typer.Option(help="On SIGTERM/SIGINT, wait this long (s) for replies.", **DURATION)
     ] = DEFAULT_GRACEFUL_TIMEOUT,
     backlog: Annotated[
         int, typer.Option(min=1, help="Listen backlog (capped by net.core.somaxconn).")
@@ -294,7 +315,7 @@ def client(
     port: Annotated[int, typer.Argument(min=0, max=65535, help="Server port.")] = DEFAULT_PORT,
     unix: Annotated[str | None, typer.Option(help="Connect to this Unix socket instead.")] = None,
     connect_timeout: Annotated[
-        float, typer.Option(min=0.001, help="Seconds to wait for the connection.")
+        float, typer.Option(help="Seconds to wait for the connection.", **DURATION)
     ] = 5.0,
     tls: Annotated[bool, typer.Option("--tls", help="Connect with TLS.")] = False,
     cafile: Annotated[
@@ -343,25 +364,32 @@ def bench(
     duration: Annotated[
         float | None,
         typer.Option(
-            "-d", "--duration", help=f"Seconds to measure [default: {DEFAULT_BENCH_DURATION:g}]."
+            "-d",
+            "--duration",
+            help=f"Seconds to measure [default: {DEFAULT_BENCH_DURATION:g}].",
+            **DURATION,
         ),
     ] = None,
     messages: Annotated[
         int | None, typer.Option("-n", "--messages", help="Messages in total, then stop.")
     ] = None,
     size: Annotated[
-        int, typer.Option("-s", "--size", min=1, help="Bytes per message.")
+        int, typer.Option("-s", "--size", help="Bytes per message.", **SIZE)
     ] = DEFAULT_BENCH_SIZE,
     pipeline: Annotated[
         int, typer.Option(min=1, help="Messages in flight per connection (1: ping-pong).")
     ] = 1,
     rate: Annotated[
         float | None,
-        typer.Option(help="Open loop: total messages/s, sent on schedule; latency from it."),
+        typer.Option(
+            help="Open loop: total messages/s, sent on schedule; latency from it.", **RATE
+        ),
     ] = None,
-    warmup: Annotated[float, typer.Option(help="Seconds of load left out of the results.")] = 0.0,
+    warmup: Annotated[
+        float, typer.Option(help="Seconds of load left out of the results.", **DURATION)
+    ] = 0.0,
     connect_rate: Annotated[
-        float | None, typer.Option(help="Open connections at most this fast (per second).")
+        float | None, typer.Option(help="Open connections at most this fast (per second).", **RATE)
     ] = None,
     workers: Annotated[
         int, typer.Option(min=1, help="Load-generating processes; results merged exactly.")
@@ -370,7 +398,7 @@ def bench(
         str | None, typer.Option(help="Measure the server on this Unix socket.")
     ] = None,
     timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for a connection or a reply.")
+        float, typer.Option(help="Seconds to wait for a connection or a reply.", **DURATION)
     ] = DEFAULT_BENCH_TIMEOUT,
     framing: Annotated[
         Framing, typer.Option(help="raw: any bytes; line: newline-terminated messages.")
