@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from aecho.bench import engine
-from aecho.bench.stats import Histogram
+from aecho.bench import runner
+from aecho.bench.connection import ERROR_KINDS, reply_function
+from aecho.bench.histogram import Histogram
+from aecho.bench.results import Result
 from aecho.cli import app
 from aecho.config import BenchConfig, ConfigError, Framing
 from tests.conftest import ServerProcess, running_server
@@ -39,8 +41,8 @@ def cfg_for(port: int, **kw: Any) -> BenchConfig:
     return replace(base, **kw).validate()
 
 
-def assert_clean(result: engine.Result) -> None:
-    assert result.errors == dict.fromkeys(engine.ERROR_KINDS, 0), result.first_errors
+def assert_clean(result: Result) -> None:
+    assert result.errors == dict.fromkeys(ERROR_KINDS, 0), result.first_errors
 
 
 def bench_cli(*args: str) -> tuple[int, str, str]:
@@ -126,7 +128,7 @@ def threaded_server(
 async def test_counts_add_up(pipeline: int) -> None:
     async with running_server() as server:
         cfg = cfg_for(server.port, connections=8, messages=None, duration=0.5, size=100)
-        result = await engine.measure(replace(cfg, pipeline=pipeline))
+        result = await runner.measure(replace(cfg, pipeline=pipeline))
     assert_clean(result)
     assert result.messages > 100
     assert result.hist.total == result.messages
@@ -139,8 +141,8 @@ async def test_counts_add_up(pipeline: int) -> None:
 async def test_timeline_adds_up_to_the_messages() -> None:
     async with running_server() as server:
         timed = cfg_for(server.port, connections=8, messages=None, duration=0.5, warmup=0.2)
-        by_duration = await engine.measure(timed)
-        by_count = await engine.measure(cfg_for(server.port, connections=8, messages=3000))
+        by_duration = await runner.measure(timed)
+        by_count = await runner.measure(cfg_for(server.port, connections=8, messages=3000))
     for result in (by_duration, by_count):
         assert_clean(result)
         assert sum(result.timeline) == result.messages > 0
@@ -150,7 +152,7 @@ async def test_timeline_adds_up_to_the_messages() -> None:
 @pytest.mark.asyncio
 async def test_n_stops_at_exactly_n() -> None:
     async with running_server() as server:
-        result = await engine.measure(
+        result = await runner.measure(
             cfg_for(server.port, connections=7, messages=1001, pipeline=3)
         )
     assert_clean(result)
@@ -162,7 +164,7 @@ async def test_n_stops_at_exactly_n() -> None:
 @pytest.mark.parametrize("size", [1, 5, 23, 4000, 70_000])
 async def test_sizes_small_and_large(size: int) -> None:
     async with running_server() as server:
-        result = await engine.measure(cfg_for(server.port, messages=40, size=size, pipeline=2))
+        result = await runner.measure(cfg_for(server.port, messages=40, size=size, pipeline=2))
     assert_clean(result)
     assert result.messages == 40
     assert result.bytes == 40 * size
@@ -172,7 +174,7 @@ async def test_sizes_small_and_large(size: int) -> None:
 async def test_line_framing_with_a_handler_is_verified() -> None:
     async with running_server(framing=Framing.line, handler="upper") as server:
         cfg = cfg_for(server.port, framing=Framing.line, handler="upper", size=50)
-        result = await engine.measure(cfg)
+        result = await runner.measure(cfg)
     assert_clean(result)
     assert result.messages == 200
 
@@ -182,7 +184,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
     path = str(tmp_path / "echo.sock")
     async with running_server(unix=path):
         cfg = BenchConfig(unix=path, connections=3, duration=None, messages=300).validate()
-        result = await engine.measure(cfg)
+        result = await runner.measure(cfg)
     assert_clean(result)
     assert result.messages == 300
 
@@ -194,7 +196,7 @@ async def test_corrupted_echo_is_a_mismatch() -> None:
     server = await loop.create_server(Corrupting, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        result = await engine.measure(cfg_for(port, messages=500, size=64))
+        result = await runner.measure(cfg_for(port, messages=500, size=64))
     finally:
         server.close()
     assert result.errors["mismatch"] == 1
@@ -206,7 +208,7 @@ async def test_warmup_is_left_out_and_connect_rate_paces() -> None:
     async with running_server() as server:
         cfg = cfg_for(server.port, connections=8, messages=None, duration=0.4, warmup=0.3)
         t0 = time.monotonic()
-        result = await engine.measure(replace(cfg, connect_rate=40.0))
+        result = await runner.measure(replace(cfg, connect_rate=40.0))
         elapsed = time.monotonic() - t0
     assert_clean(result)
     assert result.connected == 8
@@ -218,7 +220,7 @@ async def test_warmup_is_left_out_and_connect_rate_paces() -> None:
 
 def test_unverifiable_handler_is_refused() -> None:
     with pytest.raises(ConfigError, match="framing line"):
-        engine.reply_function(BenchConfig(handler="sha256"))
+        reply_function(BenchConfig(handler="sha256"))
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -314,7 +316,7 @@ def test_cli_usage_errors() -> None:
 def test_rate_holds_within_5_percent(serve_process: Callable[..., ServerProcess]) -> None:
     server = serve_process()
     cfg = cfg_for(server.port, connections=20, messages=None, duration=3.0, rate=2000, size=64)
-    result = engine.run(cfg)
+    result = runner.run(cfg)
     assert_clean(result)
     assert abs(result.messages / 3.0 - 2000) <= 0.05 * 2000, result.messages
     # Open loop: sends follow the schedule, so every whole second carries about the rate.
@@ -326,7 +328,7 @@ def test_a_stall_shows_in_p999_with_rate() -> None:
     Stalling.first, Stalling.stalled = None, False
     with threaded_server(Stalling) as port:
         cfg = cfg_for(port, connections=10, messages=None, duration=2.0, rate=1000, size=64)
-        result = engine.run(cfg)
+        result = runner.run(cfg)
     assert Stalling.stalled
     assert_clean(result)
     p999 = result.hist.percentile(99.9)
@@ -340,7 +342,7 @@ def test_a_stall_shows_in_p999_with_rate() -> None:
 def test_workers_merge_histograms_exactly(serve_process: Callable[..., ServerProcess]) -> None:
     server = serve_process()
     cfg = cfg_for(server.port, connections=4, messages=2001, workers=2, size=64)
-    result = engine.run(cfg)
+    result = runner.run(cfg)
     assert_clean(result)
     assert len(result.workers) == 2
     assert [w.messages for w in result.workers] == [1001, 1000]

@@ -429,8 +429,8 @@ def bench(
     loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.auto,
 ) -> None:
     """Load-test an echo server and verify every byte (no HOST/PORT: an embedded server)."""
-    from aecho.bench import main as bench_main
-    from aecho.bench.engine import BenchError
+    from aecho.bench import BenchError
+    from aecho.bench.runner import main as bench_main
     from aecho.handlers import HandlerError
 
     if duration is None and messages is None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aecho.bench.stats import (
+from aecho.bench.histogram import (
     BUCKETS,
     HIGHEST_NS,
     LOWEST_NS,

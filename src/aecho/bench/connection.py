@@ -1,0 +1,244 @@
+"""One bench connection: the payloads it sends, the replies it expects, and the state it
+shares with the other connections of its worker.
+
+Every payload carries ``CONNID.SEQUENCE`` (hex) followed by a per-connection filler, so
+each echoed byte is checked against what this connection sent, in order, with bytes
+comparisons that run in C.  Latency runs from the moment a message was due (closed loop:
+when it was sent; ``--rate``: its place in the schedule, even if it was sent late) to the
+moment its last byte came back, so a stalled server cannot hide behind the messages it kept
+from being sent (coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from time import monotonic_ns
+from typing import cast
+
+from aecho.bench.histogram import HIGHEST_NS, SUB_BITS, Histogram
+from aecho.config import BENCH_HEADER_SIZE, BenchConfig, ConfigError, Framing
+
+FILLER = bytes(range(0x21, 0x7F))  # printable, no newline: safe for --framing line
+SHIFT_BASE = SUB_BITS + 1  # bucket_index's shift offset, precomputed for the hot path
+NEVER = 1 << 63  # a time (ns) no message is ever due at
+ERROR_KINDS = ("connect", "refused", "closed", "short", "reset", "timeout", "mismatch")
+
+
+def reply_function(cfg: BenchConfig) -> Callable[[bytes], bytes] | None:
+    """How to compute the expected reply to a message; None when it is the message itself.
+
+    Raises:
+        ConfigError: the handler's replies cannot be predicted with this framing.
+        aecho.handlers.HandlerError: the handler cannot be loaded.
+    """
+    if cfg.handler in ("echo", "burn"):
+        return None
+    from aecho.handlers import load_handler
+
+    handler = load_handler(cfg.handler)
+    if cfg.framing is Framing.line:
+        return lambda line: handler(line[:-1]) + b"\n"
+    if cfg.handler == "upper":
+        return handler  # byte by byte: the same however TCP splits the stream
+    raise ConfigError(
+        f"--handler {cfg.handler} replies depend on how TCP splits a raw stream, so they "
+        "cannot be verified: use --framing line"
+    )
+
+
+class Tally:
+    """What the connections of one worker share: the histogram, the counters, the phase."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.expect = reply_function(cfg)
+        self.closed_loop = cfg.rate is None
+        self.remaining: int | None = None  # -n: messages still to send
+        self.hist = Histogram()
+        self.errors = dict.fromkeys(ERROR_KINDS, 0)
+        self.first_errors: dict[str, str] = {}
+        self.inflight = 0
+        self.live = 0
+        self.bytes = 0
+        self.sending = False
+        # Replies to messages due from this time on take the inlined path in
+        # BenchConn.data_received: the measurement's start while fast and sending, else never.
+        self.fast_from = NEVER
+        self.closing = False
+        self.measure_ns = 1 << 62  # nothing counts until the start time is known
+        self.done = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    def error(self, kind: str, message: str) -> None:
+        self.errors[kind] += 1
+        self.first_errors.setdefault(kind, message)
+
+    def stop_sending(self) -> None:
+        if self.sending:
+            self.sending = False
+            self.fast_from = NEVER
+            self.stopped.set()
+            if not self.inflight:
+                self.done.set()
+
+
+class BenchConn(asyncio.Protocol):
+    """One connection: sends payloads, verifies the echoed stream, times each message."""
+
+    write: Callable[[bytes], object]  # the transport's, bound in connection_made
+
+    def __init__(self, tally: Tally, conn_id: int) -> None:
+        self.w = tally
+        cfg = tally.cfg
+        self.transport: asyncio.Transport | None = None
+        self.out: deque[tuple[bytes, int]] = deque()  # (expected reply, time due ns)
+        self.off = 0  # bytes of out[0] already received
+        self.seq = 0  # messages sent; replies received are seq - len(out)
+        self.failed = False  # already counted as an error: connection_lost stays quiet
+        self.lost = False
+        self.prefix = b"%06x." % (conn_id & 0xFFFFFF)
+        size = max(cfg.size - (1 if cfg.framing is Framing.line else 0), 1)
+        self.tail = size  # header bytes kept when the payload is smaller than the header
+        start = conn_id % len(FILLER)
+        filler = (FILLER * (size // len(FILLER) + 2))[
+            start : start + max(0, size - BENCH_HEADER_SIZE)
+        ]
+        self.filler = filler + (b"\n" if cfg.framing is Framing.line else b"")
+        # One formatting operation per message: the sequence goes into a template.
+        self.template = self.prefix + b"%016x" + self.filler.replace(b"%", b"%%")
+        self.hist = tally.hist  # saves a lookup per message
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write  # saves a lookup per message
+        self.w.live += 1
+
+    def data_received(self, data: bytes) -> None:
+        out = self.out
+        if not self.off and out:
+            exp, due = out[0]
+            if data == exp:  # the whole reply in one piece: the common case
+                out.popleft()
+                if due >= self.w.fast_from:
+                    # Closed-loop echo while measuring: _complete and send, inlined,
+                    # because this runs once per message and calls cost.  Message and
+                    # byte counts and the timeline are derived later (Worker.sample_timeline,
+                    # Worker.result), not kept here.  Histogram.record, inlined: a test
+                    # holds the two to the same buckets.
+                    now = monotonic_ns()
+                    d = now - due
+                    if d > HIGHEST_NS:
+                        d = HIGHEST_NS
+                    shift = d.bit_length() - SHIFT_BASE
+                    h = self.hist
+                    h.counts[(shift << SUB_BITS) + (d >> shift) if shift > 0 else d] += 1
+                    if d > h.max:
+                        h.max = d
+                    if d < h.low:
+                        h.low = d
+                    h.total_ns += d
+                    seq = self.seq
+                    self.seq = seq + 1
+                    payload = self.template % seq
+                    out.append((payload, now))
+                    self.write(payload)
+                    return
+                self._complete(exp, due)
+                return
+        self._data_slow(data)
+
+    def _data_slow(self, data: bytes) -> None:
+        out = self.out
+        pos, n = 0, len(data)
+        while pos < n:
+            if not out:
+                self.fail("mismatch")  # bytes nobody asked for
+                return
+            exp, due = out[0]
+            take = min(len(exp) - self.off, n - pos)
+            chunk = data if take == n else data[pos : pos + take]
+            if not exp.startswith(chunk, self.off):
+                self.fail("mismatch")
+                return
+            pos += take
+            self.off += take
+            if self.off == len(exp):
+                out.popleft()
+                self.off = 0
+                self._complete(exp, due)
+                if self.failed:
+                    return
+
+    def _complete(self, exp: bytes, due: int) -> None:
+        """Account for a fully received reply and, in a closed loop, send the next message."""
+        w = self.w
+        now = monotonic_ns()
+        w.inflight -= 1
+        if due >= w.measure_ns:
+            # Open loop, partial replies, handlers: the closed-loop echo in
+            # data_received is the only path hot enough to inline this.
+            self.hist.record(now - due)
+            w.bytes += len(exp)
+        if w.sending:
+            if w.closed_loop:
+                self.send(now)
+        elif not w.inflight:
+            w.done.set()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        w = self.w
+        w.live -= 1
+        owed = len(self.out)
+        replies = self.seq - owed
+        if owed:
+            w.inflight -= owed
+            self.out.clear()
+        if not self.failed and not w.closing:
+            if not replies:
+                # Closed or reset before a single reply: how a full server turns one away.
+                w.error("refused", "the server closed the connection before any reply")
+            elif exc is not None:
+                w.error("reset", f"connection reset: {exc}")
+            elif owed:
+                w.error("short", "the server closed the connection with replies owed")
+            else:
+                w.error("closed", "the server closed the connection")
+        if (not w.inflight and not w.sending) or not w.live:
+            w.done.set()
+
+    # sending
+
+    def send(self, due: int) -> None:
+        seq = self.seq
+        self.seq = seq + 1
+        w = self.w
+        header = self.prefix + b"%016x" % seq
+        if self.tail < BENCH_HEADER_SIZE:
+            header = header[-self.tail :]
+        payload = header + self.filler
+        w.inflight += 1
+        if due >= w.measure_ns and w.remaining is not None:
+            w.remaining -= 1
+            if w.remaining <= 0:
+                w.stop_sending()
+        self.out.append((payload if w.expect is None else w.expect(payload), due))
+        assert self.transport is not None
+        self.transport.write(payload)
+
+    def fail(self, kind: str) -> None:
+        """Count ``kind`` once for this connection and drop it."""
+        if self.failed:
+            return
+        self.failed = True
+        self.w.error(kind, f"{kind} on connection {self.prefix.decode()[:-1]}")
+        if self.transport is not None:
+            self.transport.abort()
