@@ -9,21 +9,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import resource
 import signal
 import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from aecho.process.systemd import NotifyReceiver
+
 HERE = Path(__file__).resolve().parent
 BIN = HERE / "bin"
-LISTENING = re.compile(rb"listening on (?:\[[^\]]+\]|[^\s:]+):(\d+)")
 
 
 def build_c(name: str) -> Path:
@@ -96,38 +96,39 @@ def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:
 
 @contextlib.contextmanager
 def server_process(
-    argv: Sequence[str], ready_pattern: re.Pattern[bytes] = LISTENING, timeout: float = 30.0
+    argv: Sequence[str], timeout: float = 30.0
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """Start a server whose stderr (or stdout) announces ``listening on HOST:PORT``."""
-    proc = subprocess.Popen(
-        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    port_box: list[int] = []
-    ready = threading.Event()
+    """Start a server and wait for its READY=1 on a private NOTIFY_SOCKET (the sd_notify
+    protocol); yield it and the TCP port its READY named, then stop it with SIGTERM.
 
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if not port_box and (m := ready_pattern.search(line)):
-                port_box.append(int(m.group(1)))
-                ready.set()
-        ready.set()
+    ``aecho serve``, the reference servers and ``echo_epoll.c`` all announce readiness so.
 
-    threading.Thread(target=reader, daemon=True).start()
-    try:
-        if not ready.wait(timeout) or not port_box:
-            raise RuntimeError(f"server {argv} did not become ready")
-        yield proc, port_box[0]
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    Raises:
+        RuntimeError: the server exited or did not become ready within ``timeout``.
+    """
+    with tempfile.TemporaryFile() as log, NotifyReceiver() as notify:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **notify.env},
+        )
+        try:
+            note = notify.wait_ready(timeout, exited=lambda: proc.poll() is not None)
+            if note is None:
+                log.seek(0)
+                said = log.read().decode(errors="replace").strip()
+                raise RuntimeError(f"server {list(argv)} did not become ready: {said}")
+            yield proc, note.port
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def aecho_serve(*args: str) -> list[str]:

@@ -2,7 +2,8 @@
  * echo_epoll: a minimal single-threaded epoll echo server, the "fast echo server" that
  * benchmarks/bench_speed.py uses to see whether a load generator (rather than the server)
  * is the bottleneck.  Listens on 127.0.0.1, port 0 unless given, and reports
- * "listening on 127.0.0.1:PORT" on stderr.  SIGTERM/SIGINT end it.
+ * "listening on 127.0.0.1:PORT" on stderr, and READY=1 with X_AECHO_LISTEN=127.0.0.1:PORT to
+ * $NOTIFY_SOCKET (sd_notify, as aecho serve does).  SIGTERM/SIGINT end it.
  *
  *   echo_epoll [PORT]
  */
@@ -17,6 +18,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #define BUF 65536
@@ -28,6 +30,21 @@ struct conn {
 };
 
 static volatile sig_atomic_t stop;
+
+/* sd_notify without libsystemd: one datagram to the socket named by $NOTIFY_SOCKET. */
+static void notify_ready(int port) {
+    const char *path = getenv("NOTIFY_SOCKET");
+    if (path == NULL || path[0] != '/') return;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof sa.sun_path) return;
+    strcpy(sa.sun_path, path);
+    char msg[64];
+    int n = snprintf(msg, sizeof msg, "READY=1\nX_AECHO_LISTEN=127.0.0.1:%d", port);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return;
+    sendto(fd, msg, (size_t)n, 0, (struct sockaddr *)&sa, sizeof sa);
+    close(fd);
+}
 static void on_signal(int sig) { (void)sig; stop = 1; }
 
 static void drop(int ep, struct conn *c) {
@@ -54,6 +71,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     fprintf(stderr, "listening on 127.0.0.1:%d\n", ntohs(a.sin_port));
+    notify_ready(ntohs(a.sin_port));
 
     int ep = epoll_create1(0);
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};

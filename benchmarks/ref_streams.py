@@ -4,7 +4,8 @@
 
 One task per connection, ``StreamReader.read`` / ``StreamWriter.write`` / ``drain``.  It runs
 on the stdlib event loop unless ``--loop uvloop`` is given.  Announces
-``listening on 127.0.0.1:PORT`` on stderr, like ``aecho serve``; SIGTERM stops it.
+``listening on 127.0.0.1:PORT`` on stderr and READY=1 to ``$NOTIFY_SOCKET``, like
+``aecho serve``; SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import asyncio
 import signal
 import sys
+
+from aecho.process.systemd import LISTEN_FIELD, notify
 
 READ_SIZE = 64 * 1024
 
@@ -32,6 +35,7 @@ async def main(port: int) -> None:
     server = await asyncio.start_server(echo, "127.0.0.1", port, backlog=4096)
     host, real_port = server.sockets[0].getsockname()[:2]
     print(f"listening on {host}:{real_port}", file=sys.stderr, flush=True)
+    notify(f"READY=1\n{LISTEN_FIELD}={host}:{real_port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

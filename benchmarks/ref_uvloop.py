@@ -7,7 +7,7 @@ thread, and ``buffer_updated`` copies the bytes out before the next read), and e
 written back at once.  No limits, no idle tracking, no backpressure: the floor that aecho's
 features must not measurably rise above.  ``--plain`` serves a plain ``Protocol`` echo
 instead (``data_received`` -> ``write``), the shape aecho's default path has.  Announces
-``listening on 127.0.0.1:PORT`` on stderr; SIGTERM stops it.
+``listening on 127.0.0.1:PORT`` on stderr and READY=1 to ``$NOTIFY_SOCKET``; SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import signal
 import sys
 
 import uvloop
+
+from aecho.process.systemd import LISTEN_FIELD, notify
 
 BUFFER = bytearray(256 * 1024)
 VIEW = memoryview(BUFFER)
@@ -59,6 +61,7 @@ async def main(port: int, plain: bool) -> None:
     server = await loop.create_server(factory, "127.0.0.1", port, backlog=4096)
     host, real_port = server.sockets[0].getsockname()[:2]
     print(f"listening on {host}:{real_port}", file=sys.stderr, flush=True)
+    notify(f"READY=1\n{LISTEN_FIELD}={host}:{real_port}")
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

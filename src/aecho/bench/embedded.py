@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from typing import Any
+from typing import IO
 
 from aecho.bench import BenchError
 from aecho.config import BenchConfig
-
-LISTENING = re.compile(r"listening on (\[[^\]]+\]|[^\s:]+):(\d+)")
+from aecho.process.systemd import NotifyReceiver
 
 
 @contextlib.contextmanager
@@ -49,39 +46,46 @@ def embedded_server(
         "--log-level",
         "info",
     ]
-    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as logf:
+    with (
+        tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as logf,
+        NotifyReceiver() as notify,
+    ):
         # A new session: Ctrl-C at the terminal is for bench, which then stops the server itself.
         proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=logf,
+            env={**os.environ, **notify.env},
             start_new_session=True,
         )
         try:
-            host, port = _wait_listening(proc, logf, ready_timeout)
+            host, port = _wait_ready(proc, notify, logf, ready_timeout)
             yield host, port, proc.pid
         finally:
             _stop_server(proc)
 
 
-def _wait_listening(proc: subprocess.Popen[bytes], logf: Any, timeout: float) -> tuple[str, int]:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
+def _wait_ready(
+    proc: subprocess.Popen[bytes], notify: NotifyReceiver, logf: IO[str], timeout: float
+) -> tuple[str, int]:
+    """The TCP address the server announced with READY=1 on its notify socket.
+
+    Raises:
+        BenchError: the server exited first (with its last log line) or took too long.
+    """
+    note = notify.wait_ready(timeout, exited=lambda: proc.poll() is not None)
+    if note is not None:
+        for address in note.addresses:
+            if isinstance(address, tuple):
+                return address
+        raise BenchError("the embedded server announced no TCP address")
+    if proc.poll() is not None:
         logf.seek(0)
-        text = logf.read()
-        if m := LISTENING.search(text):
-            return m.group(1).strip("[]"), int(m.group(2))
-        if proc.poll() is not None:
-            last = [line for line in text.splitlines() if line.strip()]
-            why = last[-1] if last else f"exit status {proc.returncode}"
-            raise BenchError(f"the embedded server did not start: {why}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"the embedded server did not report readiness in {timeout:g}s")
-        # The readiness line is written to a file, so poll it (briefly) for the line.
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        last = [line for line in logf.read().splitlines() if line.strip()]
+        why = last[-1] if last else f"exit status {proc.returncode}"
+        raise BenchError(f"the embedded server did not start: {why}")
+    raise BenchError(f"the embedded server did not report readiness in {timeout:g}s")
 
 
 def _stop_server(proc: subprocess.Popen[bytes]) -> None:
