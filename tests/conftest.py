@@ -165,3 +165,86 @@ def wait_until(
             return True
         time.sleep(interval)
     return predicate()
+
+
+# -- aecho bench: the command, and echo servers that misbehave on purpose -------------------------
+
+
+def bench_cli(*args: str) -> tuple[int, str, str]:
+    """``aecho bench ARGS...`` in this process: (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from aecho.cli import app
+
+    out = CliRunner().invoke(app, ["bench", *args])
+    return out.exit_code, out.stdout, out.stderr
+
+
+def run_bench(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``aecho bench ARGS...`` in a subprocess (at most 120 s)."""
+    return subprocess.run(
+        [sys.executable, "-m", "aecho", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
+
+
+@contextlib.contextmanager
+def threaded_server(factory: Callable[[], asyncio.Protocol], ssl_ctx: Any = None) -> Iterator[int]:
+    """A server of ``factory`` protocols on 127.0.0.1, port 0, on a loop of its own in a
+    thread (so a test's bench can block its own thread); yields the port."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=ssl_ctx)
+        box["port"] = server.sockets[0].getsockname()[1]
+        box["stop"] = stop = asyncio.Event()
+        ready.set()
+        await stop.wait()
+        server.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield int(box["port"])
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(10)
+        loop.close()
+
+
+class Echo(asyncio.Protocol):
+    """A plain echo."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class SilentOnFirst(Echo):
+    """Echoes on every connection but the first one accepted, which never gets a reply."""
+
+    accepted = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        SilentOnFirst.accepted += 1
+        self.silent = SilentOnFirst.accepted == 1
+
+    def data_received(self, data: bytes) -> None:
+        if not self.silent:
+            self.transport.write(data)
+
+
+class Silent(Echo):
+    """Accepts and reads, and never answers."""
+
+    def data_received(self, data: bytes) -> None:
+        pass

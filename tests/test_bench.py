@@ -1,39 +1,24 @@
-"""aecho bench against real servers: verification, pacing, merging, reporting, failures."""
+"""aecho bench's measurement against real servers: counting, verification, pacing, the
+measured window, and merging the workers' results."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import resource
-import shutil
-import signal
-import socket
-import ssl
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from aecho.bench import runner
 from aecho.bench.connection import ERROR_KINDS, reply_function
 from aecho.bench.histogram import Histogram
 from aecho.bench.results import Result
-from aecho.cli import app
 from aecho.config import BenchConfig, ConfigError, Framing
-from tests.conftest import ServerProcess, running_server
-
-JSON_KEYS = {"connections", "duration_s", "messages", "msgs_per_s", "mib_per_s", "errors"}
-JSON_KEYS |= {"mismatches", "latency_us"}
-LATENCY_KEYS = {"p50", "p90", "p99", "p999", "max"}
+from tests.conftest import Echo, ServerProcess, bench_cli, running_server, threaded_server
 
 
 def cfg_for(port: int, **kw: Any) -> BenchConfig:
@@ -43,22 +28,6 @@ def cfg_for(port: int, **kw: Any) -> BenchConfig:
 
 def assert_clean(result: Result) -> None:
     assert result.errors == dict.fromkeys(ERROR_KINDS, 0), result.first_errors
-
-
-def bench_cli(*args: str) -> tuple[int, str, str]:
-    out = CliRunner().invoke(app, ["bench", *args])
-    return out.exit_code, out.stdout, out.stderr
-
-
-# -- misbehaving echo servers, each on a loop of its own in a thread -------------------------------
-
-
-class Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
 
 
 class Corrupting(Echo):
@@ -93,33 +62,6 @@ class Stalling(Echo):
         self.transport.write(data)
 
 
-@contextlib.contextmanager
-def threaded_server(
-    factory: Callable[[], asyncio.Protocol], ssl_ctx: ssl.SSLContext | None = None
-) -> Iterator[int]:
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    async def main() -> None:
-        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=ssl_ctx)
-        box["port"] = server.sockets[0].getsockname()[1]
-        box["stop"] = stop = asyncio.Event()
-        ready.set()
-        await stop.wait()
-        server.close()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield int(box["port"])
-    finally:
-        loop.call_soon_threadsafe(box["stop"].set)
-        thread.join(10)
-        loop.close()
-
-
 # -- counting and verification (in the test's loop: asyncio and uvloop) ----------------------------
 
 
@@ -131,8 +73,9 @@ async def test_counts_add_up(pipeline: int) -> None:
         result = await runner.measure(replace(cfg, pipeline=pipeline))
     assert_clean(result)
     assert result.messages > 100
-    assert result.hist.total == result.messages
-    assert sum(w.sent for w in result.workers) == result.messages  # every message verified
+    # Replies owed when the window closed are waited for: latency, not throughput.
+    assert result.messages <= result.hist.total <= result.messages + 8 * pipeline
+    assert result.sent == result.hist.total  # every message sent was verified
     assert result.bytes == result.messages * 100
     assert result.connected == 8
 
@@ -213,17 +156,9 @@ async def test_warmup_is_left_out_and_connect_rate_paces() -> None:
     assert_clean(result)
     assert result.connected == 8
     assert elapsed >= 7 / 40 + 0.3 + 0.4 - 0.02  # 8 connects 25 ms apart, warm-up, measuring
-    assert 0.4 <= result.duration_s < 0.4 + 5  # the warm-up is not part of the duration
-    assert result.hist.total == result.messages > 0
+    assert 0.4 <= result.duration_s < 0.4 + 0.05  # the warm-up is not part of the duration
+    assert result.messages <= result.hist.total <= result.messages + 8
     assert len(result.timeline) <= 6
-
-
-def test_unverifiable_handler_is_refused() -> None:
-    with pytest.raises(ConfigError, match="framing line"):
-        reply_function(BenchConfig(handler="sha256"))
-
-
-# -- the command line ------------------------------------------------------------------------------
 
 
 def test_cli_corrupting_server_exits_1() -> None:
@@ -236,78 +171,9 @@ def test_cli_corrupting_server_exits_1() -> None:
     assert "did not match" in err
 
 
-def test_cli_json_has_the_keys(serve_process: Callable[..., ServerProcess]) -> None:
-    server = serve_process()
-    code, out, _ = bench_cli("127.0.0.1", str(server.port), "-d", "0.5", "-c", "5", "--json")
-    assert code == 0
-    data = json.loads(out)  # the whole of stdout is one JSON object
-    assert data.keys() >= JSON_KEYS
-    assert data["latency_us"].keys() >= LATENCY_KEYS
-    assert data["connections"] == 5
-    assert data["errors"] == data["mismatches"] == 0
-    assert data["messages"] > 0
-    lat = data["latency_us"]
-    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["max"]
-
-
-def test_cli_table_and_thresholds(serve_process: Callable[..., ServerProcess]) -> None:
-    server = serve_process()
-    code, out, err = bench_cli("127.0.0.1", str(server.port), "-n", "300", "-c", "3")
-    assert code == 0, err
-    assert "msgs/s" in out and "latency p99" in out
-    code, _, err = bench_cli(
-        "127.0.0.1", str(server.port), "-n", "300", "-c", "3", "--max-p99", "0.000001"
-    )
-    assert code == 1
-    assert "above --max-p99" in err
-    code, _, err = bench_cli(
-        "127.0.0.1", str(server.port), "-n", "300", "-c", "3", "--min-rate", "1e12"
-    )
-    assert code == 1
-    assert "below --min-rate" in err
-
-
-def test_cli_plot(serve_process: Callable[..., ServerProcess], tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    server = serve_process()
-    png = tmp_path / "bench.png"
-    code, _, err = bench_cli(
-        "127.0.0.1", str(server.port), "-d", "0.5", "-c", "2", "--json", "--plot", str(png)
-    )
-    assert code == 0, err
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_cli_nothing_listening() -> None:
-    code, out, err = bench_cli("127.0.0.1", str(free_port()), "-n", "10")
-    assert code == 1
-    assert out == ""
-    assert err.count("\n") == 1
-    assert "nothing is listening on 127.0.0.1:" in err
-
-
-def test_cli_connection_limit(serve_process: Callable[..., ServerProcess]) -> None:
-    server = serve_process("--max-connections", "3")
-    code, _, err = bench_cli("127.0.0.1", str(server.port), "-n", "200", "-c", "6", "--json")
-    assert code == 1
-    assert "connection limit" in err
-
-
-def test_cli_usage_errors() -> None:
-    code, _, err = bench_cli("-d", "1", "-n", "5")
-    assert code == 2
-    assert "not both" in err
-    code, _, err = bench_cli("--handler", "reverse")
-    assert code == 2
-    assert "--framing line" in err
-    code, _, err = bench_cli("--workers", "3", "-c", "2")
-    assert code == 2
+def test_unverifiable_handler_is_refused() -> None:
+    with pytest.raises(ConfigError, match="framing line"):
+        reply_function(BenchConfig(handler="sha256"))
 
 
 # -- pacing and latency ----------------------------------------------------------------------------
@@ -318,7 +184,7 @@ def test_rate_holds_within_5_percent(serve_process: Callable[..., ServerProcess]
     cfg = cfg_for(server.port, connections=20, messages=None, duration=3.0, rate=2000, size=64)
     result = runner.run(cfg)
     assert_clean(result)
-    assert abs(result.messages / 3.0 - 2000) <= 0.05 * 2000, result.messages
+    assert abs(result.msgs_per_s - 2000) <= 0.05 * 2000, result.messages
     # Open loop: sends follow the schedule, so every whole second carries about the rate.
     per_tick = [sum(result.timeline[i : i + 10]) for i in range(0, 30, 10)]
     assert all(abs(n - 2000) <= 0.1 * 2000 for n in per_tick), per_tick
@@ -352,172 +218,3 @@ def test_workers_merge_histograms_exactly(serve_process: Callable[..., ServerPro
     assert result.hist.total == 2001
     assert result.hist.counts == [a + b for a, b in zip(*(p.counts for p in parts), strict=True)]
     assert result.hist.max == max(p.max for p in parts)
-
-
-# -- the embedded server and the process ---------------------------------------------------------
-
-
-def run_bench(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aecho", "bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **kw,
-    )
-
-
-def test_embedded_mode_starts_and_stops_its_server() -> None:
-    out = run_bench("-n", "500", "-c", "5", "-s", "64", "--json")
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
-    assert data["messages"] == 500
-    pid = data["embedded_server_pid"]
-    assert isinstance(pid, int)
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # stopped and reaped, not left behind
-
-
-def test_fd_limit_is_explained() -> None:
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
-
-    out = run_bench("127.0.0.1", "9", "-c", "500", "-n", "10", preexec_fn=low_limit)
-    assert out.returncode == 1
-    assert out.stderr.count("\n") == 1
-    assert "file descriptors" in out.stderr and "ulimit -n" in out.stderr
-
-
-def test_ctrl_c_stops_early_and_reports(serve_process: Callable[..., ServerProcess]) -> None:
-    server = serve_process()
-    args = ["127.0.0.1", str(server.port), "-d", "60", "-c", "4", "--json"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aecho", "bench", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()  # readiness: printed once the load starts
-        assert "measuring" in line
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0
-    data = json.loads(out)
-    assert data["interrupted"] is True
-    assert data["duration_s"] < 30
-    assert data["errors"] == 0
-
-
-# -- TLS -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tls_cert(tmp_path: Path) -> tuple[str, str]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    args = ["-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key, "-out", cert]
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            *args,
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
-def test_tls(tls_cert: tuple[str, str]) -> None:
-    cert, key = tls_cert
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    with threaded_server(Echo, ctx) as port:
-        code, out, err = bench_cli(
-            "127.0.0.1", str(port), "-n", "300", "-c", "3", "--tls", "--cafile", cert, "--json"
-        )
-        assert code == 0, err
-        assert json.loads(out)["messages"] == 300
-        code, out, err = bench_cli("127.0.0.1", str(port), "-n", "30", "--tls", "--insecure")
-        assert code == 0, err
-        code, out, err = bench_cli("127.0.0.1", str(port), "-n", "30", "-c", "2", "--tls")
-        assert code == 1
-        assert err.count("\n") == 1
-        assert "TLS handshake with 127.0.0.1:" in err
-
-
-def test_sigterm_still_reports_and_stops_the_embedded_server() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aecho", "bench", "-d", "60", "-c", "4", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        assert "measuring" in proc.stderr.readline()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    data = json.loads(out)
-    assert data["interrupted"] is True
-    with pytest.raises(ProcessLookupError):
-        os.kill(data["embedded_server_pid"], 0)
-
-
-def test_live_progress_on_a_terminal(serve_process: Callable[..., ServerProcess]) -> None:
-    """With stderr on a terminal, a live line shows progress and is erased; stdout gets the
-    table.  Without one (every other test), stderr gets one plain line instead."""
-    import pty
-
-    server = serve_process()
-    master, slave = pty.openpty()
-    env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="30")
-    env.pop("NO_COLOR", None)
-    argv = [sys.executable, "-m", "aecho", "bench", "127.0.0.1", str(server.port)]
-    proc = subprocess.Popen(
-        [*argv, "-c", "3", "-d", "2"],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        env=env,
-    )
-    os.close(slave)
-    seen = b""
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: every holder of the terminal's other end is gone
-                break
-            if not chunk:
-                break
-            seen += chunk
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, seen
-    text = seen.decode(errors="replace")
-    assert "msgs/s" in text and "p99" in text and "errors 0" in text
-    assert " / 2 s" in text  # elapsed of the total
-    assert "\x1b[" in text  # drawn in place with terminal controls, not printed line by line
-    assert "measuring with" not in text
-    assert b"msgs/s" in out and b"latency p99" in out
-    assert b"\x1b[" not in out  # the table on a pipe is plain text

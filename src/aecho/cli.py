@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 import typer.core
 
+from aecho.address import split_host_port
 from aecho.config import (
     DEFAULT_BACKLOG,
     DEFAULT_BENCH_CONNECTIONS,
@@ -29,6 +30,8 @@ from aecho.config import (
     DEFAULT_MAX_LINE,
     DEFAULT_PORT,
     DEFAULT_PROXY_ALLOW_FROM,
+    DEFAULT_SEARCH_STEP,
+    DEFAULT_SEARCH_WARMUP,
     BenchConfig,
     ClientConfig,
     ConfigError,
@@ -353,7 +356,10 @@ def client(
 @app.command()
 def bench(
     host: Annotated[
-        str | None, typer.Argument(help="Server to measure; none: start an embedded one.")
+        str | None,
+        typer.Argument(
+            help="Server to measure (HOST, HOST:PORT or [V6]:PORT); none: start an embedded one."
+        ),
     ] = None,
     port: Annotated[
         int | None, typer.Argument(min=0, max=65535, help=f"Server port [default: {DEFAULT_PORT}].")
@@ -366,7 +372,8 @@ def bench(
         typer.Option(
             "-d",
             "--duration",
-            help=f"Seconds to measure [default: {DEFAULT_BENCH_DURATION:g}].",
+            help=f"Seconds to measure [default: {DEFAULT_BENCH_DURATION:g}; "
+            f"{DEFAULT_SEARCH_STEP:g} per --find-max-rate step].",
             **DURATION,
         ),
     ] = None,
@@ -386,8 +393,13 @@ def bench(
         ),
     ] = None,
     warmup: Annotated[
-        float, typer.Option(help="Seconds of load left out of the results.", **DURATION)
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            help="Seconds of load left out of the results [default: 0; "
+            f"{DEFAULT_SEARCH_WARMUP:g} per --find-max-rate step].",
+            **DURATION,
+        ),
+    ] = None,
     connect_rate: Annotated[
         float | None, typer.Option(help="Open connections at most this fast (per second).", **RATE)
     ] = None,
@@ -407,13 +419,22 @@ def bench(
         bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
     ] = False,
     max_p99: Annotated[
-        float | None, typer.Option(help="Exit 1 if p99 latency is above this many ms.")
+        float | None,
+        typer.Option(help="Exit 1 if p99 latency is above this many ms (the search's goal)."),
     ] = None,
+    find_max_rate: Annotated[
+        bool,
+        typer.Option(
+            "--find-max-rate",
+            help="Search open-loop rates for the highest with p99 within --max-p99.",
+        ),
+    ] = False,
     min_rate: Annotated[
         float | None, typer.Option(help="Exit 1 if fewer messages/s than this.")
     ] = None,
     plot: Annotated[
-        str | None, typer.Option(help="Write throughput and latency curves to this PNG.")
+        str | None,
+        typer.Option(help="Draw the latency and throughput figure to this .png or .svg file."),
     ] = None,
     offload: Annotated[
         Offload, typer.Option(help="Embedded server: run the handler inline or in processes.")
@@ -434,7 +455,11 @@ def bench(
     from aecho.handlers import HandlerError
 
     if duration is None and messages is None:
-        duration = DEFAULT_BENCH_DURATION
+        duration = DEFAULT_SEARCH_STEP if find_max_rate else DEFAULT_BENCH_DURATION
+    if warmup is None:
+        warmup = DEFAULT_SEARCH_WARMUP if find_max_rate else 0.0
+    if host is not None:
+        host, port = _host_and_port(host, port)
     try:
         config = BenchConfig(
             host=host,
@@ -461,6 +486,7 @@ def bench(
             cafile=cafile,
             insecure=insecure,
             loop=loop,
+            find_max_rate=find_max_rate,
         ).validate()
     except ConfigError as exc:
         fail(str(exc), 2)
@@ -474,6 +500,18 @@ def bench(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     raise typer.Exit(code)
+
+
+def _host_and_port(host: str, port: int | None) -> tuple[str, int | None]:
+    """HOST and PORT from ``HOST PORT``, ``HOST:PORT`` or ``[V6]:PORT``; a usage error
+    (exit 2) when the text is malformed or names the port twice."""
+    try:
+        name, named_port = split_host_port(host)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    if named_port is not None and port is not None:
+        fail(f"the port is given twice ({host} and {port}): write HOST:PORT or HOST PORT", 2)
+    return name, port if named_port is None else named_port
 
 
 def main(argv: list[str] | None = None) -> None:

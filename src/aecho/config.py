@@ -219,6 +219,9 @@ DEFAULT_BENCH_SIZE = 1024
 DEFAULT_BENCH_TIMEOUT = 10.0
 # Verification needs a sequence number in every payload; smaller payloads carry its low digits.
 BENCH_HEADER_SIZE = 23
+# --find-max-rate: each step's measured time and warm-up unless -d / --warmup say otherwise.
+DEFAULT_SEARCH_STEP = 2.0
+DEFAULT_SEARCH_WARMUP = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +253,7 @@ class BenchConfig:
     cafile: str | None = None
     insecure: bool = False
     loop: LoopKind = LoopKind.auto
+    find_max_rate: bool = False  # search open-loop rates for the highest within --max-p99
 
     @property
     def embedded(self) -> bool:
@@ -319,4 +323,18 @@ class BenchConfig:
             raise ConfigError("--tls needs the HOST and PORT of a TLS server to measure")
         if not self.embedded and (self.offload is not Offload.inline):
             raise ConfigError("--offload applies to the embedded server only (no HOST/PORT)")
+        if self.plot is not None and not self.plot.lower().endswith((".png", ".svg")):
+            raise ConfigError(f"--plot {self.plot}: name a .png or .svg file")
+        if self.find_max_rate:
+            self._validate_search()
         return self
+
+    def _validate_search(self) -> None:
+        if self.max_p99_ms is None:
+            raise ConfigError("--find-max-rate needs the latency goal: add --max-p99 MS")
+        if self.rate is not None:
+            raise ConfigError("--find-max-rate chooses the rates itself: drop --rate")
+        if self.messages is not None:
+            raise ConfigError("--find-max-rate runs steps of -d seconds: drop -n")
+        if self.min_rate is not None:
+            raise ConfigError("--min-rate does not apply to --find-max-rate")

@@ -48,13 +48,45 @@ def reply_function(cfg: BenchConfig) -> Callable[[bytes], bytes] | None:
     )
 
 
+def payload_parts(cfg: BenchConfig, conn_id: int) -> tuple[bytes, bytes, int]:
+    """(prefix, filler, header bytes kept) of connection ``conn_id``'s payloads.
+
+    A payload is ``prefix + "%016x" % sequence + filler``, cut to the last ``kept``
+    header bytes when the message is smaller than the header.
+    """
+    prefix = b"%06x." % (conn_id & 0xFFFFFF)
+    size = max(cfg.size - (1 if cfg.framing is Framing.line else 0), 1)
+    start = conn_id % len(FILLER)
+    filler = (FILLER * (size // len(FILLER) + 2))[start : start + max(0, size - BENCH_HEADER_SIZE)]
+    return prefix, filler + (b"\n" if cfg.framing is Framing.line else b""), size
+
+
+def reply_size(cfg: BenchConfig) -> int:
+    """Bytes in the reply to one message, as bench predicts it.
+
+    Raises:
+        ConfigError, aecho.handlers.HandlerError: as :func:`reply_function`.
+    """
+    expect = reply_function(cfg)
+    if expect is None:
+        return cfg.size
+    prefix, filler, kept = payload_parts(cfg, 0)
+    return len(expect((prefix + b"%016x" % 0)[-kept:] + filler))
+
+
 class Tally:
-    """What the connections of one worker share: the histogram, the counters, the phase."""
+    """What the connections of one worker share: the histogram, the counters, the phase.
+
+    The measured window runs from ``measure_ns`` to ``window_end_ns``: the rate is the
+    replies completed in it over its length.  Replies still owed when it closes are waited
+    for only to count their latency and errors.
+    """
 
     def __init__(self, cfg: BenchConfig) -> None:
         self.cfg = cfg
         self.expect = reply_function(cfg)
         self.closed_loop = cfg.rate is None
+        self.fast = False  # closed-loop echo: BenchConn.data_received's inlined path
         self.remaining: int | None = None  # -n: messages still to send
         self.hist = Histogram()
         self.errors = dict.fromkeys(ERROR_KINDS, 0)
@@ -63,11 +95,16 @@ class Tally:
         self.live = 0
         self.bytes = 0
         self.sending = False
+        self.stop_asked = False
         # Replies to messages due from this time on take the inlined path in
         # BenchConn.data_received: the measurement's start while fast and sending, else never.
         self.fast_from = NEVER
         self.closing = False
         self.measure_ns = 1 << 62  # nothing counts until the start time is known
+        self.last_reply_ns = 0  # when the last measured reply completed (slow path only)
+        self.window_end_ns: int | None = None
+        self.window_messages = 0
+        self.window_bytes = 0
         self.done = asyncio.Event()
         self.stopped = asyncio.Event()
 
@@ -75,13 +112,28 @@ class Tally:
         self.errors[kind] += 1
         self.first_errors.setdefault(kind, message)
 
-    def stop_sending(self) -> None:
+    def stop_sending(self, close_window: bool = True) -> None:
+        """Send no more; with ``close_window`` the measured window ends now (the deadline,
+        Ctrl-C), otherwise when the replies owed are in (-n).  Asked before sending began
+        (a worker told to stop while it waits for the start), sending never begins."""
+        self.stop_asked = True
         if self.sending:
             self.sending = False
             self.fast_from = NEVER
+            if close_window:
+                self.close_window(monotonic_ns())
             self.stopped.set()
             if not self.inflight:
                 self.done.set()
+
+    def close_window(self, now: int) -> None:
+        """End the measured window at ``now`` (once): what completed so far is the result."""
+        if self.window_end_ns is None:
+            self.window_end_ns = max(now, self.measure_ns)
+            self.window_messages = self.hist.total
+            # The inlined path counts no bytes: its replies are all cfg.size long.
+            fast = self.fast
+            self.window_bytes = self.window_messages * self.cfg.size if fast else self.bytes
 
 
 class BenchConn(asyncio.Protocol):
@@ -98,14 +150,7 @@ class BenchConn(asyncio.Protocol):
         self.seq = 0  # messages sent; replies received are seq - len(out)
         self.failed = False  # already counted as an error: connection_lost stays quiet
         self.lost = False
-        self.prefix = b"%06x." % (conn_id & 0xFFFFFF)
-        size = max(cfg.size - (1 if cfg.framing is Framing.line else 0), 1)
-        self.tail = size  # header bytes kept when the payload is smaller than the header
-        start = conn_id % len(FILLER)
-        filler = (FILLER * (size // len(FILLER) + 2))[
-            start : start + max(0, size - BENCH_HEADER_SIZE)
-        ]
-        self.filler = filler + (b"\n" if cfg.framing is Framing.line else b"")
+        self.prefix, self.filler, self.tail = payload_parts(cfg, conn_id)
         # One formatting operation per message: the sequence goes into a template.
         self.template = self.prefix + b"%016x" + self.filler.replace(b"%", b"%%")
         self.hist = tally.hist  # saves a lookup per message
@@ -184,6 +229,7 @@ class BenchConn(asyncio.Protocol):
             # data_received is the only path hot enough to inline this.
             self.hist.record(now - due)
             w.bytes += len(exp)
+            w.last_reply_ns = now
         if w.sending:
             if w.closed_loop:
                 self.send(now)
@@ -203,8 +249,8 @@ class BenchConn(asyncio.Protocol):
             w.inflight -= owed
             self.out.clear()
         if not self.failed and not w.closing:
-            if not replies:
-                # Closed or reset before a single reply: how a full server turns one away.
+            if not replies and not self.off:
+                # Closed or reset before a single byte back: how a full server turns one away.
                 w.error("refused", "the server closed the connection before any reply")
             elif exc is not None:
                 w.error("reset", f"connection reset: {exc}")
@@ -212,7 +258,10 @@ class BenchConn(asyncio.Protocol):
                 w.error("short", "the server closed the connection with replies owed")
             else:
                 w.error("closed", "the server closed the connection")
-        if (not w.inflight and not w.sending) or not w.live:
+        if not w.live:
+            w.stop_sending()  # nothing left to send on: the run ends now
+            w.done.set()
+        elif not w.inflight and not w.sending:
             w.done.set()
 
     # sending
@@ -229,7 +278,7 @@ class BenchConn(asyncio.Protocol):
         if due >= w.measure_ns and w.remaining is not None:
             w.remaining -= 1
             if w.remaining <= 0:
-                w.stop_sending()
+                w.stop_sending(close_window=False)
         self.out.append((payload if w.expect is None else w.expect(payload), due))
         assert self.transport is not None
         self.transport.write(payload)

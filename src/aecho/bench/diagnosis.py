@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import ipaddress
+import os
 import resource
 import socket
 import ssl
 
-from aecho.config import BenchConfig
+from aecho.config import DEFAULT_HOST, BenchConfig
+from aecho.tls import client_context
 
 
 def connect_error(cfg: BenchConfig, exc: BaseException) -> tuple[str, str]:
@@ -38,3 +42,90 @@ def connect_error(cfg: BenchConfig, exc: BaseException) -> tuple[str, str]:
             return "connect", f"cannot resolve {cfg.host!r}: {exc.strerror}"
         return "connect", f"cannot connect to {target}: {exc.strerror or exc}"
     return "connect", f"cannot connect to {target}: {exc}"
+
+
+# -- the server's side, when it runs on this machine -----------------------------------------------
+
+LISTEN_STATE = "0A"  # TCP_LISTEN in /proc/net/tcp
+UNIX_ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix
+
+
+def _listening_inodes(cfg: BenchConfig) -> set[str]:
+    """Socket inodes listening on the target, when the target is on this machine."""
+    inodes: set[str] = set()
+    if cfg.unix:
+        with contextlib.suppress(OSError), open("/proc/net/unix", encoding="ascii") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                accepting = len(fields) >= 8 and int(fields[3], 16) & UNIX_ACCEPTING
+                if accepting and fields[7] == os.path.abspath(cfg.unix):
+                    inodes.add(fields[6])
+        return inodes
+    if not _is_loopback(cfg.host or DEFAULT_HOST) or cfg.port is None:
+        return inodes  # a port number on another machine says nothing about this one
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == LISTEN_STATE and int(local.rsplit(":", 1)[1], 16) == cfg.port:
+                    inodes.add(inode)
+    return inodes
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_fds(cfg: BenchConfig) -> tuple[int, int, int] | None:
+    """(pid, open descriptors, soft descriptor limit) of the process serving the target,
+    when it runs on this machine and may be looked at; None otherwise."""
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(cfg)}
+    if not wanted:
+        return None
+    best: tuple[int, int, int] | None = None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if not any(os.readlink(f"/proc/{entry}/fd/{fd}") in wanted for fd in fds):
+                continue
+            limit = _soft_fd_limit(int(entry))
+        except OSError:
+            continue  # gone, or not ours to look at
+        if best is None or len(fds) > best[1]:
+            best = (int(entry), len(fds), limit)
+    return best
+
+
+def _soft_fd_limit(pid: int) -> int:
+    """The soft RLIMIT_NOFILE of ``pid`` (-1: unlimited).
+
+    Raises:
+        OSError: the process is gone or its limits cannot be read.
+    """
+    with open(f"/proc/{pid}/limits", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft = line[len("Max open files") :].split()[0]
+                return -1 if soft == "unlimited" else int(soft)
+    raise OSError(f"no descriptor limit for pid {pid}")
+
+
+def speaks_tls(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when a TLS handshake with HOST:PORT succeeds (certificate not checked)."""
+    ctx = client_context(insecure=True)
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except (OSError, ssl.SSLError):
+        return False

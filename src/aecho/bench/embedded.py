@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import IO
 
 from aecho.bench import BenchError
-from aecho.config import BenchConfig
+from aecho.config import DEFAULT_HOST, DEFAULT_MAX_CONNECTIONS, BenchConfig
 from aecho.process.systemd import NotifyReceiver
 
 
@@ -32,7 +32,7 @@ def embedded_server(
         "aecho",
         "serve",
         "--host",
-        "127.0.0.1",
+        DEFAULT_HOST,
         "--port",
         "0",
         "--offload",
@@ -42,7 +42,7 @@ def embedded_server(
         "--framing",
         cfg.framing.value,
         "--max-connections",
-        str(max(cfg.connections + 16, 10_000)),
+        str(max(cfg.connections + 16, DEFAULT_MAX_CONNECTIONS)),
         "--log-level",
         "info",
     ]

@@ -149,6 +149,19 @@ class Histogram:
         }
 
     @classmethod
+    def from_counts(cls, counts: Mapping[int, int]) -> Histogram:
+        """A histogram of sparse bucket counts alone (min, max and sum from the buckets'
+        upper edges): enough for percentiles over a slice of time."""
+        h = cls()
+        for i, n in counts.items():
+            h.counts[i] += n
+            upper = bucket_upper(i)
+            h.max = max(h.max, upper)
+            h.low = min(h.low, upper)
+            h.total_ns += upper * n
+        return h
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Histogram:
         """Rebuild a histogram from :meth:`to_dict` output.
 

@@ -1,13 +1,27 @@
-"""The ``--plot`` figure: throughput over time and the latency percentile curve."""
+"""The ``--plot`` figures: a run (latency spectrum, throughput and p99 over time) and a
+``--find-max-rate`` search (latency against throughput: the hockey stick).  PNG or SVG by
+the file's suffix.  matplotlib is imported here only, and only when a plot is asked for."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
 from aecho.bench import BenchError
-from aecho.bench.results import Result
-from aecho.bench.worker import TICK_NS
+from aecho.bench.histogram import Histogram
+from aecho.bench.results import SECOND_NS, TICK_NS, Result, Setup
+from aecho.bench.search import Search
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+MARKED = ((50.0, "p50"), (99.0, "p99"), (99.9, "p99.9"))
+NINES = (50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
+COLORS = {"p50": "tab:blue", "p99": "tab:orange", "p99.9": "tab:red", "rate": "tab:green"}
 
 
-def check_plot() -> None:
+def check_plot(path: str) -> None:
     """Fail early when ``--plot`` cannot work.
 
     Raises:
@@ -16,45 +30,278 @@ def check_plot() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BenchError("--plot needs matplotlib: pip install 'aecho[plot]'") from None
+        raise BenchError(
+            f"--plot {path} needs matplotlib: pip install matplotlib "
+            "(from a clone of aecho: pip install -e '.[plot]')"
+        ) from None
 
 
-def write_plot(result: Result, path: str) -> None:
-    """Throughput over time and the latency percentile curve, in one PNG.
-
-    Raises:
-        BenchError: the file cannot be written.
-    """
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7))
-    step = TICK_NS / 1e9
-    top.plot([i * step for i in range(len(result.timeline))], [n / step for n in result.timeline])
-    top.set_xlabel("time (s)")
-    top.set_ylabel("messages/s")
-    top.set_ylim(bottom=0)
-    top.set_title(f"aecho bench {result.cfg.target}: throughput")
-    curve = [(p, v) for p, v in result.hist.curve() if p < 100]
-    if curve:
-        # x = 1/(1 - p): the usual way to give the tail (p99, p99.9, ...) room.
-        bottom.plot([1 / (1 - p / 100) for p, _ in curve], [v / 1e6 for _, v in curve])
-        bottom.set_xscale("log")
-        ticks = [
-            q
-            for q in (50, 90, 99, 99.9, 99.99, 99.999)
-            if 1 / (1 - q / 100) <= 2 * len(curve) * 1e3
-        ]
-        bottom.set_xticks([1 / (1 - q / 100) for q in ticks], [f"{q:g}%" for q in ticks])
-    bottom.set_xlabel("percentile")
-    bottom.set_ylabel("latency (ms)")
-    bottom.set_title("latency by percentile")
-    fig.tight_layout()
+    return plt
+
+
+def _ms(ns: float) -> float:
+    return ns / 1e6
+
+
+def _fmt_ms(ms: float) -> str:
+    if ms < 1:
+        return f"{ms * 1e3:.0f} us"
+    if ms < 1000:
+        return f"{ms:.3g} ms"
+    return f"{ms / 1e3:.3g} s"
+
+
+def caption(setup: Setup) -> str:
+    """The run's parameters in one line: server, load and what the server ran."""
+    load = f"rate {setup.rate:,.0f}/s" if setup.rate else f"pipeline {setup.pipeline}"
+    sizes = (
+        f"{setup.size} B"
+        if setup.size == setup.reply_size
+        else (f"{setup.size} B out / {setup.reply_size} B back")
+    )
+    server = "embedded aecho serve" if setup.embedded else setup.target
+    what = f"handler {setup.handler}, framing {setup.framing}"
+    if setup.offload:
+        what += f", offload {setup.offload}"
+    return (
+        f"{server} ({what}) | {setup.connections} connections x {sizes}, {load}, "
+        f"{setup.workers} worker{'s' if setup.workers > 1 else ''}"
+    )
+
+
+def _save(fig: Figure, path: str) -> None:
+    """Raises: BenchError: the file cannot be written."""
+    plt = _pyplot()
     try:
-        fig.savefig(path)
+        fig.savefig(path, format="svg" if path.lower().endswith(".svg") else "png")
     except OSError as exc:
         raise BenchError(f"cannot write --plot {path}: {exc.strerror or exc}") from exc
     finally:
         plt.close(fig)
+
+
+def _empty(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+
+def write_plot(result: Result, path: str) -> None:
+    """The latency spectrum beside throughput and p99 over time, parameters in the title.
+
+    Raises:
+        BenchError: the file cannot be written.
+    """
+    plt = _pyplot()
+    fig = plt.figure(figsize=(12, 7.5), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=(1.1, 1))
+    spectrum = fig.add_subplot(grid[:, 0])
+    rate = fig.add_subplot(grid[0, 1])
+    p99 = fig.add_subplot(grid[1, 1], sharex=rate)
+    s = result.setup
+    started = datetime.fromtimestamp(result.start_unix_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M")
+    fig.suptitle(
+        f"aecho bench {s.target}: {result.msgs_per_s:,.0f} msgs/s over "
+        f"{result.duration_s:.3g} s, {result.messages:,} replies verified, "
+        f"{result.error_count + result.errors['mismatch']:,} errors"
+        + (" (interrupted)" if result.interrupted else ""),
+        fontsize=13,
+        fontweight="bold",
+    )
+    fig.text(
+        0.5,
+        -0.01,
+        f"{caption(s)} | started {started} UTC",
+        ha="center",
+        va="top",
+        fontsize=9,
+        color="dimgray",
+    )
+    _spectrum(spectrum, result.hist)
+    _rate_over_time(rate, result)
+    _p99_over_time(p99, result)
+    _save(fig, path)
+
+
+def _spectrum(ax: Axes, h: Histogram) -> None:
+    """Latency by percentile: log latency against a log 'nines' axis (x = 1/(1 - p))."""
+    ax.set_title("latency by percentile")
+    curve = [(p, v) for p, v in h.curve() if p < 100]
+    if not h.total:
+        _empty(ax, "no replies")
+        return
+    xs = [1 / (1 - p / 100) for p, _ in curve] or [1.0]
+    ys = [max(_ms(v), 1e-3) for _, v in curve] or [max(_ms(h.max), 1e-3)]
+    ax.step(xs, ys, where="post", color="black", linewidth=1.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    top = 1 / (1 - min(99.99999, 100 - 100 / max(h.total, 2)) / 100)
+    ticks = [q for q in NINES if 1 / (1 - q / 100) <= top * 1.0001]
+    ax.set_xticks([1 / (1 - q / 100) for q in ticks], [f"{q:g}%" for q in ticks])
+    ax.set_xlim(1, max(top, 2 * 1.05))
+    ax.minorticks_off()
+    ax.set_xlabel("percentile (log of 1 / (1 - p))")
+    ax.set_ylabel("latency (ms, log)")
+    ax.grid(True, which="major", alpha=0.5)
+    ax.grid(True, which="minor", axis="y", alpha=0.2)
+    ax.yaxis.set_minor_locator(_log_minor())
+    for q, name in MARKED:
+        if 1 / (1 - q / 100) > top * 1.0001:
+            continue
+        x, y = 1 / (1 - q / 100), _ms(h.percentile(q))
+        ax.plot([x], [y], "o", color=COLORS[name], markersize=8, zorder=3)
+        ax.annotate(
+            f"{name} {_fmt_ms(y)}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(-10, 12),
+            ha="right",
+            fontsize=11,
+            color=COLORS[name],
+            fontweight="bold",
+        )
+    ax.axhline(_ms(h.max), color="gray", linestyle=":", linewidth=1)
+    ax.annotate(
+        f"max {_fmt_ms(_ms(h.max))}",
+        (1, _ms(h.max)),
+        textcoords="offset points",
+        xytext=(4, 4),
+        fontsize=9,
+        color="gray",
+    )
+
+
+def _log_minor() -> Any:
+    from matplotlib.ticker import LogLocator
+
+    return LogLocator(base=10, subs=(2, 3, 5))
+
+
+def _rate_over_time(ax: Axes, result: Result) -> None:
+    ax.set_title("throughput over time")
+    if not result.timeline:
+        _empty(ax, "no time measured")
+        return
+    tick = TICK_NS / 1e9
+    xs = [(i + 0.5) * tick for i in range(len(result.timeline))]
+    ax.plot(xs, [n / tick for n in result.timeline], color=COLORS["rate"], alpha=0.35,
+            linewidth=1, label=f"per {tick * 1e3:g} ms")  # fmt: skip
+    per = int(SECOND_NS // TICK_NS)
+    seconds = [result.timeline[i : i + per] for i in range(0, len(result.timeline), per)]
+    if len(seconds) > 1:
+        # A last, partial second is shown at the rate of the time it covers.
+        centres = [i + len(chunk) * tick / 2 for i, chunk in enumerate(seconds)]
+        rates = [sum(chunk) / (len(chunk) * tick) for chunk in seconds]
+        ax.plot(centres, rates, "o-", color=COLORS["rate"], linewidth=2, label="per second")
+    if result.setup.rate:
+        ax.axhline(result.setup.rate, color="black", linestyle="--", linewidth=1.2,
+                   label=f"target {result.setup.rate:,.0f}/s")  # fmt: skip
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("msgs/s")
+    ax.grid(True, alpha=0.5)
+    ax.legend(loc="lower right", fontsize=9)
+    ax.yaxis.set_major_formatter(_thousands())
+    ax.tick_params(labelbottom=False)
+
+
+def _thousands() -> Any:
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:,.0f}")
+
+
+def _p99_over_time(ax: Axes, result: Result) -> None:
+    ax.set_title("p99 latency per second")
+    values = result.p99_by_second()
+    points = [(i + 0.5, _ms(v)) for i, v in enumerate(values) if v is not None]
+    if not points:
+        _empty(ax, "no replies")
+        return
+    last = len(values)
+    span = result.duration_s or last
+    # The last second may be partial; its point goes in the middle of what it covers.
+    points = [(min(x, (last - 1 + span) / 2) if x > last - 1 else x, y) for x, y in points]
+    ax.plot([x for x, _ in points], [max(y, 1e-3) for _, y in points], "o-",
+            color=COLORS["p99"], linewidth=2)  # fmt: skip
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(_log_minor())
+    ax.grid(True, which="major", alpha=0.5)
+    ax.grid(True, which="minor", axis="y", alpha=0.2)
+    ax.set_ylabel("p99 (ms, log)")
+    ax.set_xlabel("seconds since the measurement started")
+    ax.set_xlim(0, max(span, 0.5))
+
+
+# -- a search --------------------------------------------------------------------------------------
+
+
+def write_search_plot(search: Search, path: str) -> None:
+    """p50, p99 and p99.9 of every step against its achieved throughput, the goal as a line
+    and the answer marked.
+
+    Raises:
+        BenchError: the file cannot be written.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 7), layout="constrained")
+    s = search.setup
+    answer = search.max_rate
+    fig.suptitle(
+        f"aecho bench {s.target}: latency against throughput, goal p99 <= "
+        f"{_fmt_ms(search.goal_ms)}",
+        fontsize=13,
+        fontweight="bold",
+    )
+    fig.text(0.5, -0.01, caption(s), ha="center", va="top", fontsize=9,
+             color="dimgray")  # fmt: skip
+    steps = sorted(
+        (st for st in search.steps if st.rate is not None and st.result.hist.total),
+        key=lambda st: st.result.msgs_per_s,
+    )
+    if not steps:
+        _empty(ax, "no step measured any reply")
+        _save(fig, path)
+        return
+    xs = [st.result.msgs_per_s for st in steps]
+    for q, name in MARKED:
+        ys = [max(_ms(st.result.hist.percentile(q)), 1e-3) for st in steps]
+        ax.plot(xs, ys, "-", color=COLORS[name], linewidth=1.5, alpha=0.8, label=name)
+        for x, y, st in zip(xs, ys, steps, strict=True):
+            ax.plot([x], [y], "o" if st.passed else "x", color=COLORS[name], markersize=7)
+    ax.axhline(search.goal_ms, color="black", linestyle="--", linewidth=1.3,
+               label=f"goal: p99 <= {_fmt_ms(search.goal_ms)}")  # fmt: skip
+    best = search.best
+    if best is not None and answer is not None:
+        bx, by = best.result.msgs_per_s, _ms(best.result.hist.percentile(99))
+        ax.axvline(bx, color="tab:green", linestyle=":", linewidth=1.5)
+        ax.plot([bx], [by], "*", color="tab:green", markersize=18, zorder=4)
+        ax.annotate(
+            f"max sustainable rate\n{answer:,.0f} msgs/s (p99 {_fmt_ms(by)})",
+            (bx, by),
+            textcoords="offset points",
+            xytext=(-12, 30),
+            ha="right",
+            fontsize=11,
+            fontweight="bold",
+            color="tab:green",
+            arrowprops={"arrowstyle": "->", "color": "tab:green"},
+        )
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(_log_minor())
+    ax.set_xlabel("achieved throughput (msgs/s); o passed, x failed")
+    ax.set_ylabel("latency (ms, log)")
+    ax.xaxis.set_major_formatter(_thousands())
+    ax.set_xlim(0, max(xs) * 1.08)
+    ax.grid(True, which="major", alpha=0.5)
+    ax.grid(True, which="minor", axis="y", alpha=0.2)
+    ax.legend(loc="upper left")
+    _save(fig, path)

@@ -1,10 +1,10 @@
-"""Showing what bench measured: live progress, the results table, JSON and a plot."""
+"""Showing what bench measured: the live line, the results table, the search table, the
+``--json`` output, and the verdict (why a run counts as failed)."""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 from rich.console import Console
@@ -12,8 +12,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from aecho.bench.results import Result
-from aecho.bench.worker import TICK_NS
+from aecho.bench import BenchError
+from aecho.bench.results import Result, Setup, to_json
+from aecho.bench.search import Search, Step
+from aecho.bench.search import to_json as search_json
 from aecho.config import BenchConfig
 
 ERROR_LABELS = {
@@ -25,6 +27,7 @@ ERROR_LABELS = {
     "timeout": "timeouts",
     "mismatch": "mismatches",
 }
+USUAL_FD_LIMITS = (256, 1024, 4096)  # common soft RLIMIT_NOFILE values
 
 
 def fmt_ns(ns: float) -> str:
@@ -45,101 +48,68 @@ class Progress:
             Text("connecting ..."), console=self.console, auto_refresh=False, transient=True
         )
         self.live.start()
-        self._last: tuple[float, int] | None = None
 
     def update(self, p: dict[str, Any]) -> None:
-        now = time.monotonic()
-        rate = 0.0
-        if self._last is not None and now > self._last[0]:
-            rate = (p["messages"] - self._last[1]) / (now - self._last[0])
-        self._last = (now, p["messages"])
+        errors = (f"errors {p['errors']}", "red" if p["errors"] else "green")
         if p["warming"]:
-            head = "warming up"
-        elif self.cfg.duration is not None:
-            head = f"{p['elapsed_s']:5.1f} / {self.cfg.duration:g} s"
+            # Nothing is counted while warming up: a rate of 0 would be a false figure.
+            line = Text.assemble(
+                ("warming up", "bold"), f"   {p['warmup_left_s']:.1f} s left   ", errors
+            )
         else:
-            head = f"{p['messages']:,} / {self.cfg.messages:,} msgs"
-        line = Text.assemble(
-            (head, "bold"),
-            f"   {rate:>12,.0f} msgs/s   p99 {fmt_ns(p['p99_ns'])}   ",
-            (f"errors {p['errors']}", "red" if p["errors"] else "green"),
-        )
+            if self.cfg.duration is not None:
+                head = f"{p['elapsed_s']:5.1f} / {self.cfg.duration:g} s"
+            else:
+                head = f"{p['messages']:,} / {self.cfg.messages:,} msgs"
+            rate = "" if p["rate"] is None else f"{p['rate']:>12,.0f} msgs/s   "
+            line = Text.assemble((head, "bold"), f"   {rate}p99 {fmt_ns(p['p99_ns'])}   ", errors)
         self.live.update(line, refresh=True)
 
     def stop(self) -> None:
         self.live.stop()
 
 
-def as_json(result: Result) -> dict[str, Any]:
-    """The ``--json`` object (keys fixed by DESIGN.md, plus details)."""
-    cfg, h, ch = result.cfg, result.hist, result.connect_hist
-
-    def us(ns: float) -> float:
-        return round(ns / 1e3, 3)
-
-    return {
-        "target": cfg.target,
-        "connections": cfg.connections,
-        "connected": result.connected,
-        "workers": cfg.workers,
-        "size": cfg.size,
-        "pipeline": cfg.pipeline,
-        "rate": cfg.rate,
-        "framing": cfg.framing.value,
-        "warmup_s": cfg.warmup,
-        "duration_s": round(result.duration_s, 6),
-        "messages": result.messages,
-        "bytes": result.bytes,
-        "msgs_per_s": round(result.msgs_per_s, 3),
-        "mib_per_s": round(result.mib_per_s, 3),
-        "errors": result.error_count,
-        "mismatches": result.errors["mismatch"],
-        "errors_by_kind": result.errors,
-        "interrupted": result.interrupted,
-        "latency_us": {
-            "min": us(h.min),
-            "mean": us(h.mean),
-            "p50": us(h.percentile(50)),
-            "p90": us(h.percentile(90)),
-            "p99": us(h.percentile(99)),
-            "p999": us(h.percentile(99.9)),
-            "max": us(h.max),
-        },
-        "connect_latency_us": {
-            "p50": us(ch.percentile(50)),
-            "p99": us(ch.percentile(99)),
-            "max": us(ch.max),
-        },
-        "timeline_msgs_per_s": [n * 1e9 / TICK_NS for n in result.timeline],
-        "embedded_server_pid": result.server_pid,
-    }
+# -- one run ---------------------------------------------------------------------------------------
 
 
-def print_json(result: Result) -> None:
-    sys.stdout.write(json.dumps(as_json(result)) + "\n")
-    sys.stdout.flush()
+def describe_server(setup: Setup, pid: int | None) -> tuple[str, str]:
+    """The server measured, and what bench knows of what it runs: (server, handler)."""
+    if setup.embedded:
+        where = "embedded aecho serve" + (f" (pid {pid})" if pid is not None else "")
+        return where, f"{setup.handler}, framing {setup.framing}, offload {setup.offload}"
+    return setup.target, f"{setup.handler}, framing {setup.framing} (as bench checks replies)"
 
 
 def print_table(result: Result, console: Console | None = None) -> None:
     console = console or Console()
-    cfg, h = result.cfg, result.hist
-    table = Table(title=f"aecho bench {cfg.target}", show_header=False, title_justify="left")
+    s, h = result.setup, result.hist
+    table = Table(title=f"aecho bench {s.target}", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column(justify="right")
-    mode = f"rate {cfg.rate:,.0f}/s" if cfg.rate else f"pipeline {cfg.pipeline}"
+    table.add_column()
+    server, handler = describe_server(s, result.server_pid)
+    table.add_row("server", server)
+    table.add_row("handler", handler)
+    mode = f"rate {s.rate:,.0f}/s" if s.rate else f"pipeline {s.pipeline}"
+    sizes = f"{s.size} B" if s.reply_size == s.size else f"{s.size} B out, {s.reply_size} B back"
     table.add_row(
         "load",
-        f"{result.connected}/{cfg.connections} connections, {cfg.size} B, {mode}, "
-        f"{cfg.workers} worker{'s' if cfg.workers > 1 else ''}",
+        f"{result.connected}/{s.connections} connections, {sizes}, {mode}, "
+        f"{s.workers} worker{'s' if s.workers > 1 else ''}",
     )
     dur = f"{result.duration_s:.3f} s" + (" (interrupted)" if result.interrupted else "")
     table.add_row("duration", dur)
-    table.add_row("messages", f"{result.messages:,} (every byte verified)")
-    table.add_row("throughput", f"{result.msgs_per_s:,.0f} msgs/s   {result.mib_per_s:,.2f} MiB/s")
+    verified = " (every byte verified)" if result.messages and not result.errors["mismatch"] else ""
+    table.add_row("messages", f"{result.messages:,}{verified}")
+    if s.reply_size == s.size:
+        volume = f"{result.mib_per_s:,.2f} MiB/s each way"
+    else:
+        volume = f"{result.sent_mib_per_s:,.2f} MiB/s out, {result.mib_per_s:,.2f} MiB/s back"
+    table.add_row("throughput", f"{result.msgs_per_s:,.0f} msgs/s   {volume}")
     for label, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9)):
-        table.add_row(f"latency {label}", fmt_ns(h.percentile(q)))
-    table.add_row("latency max", fmt_ns(h.max))
-    table.add_row("connect p99", fmt_ns(result.connect_hist.percentile(99)))
+        table.add_row(f"latency {label}", fmt_ns(h.percentile(q)) if h.total else "-")
+    table.add_row("latency max", fmt_ns(h.max) if h.total else "-")
+    ch = result.connect_hist
+    table.add_row("connect p99", fmt_ns(ch.percentile(99)) if ch.total else "-")
     for kind, n in result.errors.items():
         if n:
             table.add_row(Text(ERROR_LABELS[kind], style="red"), Text(f"{n:,}", style="red"))
@@ -148,28 +118,173 @@ def print_table(result: Result, console: Console | None = None) -> None:
     console.print(table)
 
 
-def verdict(result: Result) -> list[str]:
+def print_json(result: Result, failures: list[str] | None = None) -> None:
+    data = to_json(result)
+    data["failures"] = verdict(result) if failures is None else failures
+    sys.stdout.write(json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
+def print_failure_json(setup: Setup, exc: BenchError) -> None:
+    """``--json`` when nothing could be measured: the usual object, zeros and the reason."""
+    result = exc.partial if isinstance(exc.partial, Result) else Result.empty(setup)
+    result.failure = str(exc)
+    print_json(result, [str(exc)])
+
+
+def show(result: Result, cfg: BenchConfig) -> int:
+    """Print the result as asked (table or JSON, plot) and the verdict; the exit status.
+
+    Raises:
+        BenchError: the plot cannot be written.
+    """
+    failures = verdict(result, cfg.max_p99_ms, cfg.min_rate)
+    if cfg.json:
+        print_json(result, failures)
+    else:
+        print_table(result)
+    if cfg.plot:
+        from aecho.bench.plot import write_plot
+
+        write_plot(result, cfg.plot)
+    for line in failures:
+        print(f"aecho bench: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def verdict(
+    result: Result, max_p99_ms: float | None = None, min_rate: float | None = None
+) -> list[str]:
     """One line per reason the run failed (empty: success)."""
-    cfg, errs = result.cfg, result.errors
+    s, errs, notes = result.setup, result.errors, result.notes
     out: list[str] = []
+    if notes.get("tls"):
+        # Everything else (closed connections, garbage replies) follows from this.
+        return [f"the server at {s.target} speaks TLS and dropped every plain connection: "
+                "did you mean --tls?"]  # fmt: skip
+    fds = notes.get("server_fds")
+    out_of_fds = fds is not None and fds[2] > 0 and fds[1] >= fds[2] - max(8, fds[2] // 50)
     if errs["refused"]:
-        out.append(
-            f"the server closed {errs['refused']} of {cfg.connections} connections before "
-            "replying: its connection limit was probably reached (aecho serve --max-connections)"
-        )
+        out.append(_refused(result, fds, out_of_fds))
     if errs["connect"]:
         out.append(f"{errs['connect']} connections failed: {result.first_errors['connect']}")
     if errs["mismatch"]:
         out.append(f"{errs['mismatch']} replies did not match what was sent")
     for kind in ("closed", "short", "reset", "timeout"):
         if errs[kind]:
-            out.append(f"{errs[kind]} {ERROR_LABELS[kind]}: {result.first_errors[kind]}")
-    if cfg.max_p99_ms is not None:
+            why = result.first_errors[kind]
+            if kind == "timeout" and fds is not None and out_of_fds:
+                why = f"{why}: too few file descriptors: {_fds_text(fds)}"
+            out.append(f"{errs[kind]} {ERROR_LABELS[kind]}: {why}")
+    if max_p99_ms is not None:
         p99 = result.hist.percentile(99) / 1e6
-        if p99 > cfg.max_p99_ms or not result.messages:
-            out.append(f"p99 latency {p99:.3f} ms is above --max-p99 {cfg.max_p99_ms:g} ms")
-    if cfg.min_rate is not None and result.msgs_per_s < cfg.min_rate:
+        if p99 > max_p99_ms or not result.hist.total:
+            shown = f"{p99:.3f} ms" if result.hist.total else "unknown (no replies)"
+            out.append(f"p99 latency {shown} is above --max-p99 {max_p99_ms:g} ms")
+    if min_rate is not None and result.msgs_per_s < min_rate:
         out.append(
-            f"throughput {result.msgs_per_s:,.0f} msgs/s is below --min-rate {cfg.min_rate:,.0f}"
+            f"throughput {result.msgs_per_s:,.0f} msgs/s is below --min-rate {min_rate:,.0f}"
         )
     return out
+
+
+def _fds_text(fds: list[int]) -> str:
+    pid, used, limit = fds
+    return (
+        f"the server (pid {pid}) has {used} of its {limit} open; raise its limit "
+        "(ulimit -n, LimitNOFILE=) or use fewer connections"
+    )
+
+
+def _refused(result: Result, fds: list[int] | None, out_of_fds: bool) -> str:
+    """Name why the server closed connections before replying: its descriptors or its
+    connection limit."""
+    n, total = result.errors["refused"], result.setup.connections
+    head = f"the server closed {n} of {total} connections before replying"
+    if fds is not None and out_of_fds:
+        return f"{head}: too few file descriptors: {_fds_text(fds)}"
+    if fds is not None:
+        return (
+            f"{head}: connection limit reached (the server, pid {fds[0]}, has {fds[1]} of "
+            f"{fds[2]} file descriptors open, so not its descriptor limit); raise "
+            "aecho serve --max-connections or use fewer connections"
+        )
+    served = result.connected - n
+    for limit in USUAL_FD_LIMITS:
+        if limit - 64 <= served < limit:
+            return (
+                f"{head}: probably too few file descriptors: it served {served}, just under "
+                f"the usual limit of {limit}; raise the server's ulimit -n (LimitNOFILE=)"
+            )
+    return f"{head}: connection limit reached (aecho serve --max-connections)"
+
+
+# -- the search ------------------------------------------------------------------------------------
+
+
+def print_step(step: Step) -> None:
+    """One line on stderr as each search step ends."""
+    r = step.result
+    p99 = fmt_ns(r.hist.percentile(99)) if r.hist.total else "-"
+    verdict_word = "probe" if step.rate is None else ("pass" if step.passed else "fail")
+    early = " (stopped early)" if r.aborted else ""
+    print(
+        f"aecho bench: step {step.label}: {r.msgs_per_s:,.0f} msgs/s, p99 {p99}, "
+        f"errors {r.error_count + r.errors['mismatch']}: {verdict_word}{early}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def print_search_table(search: Search, console: Console | None = None) -> None:
+    console = console or Console()
+    s = search.setup
+    title = (
+        f"aecho bench {s.target}: highest rate with p99 <= {search.goal_ms:g} ms "
+        f"({s.connections} connections, {s.size} B)"
+    )
+    table = Table(title=title, title_justify="left")
+    for name in ("target msgs/s", "achieved msgs/s", "p50", "p99", "p99.9", "errors", "result"):
+        table.add_column(name, justify="right")
+    for st in search.steps:
+        r, h = st.result, st.result.hist
+        cells = [fmt_ns(h.percentile(q)) if h.total else "-" for q in (50, 99, 99.9)]
+        if st.rate is None:
+            outcome = Text("probe")
+        elif st.passed:
+            outcome = Text("pass", style="green")
+        else:
+            outcome = Text("fail" + (" (stopped early)" if r.aborted else ""), style="red")
+        errors = r.error_count + r.errors["mismatch"]
+        table.add_row(st.label, f"{r.msgs_per_s:,.0f}", *cells, f"{errors:,}", outcome)
+    console.print(table)
+    console.print(answer_line(search))
+
+
+def answer_line(search: Search) -> str:
+    best = search.best
+    if best is None:
+        return f"no rate held p99 within {search.goal_ms:g} ms"
+    p99 = fmt_ns(best.result.hist.percentile(99))
+    return f"max sustainable rate: {best.rate:,.0f} msgs/s (p99 {p99} at {best.rate:,.0f})"
+
+
+def show_search(search: Search, cfg: BenchConfig) -> int:
+    """Print the search as asked (table or JSON, plot); the exit status (1: no rate passed).
+
+    Raises:
+        BenchError: the plot cannot be written.
+    """
+    if cfg.json:
+        sys.stdout.write(json.dumps(search_json(search)) + "\n")
+        sys.stdout.flush()
+    else:
+        print_search_table(search)
+    if cfg.plot:
+        from aecho.bench.plot import write_search_plot
+
+        write_search_plot(search, cfg.plot)
+    if search.best is None:
+        print(f"aecho bench: {answer_line(search)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,47 +1,147 @@
-"""What a run measured: one worker's figures, and their exact merge into one result."""
+"""What a run measured: one worker's figures, their exact merge into one result (across
+``--workers`` or across machines), and the ``--json`` form that carries it between them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
-from aecho.bench.connection import ERROR_KINDS
-from aecho.bench.histogram import Histogram
+from aecho.bench import BenchError
+from aecho.bench.connection import ERROR_KINDS, reply_size
+from aecho.bench.histogram import SUB_BITS, Histogram
 from aecho.config import BenchConfig
+
+TICK_NS = 100_000_000  # resolution of the throughput timeline
+SECOND_NS = 1_000_000_000  # resolution of latency over time
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What was measured: enough to label a table or a plot, and to tell whether two
+    results measured the same thing."""
+
+    target: str
+    connections: int
+    workers: int
+    size: int  # bytes of each message sent
+    reply_size: int  # bytes of each reply expected
+    pipeline: int
+    rate: float | None  # open loop: messages/s in total
+    framing: str
+    handler: str
+    embedded: bool
+    offload: str | None  # known for the embedded server only
+    warmup_s: float
+    duration_s: float | None  # as asked (-d)
+    messages: int | None  # as asked (-n)
+    tls: bool
+
+    @classmethod
+    def from_cfg(cls, cfg: BenchConfig) -> Setup:
+        """Raises: ConfigError, HandlerError: the handler's replies cannot be predicted."""
+        return cls(
+            target=cfg.target,
+            connections=cfg.connections,
+            workers=cfg.workers,
+            size=cfg.size,
+            reply_size=reply_size(cfg),
+            pipeline=cfg.pipeline,
+            rate=cfg.rate,
+            framing=cfg.framing.value,
+            handler=cfg.handler,
+            embedded=cfg.embedded,
+            offload=cfg.offload.value if cfg.embedded else None,
+            warmup_s=cfg.warmup,
+            duration_s=cfg.duration,
+            messages=cfg.messages,
+            tls=cfg.tls,
+        )
+
+    @classmethod
+    def combined(cls, setups: list[Setup], names: list[str]) -> Setup:
+        """One setup for results measured side by side (loads from several machines).
+
+        Raises:
+            BenchError: two results measured different things (size, framing, handler,
+                pipeline, or open against closed loop).
+        """
+        first = setups[0]
+        for setup, name in zip(setups[1:], names[1:], strict=True):
+            for what in ("size", "reply_size", "framing", "handler", "pipeline"):
+                if getattr(setup, what) != getattr(first, what):
+                    raise BenchError(
+                        f"cannot merge {names[0]} and {name}: they measured different "
+                        f"{what.replace('_', ' ')}s ({getattr(first, what)} and "
+                        f"{getattr(setup, what)})"
+                    )
+            if (setup.rate is None) != (first.rate is None):
+                raise BenchError(
+                    f"cannot merge {names[0]} and {name}: one is open loop (--rate), one is not"
+                )
+        rates = [s.rate for s in setups]
+        counts = [s.messages for s in setups]
+        return replace(
+            first,
+            target=", ".join(dict.fromkeys(s.target for s in setups)),
+            connections=sum(s.connections for s in setups),
+            workers=sum(s.workers for s in setups),
+            rate=None if None in rates else sum(r for r in rates if r is not None),
+            embedded=all(s.embedded for s in setups),
+            offload=first.offload if len({s.offload for s in setups}) == 1 else None,
+            warmup_s=max(s.warmup_s for s in setups),
+            duration_s=first.duration_s if len({s.duration_s for s in setups}) == 1 else None,
+            messages=None if None in counts else sum(n for n in counts if n is not None),
+        )
 
 
 @dataclass
 class WorkerResult:
-    """What one worker measured; picklable so workers can send it to the parent."""
+    """What one worker measured (or one whole result, when merging files); picklable so
+    workers can send it to the parent.  Histograms are in their sparse dict form."""
 
     hist: dict[str, Any]
     connect_hist: dict[str, Any]
     errors: dict[str, int]
     first_errors: dict[str, str]
-    messages: int
-    bytes: int
-    sent: int
+    messages: int  # replies completed in the window
+    bytes: int  # their bytes
+    sent: int  # messages sent, in the window or not
     connected: int
-    measure_ns: int
-    end_ns: int
-    timeline: list[int]
+    start_unix_ns: int  # wall clock at the window's start
+    window_ns: int
+    timeline: list[int]  # replies completed per TICK_NS of the window
+    seconds: list[dict[int, int]]  # latencies recorded per second (sparse bucket counts)
+    aborted: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Result:
-    cfg: BenchConfig
+    setup: Setup
     hist: Histogram
     connect_hist: Histogram
     errors: dict[str, int]
     first_errors: dict[str, str]
     messages: int
     bytes: int
+    sent: int
     connected: int
-    duration_s: float
+    start_unix_ns: int
+    duration_ns: int
     timeline: list[int]
+    seconds: list[dict[int, int]]
     interrupted: bool = False
+    aborted: bool = False  # a search step stopped early
     server_pid: int | None = None  # the embedded server's, once stopped
+    notes: dict[str, Any] = field(default_factory=dict)
+    failure: str | None = None  # why the run failed as a whole
     workers: list[WorkerResult] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        return self.duration_ns / 1e9
 
     @property
     def error_count(self) -> int:
@@ -49,40 +149,272 @@ class Result:
 
     @property
     def msgs_per_s(self) -> float:
-        return self.messages / self.duration_s if self.duration_s > 0 else 0.0
+        return self.messages / self.duration_s if self.duration_ns > 0 else 0.0
 
     @property
     def mib_per_s(self) -> float:
-        return self.bytes / self.duration_s / (1 << 20) if self.duration_s > 0 else 0.0
+        """Reply bytes verified per second, in MiB."""
+        return self.bytes / self.duration_s / (1 << 20) if self.duration_ns > 0 else 0.0
+
+    @property
+    def sent_mib_per_s(self) -> float:
+        """Bytes of the messages those replies answered, per second, in MiB."""
+        return self.msgs_per_s * self.setup.size / (1 << 20)
+
+    def p99_by_second(self) -> list[int | None]:
+        """p99 latency (ns) of the replies recorded in each second; None for an empty one."""
+        out: list[int | None] = []
+        for buckets in self.seconds:
+            h = Histogram.from_counts(buckets)
+            out.append(h.percentile(99) if h.total else None)
+        return out
 
     @classmethod
-    def merge(
-        cls, cfg: BenchConfig, parts: list[WorkerResult], interrupted: bool = False
-    ) -> Result:
+    def empty(cls, setup: Setup) -> Result:
+        """A result with nothing measured (a run that could not start)."""
+        return cls(
+            setup=setup,
+            hist=Histogram(),
+            connect_hist=Histogram(),
+            errors=dict.fromkeys(ERROR_KINDS, 0),
+            first_errors={},
+            messages=0,
+            bytes=0,
+            sent=0,
+            connected=0,
+            start_unix_ns=0,
+            duration_ns=0,
+            timeline=[],
+            seconds=[],
+        )
+
+    def as_part(self) -> WorkerResult:
+        """This whole result as one part of a merge."""
+        return WorkerResult(
+            hist=self.hist.to_dict(),
+            connect_hist=self.connect_hist.to_dict(),
+            errors=dict(self.errors),
+            first_errors=dict(self.first_errors),
+            messages=self.messages,
+            bytes=self.bytes,
+            sent=self.sent,
+            connected=self.connected,
+            start_unix_ns=self.start_unix_ns,
+            window_ns=self.duration_ns,
+            timeline=list(self.timeline),
+            seconds=[dict(s) for s in self.seconds],
+            aborted=self.aborted,
+            notes=dict(self.notes),
+        )
+
+    @classmethod
+    def merge(cls, setup: Setup, parts: list[WorkerResult], interrupted: bool = False) -> Result:
+        """Add up ``parts`` exactly: counters and histogram buckets are summed, timelines
+        line up by wall clock, and the duration spans the earliest start to the latest end."""
         errors = dict.fromkeys(ERROR_KINDS, 0)
         first: dict[str, str] = {}
+        notes: dict[str, Any] = {}
+        timed = [p for p in parts if p.start_unix_ns] or parts  # some never got to start
+        start = min(p.start_unix_ns for p in timed)
+        end = max(p.start_unix_ns + p.window_ns for p in timed)
         timeline: list[int] = []
+        seconds: list[dict[int, int]] = []
         for p in parts:
             for kind, n in p.errors.items():
                 errors[kind] += n
             for kind, msg in p.first_errors.items():
                 first.setdefault(kind, msg)
-            timeline.extend([0] * (len(p.timeline) - len(timeline)))
-            for i, n in enumerate(p.timeline):
-                timeline[i] += n
-        start = min(p.measure_ns for p in parts)
-        end = max(p.end_ns for p in parts)
+            for key, value in p.notes.items():
+                notes.setdefault(key, value)
+            if p not in timed:
+                continue
+            _add_at(timeline, p.timeline, round((p.start_unix_ns - start) / TICK_NS))
+            shift = round((p.start_unix_ns - start) / SECOND_NS)
+            seconds.extend({} for _ in range(shift + len(p.seconds) - len(seconds)))
+            for i, buckets in enumerate(p.seconds):
+                into = seconds[shift + i]
+                for b, n in buckets.items():
+                    into[b] = into.get(b, 0) + n
         return cls(
-            cfg=cfg,
+            setup=setup,
             hist=Histogram.merged(Histogram.from_dict(p.hist) for p in parts),
             connect_hist=Histogram.merged(Histogram.from_dict(p.connect_hist) for p in parts),
             errors=errors,
             first_errors=first,
             messages=sum(p.messages for p in parts),
             bytes=sum(p.bytes for p in parts),
+            sent=sum(p.sent for p in parts),
             connected=sum(p.connected for p in parts),
-            duration_s=max(0, end - start) / 1e9,
+            start_unix_ns=start,
+            duration_ns=end - start,
             timeline=timeline,
+            seconds=seconds,
             interrupted=interrupted,
+            aborted=any(p.aborted for p in parts),
+            notes=notes,
             workers=parts,
         )
+
+
+def _add_at(into: list[int], values: list[int], shift: int) -> None:
+    into.extend([0] * (shift + len(values) - len(into)))
+    for i, n in enumerate(values):
+        into[shift + i] += n
+
+
+# -- the --json form -------------------------------------------------------------------------------
+
+
+def _us(ns: float) -> float:
+    return round(ns / 1e3, 3)
+
+
+def latency_json(h: Histogram, keys: tuple[str, ...]) -> dict[str, float | None]:
+    """Percentiles in microseconds; all null when nothing was recorded."""
+    values = {
+        "min": h.min,
+        "mean": h.mean,
+        "p50": h.percentile(50),
+        "p90": h.percentile(90),
+        "p99": h.percentile(99),
+        "p999": h.percentile(99.9),
+        "max": h.max,
+    }
+    return {k: _us(values[k]) if h.total else None for k in keys}
+
+
+def histogram_json(h: Histogram) -> dict[str, Any]:
+    return {"unit": "ns", "sub_bits": SUB_BITS, **h.to_dict()}
+
+
+def to_json(r: Result) -> dict[str, Any]:
+    """The ``--json`` object: the DESIGN.md keys, what was measured, and the full histogram
+    and timeline, so results from several machines can be merged exactly."""
+    s = r.setup
+    started = datetime.fromtimestamp(r.start_unix_ns / 1e9, UTC)
+    out: dict[str, Any] = {
+        "target": s.target,
+        "server": {
+            "embedded": s.embedded,
+            "pid": r.server_pid,
+            "handler": s.handler,
+            "framing": s.framing,
+            "offload": s.offload,
+        },
+        "connections": s.connections,
+        "connected": r.connected,
+        "workers": s.workers,
+        "size": s.size,
+        "reply_size": s.reply_size,
+        "pipeline": s.pipeline,
+        "rate": s.rate,
+        "framing": s.framing,
+        "handler": s.handler,
+        "tls": s.tls,
+        "warmup_s": s.warmup_s,
+        "planned": {"duration_s": s.duration_s, "messages": s.messages},
+        "started_at": started.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "start_unix_ns": r.start_unix_ns,
+        "duration_s": round(r.duration_s, 6),
+        "duration_ns": r.duration_ns,
+        "messages": r.messages,
+        "sent": r.sent,
+        "bytes": r.bytes,
+        "msgs_per_s": round(r.msgs_per_s, 3),
+        "mib_per_s": round(r.mib_per_s, 3),
+        "sent_mib_per_s": round(r.sent_mib_per_s, 3),
+        "errors": r.error_count,
+        "mismatches": r.errors["mismatch"],
+        "errors_by_kind": r.errors,
+        "first_errors": r.first_errors,
+        "interrupted": r.interrupted,
+        "stopped_early": r.aborted,
+        "latency_us": latency_json(r.hist, ("min", "mean", "p50", "p90", "p99", "p999", "max")),
+        "connect_latency_us": latency_json(r.connect_hist, ("p50", "p99", "max")),
+        "histogram": histogram_json(r.hist),
+        "connect_histogram": histogram_json(r.connect_hist),
+        "timeline": {
+            "tick_s": TICK_NS / 1e9,
+            "messages": r.timeline,
+            "second_s": SECOND_NS / 1e9,
+            "latency_buckets": r.seconds,
+            "p99_us": [None if v is None else _us(v) for v in r.p99_by_second()],
+        },
+        "timeline_msgs_per_s": [n * 1e9 / TICK_NS for n in r.timeline],
+        "diagnosis": r.notes,
+        "embedded_server_pid": r.server_pid,
+    }
+    if r.failure is not None:
+        out["error"] = r.failure
+    return out
+
+
+def from_json(data: dict[str, Any]) -> Result:
+    """The result a ``--json`` object describes.
+
+    Raises:
+        KeyError, TypeError, ValueError: ``data`` is not such an object.
+    """
+    if data["histogram"].get("sub_bits") != SUB_BITS:
+        raise ValueError("its histogram has other buckets than this version's")
+    server, planned, timeline = data["server"], data["planned"], data["timeline"]
+    setup = Setup(
+        target=str(data["target"]),
+        connections=int(data["connections"]),
+        workers=int(data["workers"]),
+        size=int(data["size"]),
+        reply_size=int(data["reply_size"]),
+        pipeline=int(data["pipeline"]),
+        rate=None if data["rate"] is None else float(data["rate"]),
+        framing=str(data["framing"]),
+        handler=str(data["handler"]),
+        embedded=bool(server["embedded"]),
+        offload=server["offload"],
+        warmup_s=float(data["warmup_s"]),
+        duration_s=planned["duration_s"],
+        messages=planned["messages"],
+        tls=bool(data["tls"]),
+    )
+    return Result(
+        setup=setup,
+        hist=Histogram.from_dict(data["histogram"]),
+        connect_hist=Histogram.from_dict(data["connect_histogram"]),
+        errors={kind: int(data["errors_by_kind"][kind]) for kind in ERROR_KINDS},
+        first_errors={str(k): str(v) for k, v in data["first_errors"].items()},
+        messages=int(data["messages"]),
+        bytes=int(data["bytes"]),
+        sent=int(data["sent"]),
+        connected=int(data["connected"]),
+        start_unix_ns=int(data["start_unix_ns"]),
+        duration_ns=int(data["duration_ns"]),
+        timeline=[int(n) for n in timeline["messages"]],
+        seconds=[{int(i): int(n) for i, n in s.items()} for s in timeline["latency_buckets"]],
+        interrupted=bool(data["interrupted"]),
+        aborted=bool(data["stopped_early"]),
+        server_pid=data["embedded_server_pid"],
+        notes=dict(data["diagnosis"]),
+        failure=data.get("error"),
+    )
+
+
+def load(path: str) -> Result:
+    """Read a file written from ``aecho bench --json``.
+
+    Raises:
+        BenchError: it cannot be read or is not such a file (one-line reason).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise BenchError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise BenchError(f"{path} is not JSON: {exc}") from None
+    if isinstance(data, dict) and "max_rate" in data:
+        raise BenchError(f"{path} is a --find-max-rate result: merge the results of plain runs")
+    try:
+        return from_json(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BenchError(
+            f"{path} is not an 'aecho bench --json' result of this version ({exc!r} is wrong)"
+        ) from None

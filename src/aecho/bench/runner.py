@@ -10,20 +10,21 @@ import multiprocessing.connection
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from time import monotonic_ns
 from typing import Any
 
 from aecho.bench import BenchError
-from aecho.bench.connection import reply_function
-from aecho.bench.results import Result, WorkerResult
+from aecho.bench.results import Result, Setup, WorkerResult, load
 from aecho.bench.worker import ProgressFn, Worker, WorkerPlan
 from aecho.config import BenchConfig, ConfigError
+from aecho.tls import client_context
 
 
 def main(cfg: BenchConfig) -> int:
-    """Run the bench and report; return the exit status (0 ok, 1 failed).
+    """Run the bench (or the search for the highest rate) and report; return the exit
+    status (0 ok, 1 failed).  With ``--json``, a failure still prints a JSON object.
 
     Raises:
         BenchError: nothing could be measured (one-line reason).
@@ -31,38 +32,87 @@ def main(cfg: BenchConfig) -> int:
         aecho.handlers.HandlerError: --handler cannot be loaded.
     """
     from aecho.bench import plot, report
-    from aecho.bench.embedded import embedded_server
 
     if cfg.plot:
-        plot.check_plot()
-    reply_function(cfg)
-    # SIGTERM ends a run like Ctrl-C does, so the embedded server is still stopped.
-    previous = signal.getsignal(signal.SIGTERM)
+        plot.check_plot(cfg.plot)
+    setup = Setup.from_cfg(cfg)  # fails on an unverifiable handler before anything starts
+    if cfg.tls:
+        client_context(cfg.cafile, cfg.insecure)  # a bad --cafile is a usage error: say so now
+    # SIGTERM ends a run like Ctrl-C does, so the embedded server is still stopped; and
+    # Ctrl-C works even where it was inherited ignored (a shell's background job).
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with contextlib.suppress(ValueError):  # ValueError: not the main thread
-        signal.signal(signal.SIGTERM, _interrupt)
-    progress = report.Progress(cfg) if not cfg.json and sys.stderr.isatty() else None
+        for sig in previous:
+            signal.signal(sig, _interrupt)
+    live = not cfg.json and sys.stderr.isatty() and not cfg.find_max_rate
+    progress = report.Progress(cfg) if live else None
     on_progress = progress.update if progress is not None else _announce(cfg)
     try:
-        if cfg.embedded:
-            with embedded_server(cfg) as (host, port, pid):
-                result = run(replace(cfg, host=host, port=port), on_progress)
-            result.server_pid = pid
-        else:
-            result = run(cfg, on_progress)
+        with _target(cfg, setup) as (cfg, setup, pid):
+            if cfg.find_max_rate:
+                from aecho.bench.search import find_max_rate
+
+                search = find_max_rate(cfg, setup, _measure_step, report.print_step)
+                search.server_pid = pid
+            else:
+                result = run(cfg, on_progress, setup)
+                result.server_pid = pid
+    except BenchError as exc:
+        if cfg.json:
+            report.print_failure_json(setup, exc)
+        raise
     finally:
         if progress is not None:
             progress.stop()
         with contextlib.suppress(ValueError, TypeError):
-            signal.signal(signal.SIGTERM, previous)
-    if cfg.json:
-        report.print_json(result)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if cfg.find_max_rate:
+        return report.show_search(search, cfg)
+    return report.show(result, cfg)
+
+
+def _measure_step(cfg: BenchConfig, setup: Setup, drain_s: float, goal_ns: int) -> Result:
+    return run(cfg, None, setup, drain_s=drain_s, goal_ns=goal_ns)
+
+
+@contextlib.contextmanager
+def _target(cfg: BenchConfig, setup: Setup) -> Iterator[tuple[BenchConfig, Setup, int | None]]:
+    """The server to measure: the one named, or an embedded one started for the run.
+
+    Raises:
+        BenchError: the embedded server did not start.
+    """
+    if not cfg.embedded:
+        yield cfg, setup, None
+        return
+    from aecho.bench.embedded import embedded_server
+
+    with embedded_server(cfg) as (host, port, pid):
+        served = replace(cfg, host=host, port=port)
+        yield served, replace(setup, target=served.target), pid
+
+
+def merge_main(paths: list[str], as_json: bool) -> int:
+    """``aecho bench merge``: print the combined result of ``--json`` files; 1 if it holds
+    errors.
+
+    Raises:
+        BenchError: a file cannot be read, or the files measured different things.
+    """
+    from aecho.bench import report
+
+    results = [load(path) for path in paths]
+    setup = Setup.combined([r.setup for r in results], paths)
+    merged = Result.merge(setup, [r.as_part() for r in results])
+    merged.interrupted = any(r.interrupted for r in results)
+    if as_json:
+        report.print_json(merged)
     else:
-        report.print_table(result)
-    if cfg.plot:
-        plot.write_plot(result, cfg.plot)
-    failures = report.verdict(result)
+        report.print_table(merged)
+    failures = report.verdict(merged)
     for line in failures:
-        print(f"aecho bench: {line}", file=sys.stderr)
+        print(f"aecho bench merge: {line}", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -94,7 +144,10 @@ def split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def plans(cfg: BenchConfig) -> list[WorkerPlan]:
+def plans(
+    cfg: BenchConfig, drain_s: float | None = None, goal_ns: int | None = None
+) -> list[WorkerPlan]:
+    """Each worker's share of the connections, messages and rate."""
     conns = split(cfg.connections, cfg.workers)
     msgs = split(cfg.messages, cfg.workers) if cfg.messages is not None else None
     out = []
@@ -107,26 +160,51 @@ def plans(cfg: BenchConfig) -> list[WorkerPlan]:
                 first_conn_id=first,
                 messages=msgs[i] if msgs is not None else None,
                 rate=cfg.rate * c / cfg.connections if cfg.rate is not None else None,
+                drain_s=cfg.timeout if drain_s is None else drain_s,
+                goal_ns=goal_ns,
             )
         )
         first += c
     return out
 
 
-def run(cfg: BenchConfig, on_progress: ProgressFn | None = None) -> Result:
+def run(
+    cfg: BenchConfig,
+    on_progress: ProgressFn | None = None,
+    setup: Setup | None = None,
+    *,
+    drain_s: float | None = None,
+    goal_ns: int | None = None,
+) -> Result:
     """Run the whole measurement: in this process for one worker, spawned processes for more.
 
+    ``drain_s`` bounds the wait for replies owed when the window closes (default
+    ``--timeout``); with ``goal_ns`` (a search step) the run stops as soon as it can no
+    longer hold p99 within it.
+
     Raises:
-        BenchError: nothing could be measured (with the one-line reason).
+        BenchError: nothing could be measured (with the one-line reason; ``partial`` holds
+            the Result of what was counted, errors included).
         ConfigError: the options cannot be honoured (e.g. an unverifiable handler).
     """
-    reply_function(cfg)  # fail on an unverifiable handler before connecting anything
-    if cfg.workers == 1:
-        return _run_inline(cfg, plans(cfg)[0], on_progress)
-    return _run_spawned(cfg, on_progress)
+    setup = setup or Setup.from_cfg(cfg)  # fails on an unverifiable handler: before connecting
+    worker_plans = plans(cfg, drain_s, goal_ns)
+    try:
+        if cfg.workers == 1:
+            parts, interrupted = _run_inline(cfg, worker_plans[0], on_progress)
+        else:
+            parts, interrupted = _run_spawned(cfg, worker_plans, on_progress)
+    except BenchError as exc:
+        if isinstance(exc.partial, WorkerResult):
+            exc.partial = Result.merge(setup, [exc.partial])
+            exc.partial.failure = str(exc)
+        raise
+    return Result.merge(setup, parts, interrupted)
 
 
-def _run_inline(cfg: BenchConfig, plan: WorkerPlan, on_progress: ProgressFn | None) -> Result:
+def _run_inline(
+    cfg: BenchConfig, plan: WorkerPlan, on_progress: ProgressFn | None
+) -> tuple[list[WorkerResult], bool]:
     from aecho.loops import run as run_loop
 
     interrupted = False
@@ -152,7 +230,7 @@ def _run_inline(cfg: BenchConfig, plan: WorkerPlan, on_progress: ProgressFn | No
         return worker.result()
 
     part = run_loop(main(), cfg.loop)
-    return Result.merge(cfg, [part], interrupted)
+    return [part], interrupted
 
 
 async def measure(cfg: BenchConfig, on_progress: ProgressFn | None = None) -> Result:
@@ -165,7 +243,7 @@ async def measure(cfg: BenchConfig, on_progress: ProgressFn | None = None) -> Re
     worker = Worker(cfg, plans(replace(cfg, workers=1))[0], on_progress)
     await worker.connect()
     await worker.run(monotonic_ns())
-    return Result.merge(cfg, [worker.result()])
+    return Result.merge(Setup.from_cfg(cfg), [worker.result()])
 
 
 def _add_stop_signals(
@@ -201,12 +279,15 @@ def worker_main(
         worker = Worker(cfg, plan, progress)
         try:
             await worker.connect()
-        except (BenchError, ConfigError) as exc:
-            conn.send(("fatal", plan.index, str(exc)))
+        except BenchError as exc:
+            conn.send(("fatal", plan.index, str(exc), exc.partial))
+            return
+        except ConfigError as exc:
+            conn.send(("fatal", plan.index, str(exc), None))
             return
         conn.send(("connected", plan.index, len(worker.conns)))
         loop = asyncio.get_running_loop()
-        go: asyncio.Future[int] = loop.create_future()
+        go: asyncio.Future[tuple[int, int]] = loop.create_future()
 
         def readable() -> None:
             try:
@@ -214,16 +295,16 @@ def worker_main(
             except EOFError:
                 msg = ("stop",)
             if msg[0] == "go" and not go.done():
-                go.set_result(msg[1])
+                go.set_result((msg[1], msg[2]))
             elif msg[0] == "stop":
                 if not go.done():
-                    go.set_result(-1)
+                    go.set_result((-1, 0))
                 worker.stop_sending()
 
         loop.add_reader(conn.fileno(), readable)
-        start = await go
+        start, start_unix = await go
         if start >= 0:
-            await worker.run(start)
+            await worker.run(start, start_unix)
         else:
             worker.close_all()
         loop.remove_reader(conn.fileno())
@@ -235,11 +316,13 @@ def worker_main(
         conn.close()
 
 
-def _run_spawned(cfg: BenchConfig, on_progress: ProgressFn | None) -> Result:
+def _run_spawned(
+    cfg: BenchConfig, worker_plans: list[WorkerPlan], on_progress: ProgressFn | None
+) -> tuple[list[WorkerResult], bool]:
+    """Raises: BenchError: no worker could connect, or none reported a result."""
     # Spawn, not fork: the parent may hold threads, and nothing forks a process
     # that could be running an event loop.
     ctx = multiprocessing.get_context("spawn")
-    worker_plans = plans(cfg)
     pipes: list[multiprocessing.connection.Connection] = []
     procs = []
     for plan in worker_plans:
@@ -255,6 +338,7 @@ def _run_spawned(cfg: BenchConfig, on_progress: ProgressFn | None) -> Result:
     try:
         connected = 0
         fatal: str | None = None
+        lost: list[WorkerResult] = []  # what workers that could not connect counted
         waiting = set(range(len(pipes)))
         while waiting:
             ready = multiprocessing.connection.wait([pipes[i] for i in waiting], 60 + cfg.timeout)
@@ -271,14 +355,17 @@ def _run_spawned(cfg: BenchConfig, on_progress: ProgressFn | None) -> Result:
                 waiting.discard(i)
                 if msg[0] == "fatal":
                     fatal = fatal or msg[2]
+                    if msg[3] is not None:
+                        lost.append(msg[3])
                 else:
                     connected += msg[2]
         if fatal is not None and not connected:
-            raise BenchError(fatal)
+            raise BenchError(fatal, partial=_sum_parts(lost))
         start = time.monotonic_ns() + 50_000_000
+        start_unix = time.time_ns() + start - time.monotonic_ns()
         for p in pipes:
             with contextlib.suppress(OSError):
-                p.send(("go", start))
+                p.send(("go", start, start_unix))
         pending = set(range(len(pipes)))
         while pending:
             try:
@@ -292,7 +379,7 @@ def _run_spawned(cfg: BenchConfig, on_progress: ProgressFn | None) -> Result:
                     if msg[0] == "progress":
                         progress[i] = msg[2]
                         if on_progress is not None:
-                            on_progress(_merge_progress(list(progress.values())))
+                            on_progress(merge_progress(list(progress.values())))
                     elif msg[0] in ("result", "fatal"):
                         if msg[0] == "result":
                             results[i] = msg[2]
@@ -316,14 +403,31 @@ def _run_spawned(cfg: BenchConfig, on_progress: ProgressFn | None) -> Result:
             p.close()
     if not results:
         raise BenchError("no worker reported a result")
-    return Result.merge(cfg, [results[i] for i in sorted(results)], interrupted)
+    return [results[i] for i in sorted(results)] + lost, interrupted
 
 
-def _merge_progress(parts: list[dict[str, Any]]) -> dict[str, Any]:
+def _sum_parts(parts: list[WorkerResult]) -> WorkerResult | None:
+    """The errors counted by workers that failed to connect, as one part (None: none)."""
+    if not parts:
+        return None
+    first = parts[0]
+    for p in parts[1:]:
+        for kind, n in p.errors.items():
+            first.errors[kind] += n
+    return first
+
+
+def merge_progress(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One live line from each worker's latest figures: counts and rates add up (each
+    worker measured its rate over its own interval); p99 is the worst, for the live line
+    only (the final one is exact)."""
+    rates = [p["rate"] for p in parts if p["rate"] is not None]
     return {
         "elapsed_s": max(p["elapsed_s"] for p in parts),
+        "warmup_left_s": max(p["warmup_left_s"] for p in parts),
         "messages": sum(p["messages"] for p in parts),
+        "rate": sum(rates) if rates else None,
         "errors": sum(p["errors"] for p in parts),
-        "p99_ns": max(p["p99_ns"] for p in parts),  # progress only: the final p99 is exact
+        "p99_ns": max(p["p99_ns"] for p in parts),
         "warming": any(p["warming"] for p in parts),
     }

@@ -16,18 +16,19 @@ from typing import Any
 
 from aecho.bench import BenchError
 from aecho.bench.connection import NEVER, BenchConn, Tally
-from aecho.bench.diagnosis import connect_error
-from aecho.bench.histogram import Histogram
-from aecho.bench.results import WorkerResult
-from aecho.config import BENCH_HEADER_SIZE, BenchConfig, Framing
+from aecho.bench.diagnosis import connect_error, server_fds, speaks_tls
+from aecho.bench.histogram import HIGHEST_NS, Histogram, bucket_index
+from aecho.bench.results import SECOND_NS, TICK_NS, WorkerResult
+from aecho.config import BENCH_HEADER_SIZE, DEFAULT_HOST, DEFAULT_PORT, BenchConfig, Framing
+from aecho.tls import client_context
 
 log = logging.getLogger("aecho.bench")
 
-TICK_NS = 100_000_000  # timeline resolution and timeout scan interval
 PROGRESS_EVERY = 3  # ticks between progress reports
 FD_SLACK = 64  # descriptors a bench process needs besides its connections
 CONNECT_CONCURRENCY = 256  # half-open connects at once: more overflows small listen backlogs
 PACER_EARLY_NS = 500_000  # --rate: send up to this early rather than wake for each message
+LATE_SHARE = 0.011  # a search step fails once this share of its replies is late (p99: 1 %)
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -39,6 +40,14 @@ class WorkerPlan:
     first_conn_id: int
     messages: int | None
     rate: float | None
+    drain_s: float  # how long replies owed at the window's end are waited for
+    # A search step's p99 goal: the step stops once more than 1 % of its replies are late.
+    goal_ns: int | None = None
+
+
+def slot_count(span_ns: int, slot_ns: int) -> int:
+    """Slots of ``slot_ns`` for a window of ``span_ns``: rounded, at least one if any."""
+    return max(1, (span_ns + slot_ns // 2) // slot_ns) if span_ns > 0 else 0
 
 
 async def sleep_until(target_ns: int) -> None:
@@ -48,24 +57,6 @@ async def sleep_until(target_ns: int) -> None:
         if rest <= 0:
             return
         await asyncio.sleep(rest / 1e9)
-
-
-def build_ssl_context(cfg: BenchConfig) -> ssl.SSLContext | None:
-    """The client TLS context asked for, or None.
-
-    Raises:
-        BenchError: the CA file cannot be read.
-    """
-    if not cfg.tls:
-        return None
-    try:
-        ctx = ssl.create_default_context(cafile=cfg.cafile)
-    except (OSError, ssl.SSLError) as exc:
-        raise BenchError(f"cannot load --cafile {cfg.cafile}: {exc}") from exc
-    if cfg.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def ensure_fd_limit(connections: int, total: int, workers: int) -> None:
@@ -108,10 +99,16 @@ class Worker(Tally):
         self.remaining = plan.messages
         self.conns: list[BenchConn] = []
         self.connect_hist = Histogram()
-        self.end_ns = 0
-        # Replies completed per TICK_NS slot of the measurement (for the throughput plot),
-        # sampled from the histogram's total at each slot's end by _tick.
+        self.start_unix_ns = 0  # wall clock at measure_ns: what lines up runs and machines
+        self.aborted = False  # a search step stopped early: it clearly failed
+        self.notes: dict[str, Any] = {}  # what _diagnose found out
+        # Replies completed in each TICK_NS slot of the window, and the latencies recorded
+        # in each second (sparse bucket counts), sampled by _tick from the histogram.
         self.timeline: list[int] = []
+        self.booked = 0  # replies in self.timeline
+        self.seconds: list[dict[int, int]] = []
+        self.sampled_counts = [0] * len(self.hist.counts)
+        self.last_progress: tuple[int, int] | None = None
 
     # connect phase
 
@@ -119,15 +116,17 @@ class Worker(Tally):
         """Open every connection (at ``--connect-rate`` if given).
 
         Raises:
-            BenchError: not one connection could be opened.
+            BenchError: not one connection could be opened (``exc.part`` holds the
+                errors counted).
+            ConfigError: the --cafile cannot be loaded.
         """
         cfg = self.cfg
         ensure_fd_limit(self.plan.connections, cfg.connections, cfg.workers)
-        ctx = build_ssl_context(cfg)
+        ctx = client_context(cfg.cafile, cfg.insecure) if cfg.tls else None
         loop = asyncio.get_running_loop()
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-        host = cfg.host or "127.0.0.1"
-        port = 7007 if cfg.port is None else cfg.port
+        host = cfg.host or DEFAULT_HOST
+        port = DEFAULT_PORT if cfg.port is None else cfg.port
 
         async def one(conn_id: int) -> None:
             proto = BenchConn(self, conn_id)
@@ -163,17 +162,26 @@ class Worker(Tally):
             tasks.append(asyncio.create_task(one(self.plan.first_conn_id + i)))
         await asyncio.gather(*tasks)
         if not self.conns:
-            raise BenchError(self.first_errors.get("connect", f"cannot connect to {cfg.target}"))
+            why = self.first_errors.get("connect", f"cannot connect to {cfg.target}")
+            raise BenchError(why, partial=self.result())
         # Connections the server accepted only to close them (a full connection limit)
         # show up now or with the first message; either way they are counted.
         self.conns = [c for c in self.conns if not c.lost]
 
     # measurement phase
 
-    async def run(self, start_ns: int) -> None:
-        """Measure from ``start_ns`` (CLOCK_MONOTONIC, shared by all workers) until done."""
+    async def run(self, start_ns: int, start_unix_ns: int | None = None) -> None:
+        """Measure from ``start_ns`` (CLOCK_MONOTONIC, shared by all workers) until done.
+
+        ``start_unix_ns`` is the wall-clock time of ``start_ns``; the parent of spawned
+        workers passes one reading to all, so their results line up exactly.
+        """
         cfg = self.cfg
-        self.measure_ns = start_ns + int(cfg.warmup * 1e9)
+        if start_unix_ns is None:
+            start_unix_ns = time.time_ns() + start_ns - monotonic_ns()
+        warmup_ns = int(cfg.warmup * 1e9)
+        self.measure_ns = start_ns + warmup_ns
+        self.start_unix_ns = start_unix_ns + warmup_ns
         await sleep_until(start_ns)
         self.done.clear()  # connections lost while connecting may have set it
         self.sending = True
@@ -181,13 +189,14 @@ class Worker(Tally):
             self.fast_from = self.measure_ns
         loop = asyncio.get_running_loop()
         if cfg.duration is not None:
-            deadline = self.measure_ns + int(cfg.duration * 1e9)
-            self._stop_at(loop, deadline)
+            self._stop_at(loop, self.measure_ns + int(cfg.duration * 1e9))
         if self.on_progress is not None:
             self.on_progress(self.progress(monotonic_ns()))
         ticker = asyncio.create_task(self._tick())
         pacer = None
-        if self.closed_loop:
+        if not self.live or self.stop_asked:
+            self.stop_sending()
+        elif self.closed_loop:
             now = time.monotonic_ns()
             for _ in range(cfg.pipeline):
                 for conn in self.conns:
@@ -195,46 +204,77 @@ class Worker(Tally):
                         conn.send(now)
         else:
             pacer = asyncio.create_task(self._pace(start_ns))
-        if not self.live:
-            self.done.set()
         try:
             await self.stopped.wait()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.done.wait(), cfg.timeout)
+            if not self.aborted:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.done.wait(), self.plan.drain_s)
         finally:
-            self.end_ns = time.monotonic_ns()
+            end = monotonic_ns()
             self.sending = False
             self.fast_from = NEVER
+            # -n: the window ends with the last reply (or now, if none came).
+            self.close_window(self.last_reply_ns or end)
             for task in (ticker, pacer):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             self._finish_timeline()
+            await self._diagnose()
             self.close_all()
 
+    async def _diagnose(self) -> None:
+        """Look into what a failing run cannot tell from its own side (see results.NOTES)."""
+        errors, cfg = self.errors, self.cfg
+        if errors["refused"] or errors["timeout"] or errors["closed"]:
+            fds = server_fds(cfg)
+            if fds is not None:
+                self.notes["server_fds"] = list(fds)
+        unanswered = errors["refused"] + errors["closed"] + errors["short"] + errors["reset"]
+        if not cfg.tls and not cfg.unix and not self.hist.total and unanswered + errors["mismatch"]:
+            host, port = cfg.host or DEFAULT_HOST, DEFAULT_PORT if cfg.port is None else cfg.port
+            if await asyncio.to_thread(speaks_tls, host, port):
+                self.notes["tls"] = True
+
     def _finish_timeline(self) -> None:
-        """Book the replies since the last sample and trim the timeline to the run."""
+        """Book the window's last replies, and every latency since the last per-second
+        sample (replies drained after the window too) in the window's last second.
+
+        The window rarely ends on a slot boundary: its last slot covers up to 1.5 slots
+        rather than adding a sliver of one (plots read its true length from the duration).
+        """
+        assert self.window_end_ns is not None
+        span = self.window_end_ns - self.measure_ns
+        slots = slot_count(span, TICK_NS)
         timeline = self.timeline
-        used = -(-(self.end_ns - self.measure_ns) // TICK_NS)
-        if self.cfg.duration is not None:
-            used = -(-int(self.cfg.duration * 1e9) // TICK_NS)
-        if used <= 0:
-            timeline.clear()
-            return
-        # Replies since the last sample completed by the end: they go in its slot.
-        end_slot = max((self.end_ns - self.measure_ns) // TICK_NS, len(timeline), 0)
-        timeline.extend([0] * (max(end_slot + 1, used) - len(timeline)))
-        timeline[end_slot] += self.hist.total - sum(timeline)
-        # Replies drained after the deadline count in the last slot of the run.
-        timeline[used - 1 :] = [sum(timeline[used - 1 :])]
+        extra = sum(timeline[slots:])
+        del timeline[slots:]
+        timeline.extend([0] * (slots - len(timeline)))
+        if slots:
+            timeline[-1] += extra + self.window_messages - self.booked
+        self.booked = self.window_messages
+        fresh = self._fresh_latencies()
+        seconds = self.seconds
+        wanted = max(slot_count(span, SECOND_NS), 1 if fresh else 0)
+        for extra_second in seconds[wanted:]:
+            for i, n in extra_second.items():
+                fresh[i] = fresh.get(i, 0) + n
+        del seconds[wanted:]
+        seconds.extend({} for _ in range(wanted - len(seconds)))
+        if fresh:
+            last = seconds[-1]
+            for i, n in fresh.items():
+                last[i] = last.get(i, 0) + n
 
     def close_all(self) -> None:
-        """Count replies still owed as timeouts and drop every connection."""
+        """Count replies still owed as timeouts (not after a step stopped early) and drop
+        every connection."""
+        self.closing = self.closing or self.aborted
         for conn in self.conns:
-            if conn.out and not conn.failed and not conn.lost:
+            if conn.out and not conn.failed and not conn.lost and not self.closing:
                 conn.failed = True
-                self.error("timeout", f"no reply within {self.cfg.timeout:g}s")
+                self.error("timeout", f"no reply within {self.plan.drain_s:g}s")
         self.closing = True
         for conn in self.conns:
             if conn.transport is not None and not conn.lost:
@@ -277,7 +317,7 @@ class Worker(Tally):
 
     async def _tick(self) -> None:
         """Every TICK_NS: sample the timeline, fail connections whose oldest reply is
-        overdue, report progress."""
+        overdue, stop a search step that can no longer pass, report progress."""
         timeout_ns = int(self.cfg.timeout * 1e9)
         n = 0
         while True:
@@ -286,47 +326,102 @@ class Worker(Tally):
             ahead = (monotonic_ns() - self.measure_ns) // TICK_NS + 1
             await sleep_until(self.measure_ns + ahead * TICK_NS)
             now = monotonic_ns()
-            self.sample_timeline(now)
+            if self.window_end_ns is None and now >= self.measure_ns:
+                self._sample(now)
             for conn in self.conns:
-                if conn.out and now - conn.out[0][1] > timeout_ns and not conn.failed:
+                if conn.out and not conn.failed and now - conn.out[0][1] > timeout_ns:
                     conn.fail("timeout")
-            if self.on_progress is not None and n % PROGRESS_EVERY == 0:
+            if self.plan.goal_ns is not None and self.sending and self._cannot_pass(now):
+                self.aborted = True
+                self.stop_sending()
+            if self.on_progress is not None and n % PROGRESS_EVERY == 0 and self.sending:
                 self.on_progress(self.progress(now))
 
-    def sample_timeline(self, now: int) -> None:
+    def _cannot_pass(self, now: int) -> bool:
+        """A search step is lost once it saw an error, or once more replies are late (past
+        the goal, or owed for longer than it) than the 1 % its p99 may have."""
+        goal = self.plan.goal_ns
+        rate, duration = self.plan.rate, self.cfg.duration
+        if goal is None or rate is None or duration is None or now < self.measure_ns:
+            return False
+        if any(self.errors.values()):
+            return True
+        allowed = LATE_SHARE * rate * duration
+        counts = self.hist.counts
+        late = sum(counts[bucket_index(min(goal, HIGHEST_NS)) + 1 :])
+        overdue = now - goal
+        for conn in self.conns:
+            for _, due in conn.out:
+                if due >= overdue or late > allowed:
+                    break
+                if due >= self.measure_ns:
+                    late += 1
+        return late > allowed
+
+    def _sample(self, now: int) -> None:
         """Put the replies counted since the last sample in the slot that just ended.
 
         A late wake-up books them in the last slot it spans, leaving the skipped ones at 0.
         """
         ended = (now - self.measure_ns) // TICK_NS  # slots wholly in the past
         timeline = self.timeline
-        if ended <= len(timeline):
-            return
-        timeline.extend([0] * (ended - len(timeline)))
-        timeline[-1] = self.hist.total - sum(timeline)
+        if ended > len(timeline):
+            timeline.extend([0] * (ended - len(timeline)))
+            total = self.hist.total
+            timeline[-1] = total - self.booked
+            self.booked = total
+        self._sample_seconds((now - self.measure_ns) // SECOND_NS)
+
+    def _sample_seconds(self, ended: int) -> None:
+        """Close the per-second latency slots before ``ended`` (skipped ones stay empty)."""
+        if ended > len(self.seconds):
+            fresh = self._fresh_latencies()
+            self.seconds.extend({} for _ in range(ended - len(self.seconds) - 1))
+            self.seconds.append(fresh)
+
+    def _fresh_latencies(self) -> dict[int, int]:
+        """Bucket counts recorded since the last call (sparse)."""
+        counts = self.hist.counts
+        seen = self.sampled_counts
+        fresh = {i: c - p for i, (c, p) in enumerate(zip(counts, seen, strict=True)) if c != p}
+        self.sampled_counts = counts[:]
+        return fresh
 
     def progress(self, now: int) -> dict[str, Any]:
+        """The live figures: replies so far, and the rate since the last call (None while
+        warming up or on the first call of the window)."""
+        messages = self.hist.total
+        rate = None
+        last = self.last_progress
+        if last is not None and now > last[0] and now >= self.measure_ns:
+            since, before = last if last[0] >= self.measure_ns else (self.measure_ns, 0)
+            rate = (messages - before) * 1e9 / (now - since) if now > since else None
+        self.last_progress = (now, messages)
         return {
             "elapsed_s": max(0, now - self.measure_ns) / 1e9,
-            "messages": self.hist.total,
+            "warmup_left_s": max(0, self.measure_ns - now) / 1e9,
+            "messages": messages,
+            "rate": rate,
             "errors": sum(self.errors.values()),
             "p99_ns": self.hist.percentile(99),
             "warming": now < self.measure_ns,
         }
 
     def result(self) -> WorkerResult:
+        end = self.window_end_ns
         return WorkerResult(
             hist=self.hist.to_dict(),
             connect_hist=self.connect_hist.to_dict(),
             errors=dict(self.errors),
             first_errors=dict(self.first_errors),
-            messages=self.hist.total,
-            # Closed-loop echo replies all have the configured size: the fast path
-            # leaves them out of self.bytes.
-            bytes=self.hist.total * self.cfg.size if self.fast else self.bytes,
+            messages=self.window_messages,
+            bytes=self.window_bytes,
             sent=sum(c.seq for c in self.conns),
             connected=len(self.conns),
-            measure_ns=self.measure_ns,
-            end_ns=self.end_ns,
+            start_unix_ns=self.start_unix_ns,
+            window_ns=0 if end is None else end - self.measure_ns,
             timeline=list(self.timeline),
+            seconds=list(self.seconds),
+            aborted=self.aborted,
+            notes=dict(self.notes),
         )

@@ -1,0 +1,174 @@
+"""``--find-max-rate``: the highest open-loop rate a server sustains within a p99 goal.
+
+A short closed-loop probe estimates the server's capacity; open-loop steps at that rate,
+doubled or halved, bracket the knee; bisection narrows the bracket to a few percent.  Each
+step is a run of its own (connect, warm up, measure), and stops as soon as it can no longer
+pass: an error, or more late replies than the 1 % that p99 allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from aecho.bench import BenchError
+from aecho.bench.results import Result, Setup, latency_json
+from aecho.config import BenchConfig
+
+# How a step runs: (config, setup, drain_s, goal_ns) -> its result (runner.run, or a model).
+Measure = Callable[[BenchConfig, Setup, float, int], Result]
+
+PRECISION = 0.03  # stop once the bracket is this narrow (relative)
+MAX_STEPS = 16
+MIN_RATE = 1.0  # messages/s: below this nothing passes, and the search gives up
+ACHIEVED_SHARE = 0.9  # a step passes only if it completed this share of its target rate
+P99 = ("p99",)
+
+
+@dataclass
+class Step:
+    rate: float | None  # the target rate; None for the closed-loop probe
+    result: Result
+    passed: bool
+
+    @property
+    def label(self) -> str:
+        return "probe (closed loop)" if self.rate is None else f"{self.rate:,.0f}"
+
+
+@dataclass
+class Search:
+    setup: Setup
+    goal_ms: float
+    steps: list[Step] = field(default_factory=list)
+    interrupted: bool = False
+    server_pid: int | None = None
+
+    @property
+    def best(self) -> Step | None:
+        """The passing step with the highest target rate."""
+        passing = [s for s in self.steps if s.passed and s.rate is not None]
+        return max(passing, key=lambda s: s.rate or 0.0, default=None)
+
+    @property
+    def max_rate(self) -> float | None:
+        best = self.best
+        return None if best is None else best.rate
+
+
+def passes(result: Result, goal_ms: float, rate: float) -> bool:
+    """Did a step at ``rate`` hold p99 within the goal, without errors, at that rate?"""
+    return (
+        not result.error_count
+        and not result.errors["mismatch"]
+        and not result.aborted
+        and not result.interrupted
+        and result.messages > 0
+        and result.hist.percentile(99) <= goal_ms * 1e6
+        and result.msgs_per_s >= ACHIEVED_SHARE * rate
+    )
+
+
+def find_max_rate(
+    cfg: BenchConfig,
+    setup: Setup,
+    measure: Measure,
+    on_step: Callable[[Step], None] | None = None,
+) -> Search:
+    """Search the rates for the highest that passes (see the module's docstring).
+
+    Raises:
+        BenchError: not one connection could be opened for the first step.
+    """
+    assert cfg.max_p99_ms is not None
+    goal_ms = cfg.max_p99_ms
+    goal_ns = int(goal_ms * 1e6)
+    # Replies owed when a passing step's window closes arrive within about the goal.
+    drain_s = min(cfg.timeout, max(1.0, 20 * goal_ms / 1e3))
+    base = replace(cfg, find_max_rate=False, plot=None, max_p99_ms=None, rate=None)
+    search = Search(setup, goal_ms)
+
+    def step(rate: float | None) -> Step:
+        step_cfg = base if rate is None else replace(base, rate=rate)
+        step_setup = replace(setup, rate=rate)
+        result = measure(step_cfg, step_setup, drain_s, goal_ns)
+        done = Step(rate, result, rate is not None and passes(result, goal_ms, rate))
+        search.steps.append(done)
+        if on_step is not None:
+            on_step(done)
+        if result.interrupted:
+            raise KeyboardInterrupt
+        return done
+
+    try:
+        probe = step(None)
+        rate = round(probe.result.msgs_per_s)
+        low: float | None = None  # the highest rate that passed
+        high: float | None = None  # the lowest rate that failed
+        while rate >= MIN_RATE and len(search.steps) < MAX_STEPS:
+            if step(rate).passed:
+                low = rate
+            else:
+                high = rate
+            if low is not None and high is not None:
+                if high / low - 1 <= PRECISION:
+                    break
+                rate = round((low + high) / 2)
+            else:
+                rate = rate * 2 if high is None else round(rate / 2)
+    except KeyboardInterrupt:
+        search.interrupted = True
+    except BenchError:
+        if not search.steps:
+            raise
+        search.interrupted = True  # e.g. the server went away: report what was found
+    return search
+
+
+def to_json(search: Search) -> dict[str, Any]:
+    """The ``--find-max-rate --json`` object: the answer and every step's figures."""
+    s = search.setup
+    best = search.best
+    steps = []
+    for st in search.steps:
+        r = st.result
+        steps.append(
+            {
+                "kind": "probe" if st.rate is None else "rate",
+                "target_rate": st.rate,
+                "msgs_per_s": round(r.msgs_per_s, 3),
+                "messages": r.messages,
+                "duration_s": round(r.duration_s, 6),
+                "errors": r.error_count,
+                "mismatches": r.errors["mismatch"],
+                "latency_us": latency_json(r.hist, ("p50", "p90", "p99", "p999", "max")),
+                "passed": st.passed,
+                "stopped_early": r.aborted,
+            }
+        )
+    return {
+        "target": s.target,
+        "server": {
+            "embedded": s.embedded,
+            "pid": search.server_pid,
+            "handler": s.handler,
+            "framing": s.framing,
+            "offload": s.offload,
+        },
+        "connections": s.connections,
+        "workers": s.workers,
+        "size": s.size,
+        "reply_size": s.reply_size,
+        "pipeline": s.pipeline,
+        "framing": s.framing,
+        "handler": s.handler,
+        "max_p99_ms": search.goal_ms,
+        "max_rate": search.max_rate,
+        "max_rate_p99_us": None
+        if best is None
+        else latency_json(best.result.hist, ("p99",))["p99"],
+        "interrupted": search.interrupted,
+        "steps": steps,
+        "embedded_server_pid": search.server_pid,
+    }
