@@ -70,6 +70,13 @@ class _OneLineErrors(typer.core.TyperGroup):
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        # ``aecho bench merge FILE...`` beside ``aecho bench [HOST] [PORT]``: a command of
+        # two words, so bench itself keeps its positional HOST and PORT.
+        if args[:2] == ["bench", "merge"]:
+            return "bench merge", typer.main.get_command(bench_merge_app), args[2:]
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
     cls=_OneLineErrors,
@@ -449,7 +456,10 @@ def bench(
     ] = False,
     loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.auto,
 ) -> None:
-    """Load-test an echo server and verify every byte (no HOST/PORT: an embedded server)."""
+    """Load-test an echo server and verify every byte (no HOST/PORT: an embedded server).
+
+    aecho bench merge RESULT.json... combines --json results of runs made side by side.
+    """
     from aecho.bench import BenchError
     from aecho.bench.runner import main as bench_main
     from aecho.handlers import HandlerError
@@ -512,6 +522,45 @@ def _host_and_port(host: str, port: int | None) -> tuple[str, int | None]:
     if named_port is not None and port is not None:
         fail(f"the port is given twice ({host} and {port}): write HOST:PORT or HOST PORT", 2)
     return name, port if named_port is None else named_port
+
+
+bench_merge_app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@bench_merge_app.command()
+def bench_merge(
+    results: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="RESULT.json",
+            help="Files written by 'aecho bench --json', from runs made at the same time.",
+        ),
+    ],
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
+    ] = False,
+    plot: Annotated[
+        str | None,
+        typer.Option(help="Draw the latency and throughput figure to this .png or .svg file."),
+    ] = None,
+) -> None:
+    """Combine runs made side by side (say, one per machine) into the result one bench with
+    all their load would have reported: counts summed, percentiles from the merged histogram.
+    """
+    from aecho.bench import BenchError
+    from aecho.bench.runner import merge_main
+
+    if plot is not None and not plot.lower().endswith((".png", ".svg")):
+        fail(f"--plot {plot}: name a .png or .svg file", 2)
+    try:
+        code = merge_main(results, json_out, plot)
+    except BenchError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

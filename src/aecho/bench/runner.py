@@ -93,15 +93,18 @@ def _target(cfg: BenchConfig, setup: Setup) -> Iterator[tuple[BenchConfig, Setup
         yield served, replace(setup, target=served.target), pid
 
 
-def merge_main(paths: list[str], as_json: bool) -> int:
+def merge_main(paths: list[str], as_json: bool, plot_path: str | None = None) -> int:
     """``aecho bench merge``: print the combined result of ``--json`` files; 1 if it holds
     errors.
 
     Raises:
-        BenchError: a file cannot be read, or the files measured different things.
+        BenchError: a file cannot be read, the files measured different things, or the
+            plot cannot be drawn.
     """
-    from aecho.bench import report
+    from aecho.bench import plot, report
 
+    if plot_path:
+        plot.check_plot(plot_path)
     results = [load(path) for path in paths]
     setup = Setup.combined([r.setup for r in results], paths)
     merged = Result.merge(setup, [r.as_part() for r in results])
@@ -110,6 +113,8 @@ def merge_main(paths: list[str], as_json: bool) -> int:
         report.print_json(merged)
     else:
         report.print_table(merged)
+    if plot_path:
+        plot.write_plot(merged, plot_path)
     failures = report.verdict(merged)
     for line in failures:
         print(f"aecho bench merge: {line}", file=sys.stderr)

@@ -1,0 +1,160 @@
+"""``--json`` carries a whole result, and ``aecho bench merge`` adds results up exactly: the
+same figures ``--workers`` reports for the same data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aecho.bench import runner
+from aecho.bench.results import Result, Setup, from_json, to_json
+from aecho.config import BenchConfig, Framing
+from tests.conftest import ServerProcess, bench_cli
+
+# What a merge must reproduce exactly (the rest names the run: target, start time, ...).
+MERGED = (
+    "connections", "workers", "rate", "size", "reply_size", "connected", "start_unix_ns",
+    "duration_ns", "duration_s", "messages", "sent", "bytes", "msgs_per_s", "mib_per_s",
+    "sent_mib_per_s", "errors", "mismatches", "errors_by_kind", "latency_us",
+    "connect_latency_us", "histogram", "connect_histogram", "timeline", "timeline_msgs_per_s",
+)  # fmt: skip
+
+
+def write(path: Path, result: Result) -> str:
+    path.write_text(json.dumps(to_json(result)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def two_workers() -> Any:
+    """A --workers 2 open-loop run against a real server, kept for the tests below."""
+    server = ServerProcess(["--port", "0"])
+    try:
+        cfg = BenchConfig(
+            host="127.0.0.1", port=server.port, connections=6, duration=1.5, rate=3000, workers=2
+        ).validate()
+        yield cfg, runner.run(cfg)
+    finally:
+        server.kill()
+
+
+def test_json_round_trip_is_exact(two_workers: tuple[BenchConfig, Result]) -> None:
+    _, result = two_workers
+    data = to_json(result)
+    assert to_json(from_json(json.loads(json.dumps(data)))) == data
+    h = data["histogram"]
+    assert h["unit"] == "ns" and h["total"] == result.hist.total
+    assert len(h["counts"]) == sum(1 for n in result.hist.counts if n)  # sparse
+    per_second = data["timeline"]["latency_buckets"]
+    assert sum(sum(s.values()) for s in per_second) == h["total"]
+
+
+def test_merging_files_equals_the_workers_merge(
+    two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    """Each worker's part written as if by a machine of its own, then merged: the figures
+    --workers 2 reported, to the nanosecond and the bucket."""
+    cfg, result = two_workers
+    plans = runner.plans(cfg)
+    files = []
+    for plan, part in zip(plans, result.workers, strict=True):
+        setup = replace(result.setup, connections=plan.connections, workers=1, rate=plan.rate)
+        files.append(write(tmp_path / f"part{plan.index}.json", Result.merge(setup, [part])))
+    code, out, err = bench_cli("merge", *files, "--json")
+    assert code == 0, err
+    merged, direct = json.loads(out), json.loads(json.dumps(to_json(result)))
+    assert {k: merged[k] for k in MERGED} == {k: direct[k] for k in MERGED}
+    assert merged["messages"] > 0
+    code, table, err = bench_cli("merge", *files)
+    assert code == 0, err
+    assert "6/6 connections" in table and "2 workers" in table
+    assert f"{result.messages:,} (every byte verified)" in table
+
+
+def test_runs_started_together_on_two_machines(
+    serve_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """The README recipe: start the runs at the same time, then merge their --json."""
+    server = serve_process()
+    args = ["127.0.0.1", str(server.port), "-c", "3", "-d", "1", "--json"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "aecho", "bench", *args], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    files = []
+    for i, proc in enumerate(procs):
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        (tmp_path / f"m{i}.json").write_text(out)
+        files.append(str(tmp_path / f"m{i}.json"))
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    code, out, _ = bench_cli("merge", *files, "--json")
+    assert code == 0
+    merged = json.loads(out)
+    assert merged["messages"] == sum(r["messages"] for r in runs)
+    assert merged["histogram"]["total"] == sum(r["histogram"]["total"] for r in runs)
+    assert merged["connections"] == 6
+    assert merged["target"] == f"127.0.0.1:{server.port}"
+    starts = [r["start_unix_ns"] for r in runs]
+    assert merged["duration_ns"] == max(
+        s + r["duration_ns"] for s, r in zip(starts, runs, strict=True)
+    ) - min(starts)
+    assert merged["latency_us"]["p99"] >= min(r["latency_us"]["p99"] for r in runs)
+    assert merged["latency_us"]["max"] == max(r["latency_us"]["max"] for r in runs)
+
+
+def test_merge_refuses_what_does_not_add_up(
+    two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    _, result = two_workers
+    one = write(tmp_path / "a.json", result)
+    other = replace(result, setup=replace(result.setup, size=64, reply_size=64))
+    code, out, err = bench_cli("merge", one, write(tmp_path / "b.json", other))
+    assert code == 1 and out == ""
+    assert "cannot merge" in err and "sizes (1024 and 64)" in err
+    closed = replace(result, setup=replace(result.setup, rate=None))
+    code, _, err = bench_cli("merge", one, write(tmp_path / "c.json", closed))
+    assert code == 1
+    assert "open loop" in err
+    (tmp_path / "search.json").write_text(json.dumps({"max_rate": 5, "steps": []}))
+    code, _, err = bench_cli("merge", one, str(tmp_path / "search.json"))
+    assert code == 1
+    assert "--find-max-rate result" in err
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    code, _, err = bench_cli("merge", str(tmp_path / "junk.json"))
+    assert code == 1
+    assert err.count("\n") == 1 and "not an 'aecho bench --json' result" in err
+    code, _, err = bench_cli("merge")
+    assert code == 2
+    assert err.startswith("aecho bench merge: error:") and err.count("\n") == 1
+
+
+def test_merge_reports_errors_in_its_exit_status(
+    two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    _, result = two_workers
+    errors = dict(result.errors, timeout=2)
+    failed = replace(result, errors=errors, first_errors={"timeout": "no reply within 10s"})
+    code, _, err = bench_cli("merge", write(tmp_path / "ok.json", result),
+                             write(tmp_path / "bad.json", failed))  # fmt: skip
+    assert code == 1
+    assert "2 timeouts" in err
+
+
+def test_setup_names_only_what_was_asked() -> None:
+    setup = Setup.from_cfg(BenchConfig(handler="sha256", framing=Framing.line).validate())
+    assert (setup.size, setup.reply_size, setup.embedded, setup.offload) == (
+        1024,
+        65,
+        True,
+        "inline",
+    )
