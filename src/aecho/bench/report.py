@@ -239,24 +239,27 @@ def print_step(step: Step) -> None:
 def print_search_table(search: Search, console: Console | None = None) -> None:
     console = console or Console()
     s = search.setup
-    title = (
-        f"aecho bench {s.target}: highest rate with p99 <= {search.goal_ms:g} ms "
-        f"({s.connections} connections, {s.size} B)"
+    table = Table(
+        title=f"aecho bench {s.target}: the highest rate with p99 <= {search.goal_ms:g} ms",
+        caption=f"{s.connections} connections, {s.size} B; the probe runs closed loop; "
+        "stopped: failed, ended once it could no longer pass",
+        title_justify="left",
+        caption_justify="left",
     )
-    table = Table(title=title, title_justify="left")
-    for name in ("target msgs/s", "achieved msgs/s", "p50", "p99", "p99.9", "errors", "result"):
-        table.add_column(name, justify="right")
+    for name in ("target/s", "achieved/s", "p50", "p99", "p99.9", "errors", "result"):
+        table.add_column(name, justify="right", no_wrap=True)
     for st in search.steps:
         r, h = st.result, st.result.hist
         cells = [fmt_ns(h.percentile(q)) if h.total else "-" for q in (50, 99, 99.9)]
         if st.rate is None:
-            outcome = Text("probe")
+            target, outcome = "probe", Text("-")
         elif st.passed:
-            outcome = Text("pass", style="green")
+            target, outcome = f"{st.rate:,.0f}", Text("pass", style="green")
         else:
-            outcome = Text("fail" + (" (stopped early)" if r.aborted else ""), style="red")
+            word = "stopped" if r.aborted else "fail"
+            target, outcome = f"{st.rate:,.0f}", Text(word, style="red")
         errors = r.error_count + r.errors["mismatch"]
-        table.add_row(st.label, f"{r.msgs_per_s:,.0f}", *cells, f"{errors:,}", outcome)
+        table.add_row(target, f"{r.msgs_per_s:,.0f}", *cells, f"{errors:,}", outcome)
     console.print(table)
     console.print(answer_line(search))
 

@@ -52,7 +52,7 @@ def main(cfg: BenchConfig) -> int:
             if cfg.find_max_rate:
                 from aecho.bench.search import find_max_rate
 
-                search = find_max_rate(cfg, setup, _measure_step, report.print_step)
+                search = find_max_rate(cfg, setup, measure_step, report.print_step)
                 search.server_pid = pid
             else:
                 result = run(cfg, on_progress, setup)
@@ -72,7 +72,12 @@ def main(cfg: BenchConfig) -> int:
     return report.show(result, cfg)
 
 
-def _measure_step(cfg: BenchConfig, setup: Setup, drain_s: float, goal_ns: int) -> Result:
+def measure_step(cfg: BenchConfig, setup: Setup, drain_s: float, goal_ns: int) -> Result:
+    """One --find-max-rate step (see :data:`aecho.bench.search.Measure`).
+
+    Raises:
+        BenchError: not one connection could be opened.
+    """
     return run(cfg, None, setup, drain_s=drain_s, goal_ns=goal_ns)
 
 

@@ -8,6 +8,8 @@ pass: an error, or more late replies than the 1 % that p99 allows.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,6 +26,7 @@ MAX_STEPS = 16
 MIN_RATE = 1.0  # messages/s: below this nothing passes, and the search gives up
 ACHIEVED_SHARE = 0.9  # a step passes only if it completed this share of its target rate
 P99 = ("p99",)
+SETTLE_TRIES = 100
 
 
 @dataclass
@@ -99,11 +102,13 @@ def find_max_rate(
             on_step(done)
         if result.interrupted:
             raise KeyboardInterrupt
+        if rate is not None and not done.passed:
+            settle(base, setup, measure, goal_ns)
         return done
 
     try:
         probe = step(None)
-        rate = round(probe.result.msgs_per_s)
+        rate = _round(probe.result.msgs_per_s)
         low: float | None = None  # the highest rate that passed
         high: float | None = None  # the lowest rate that failed
         while rate >= MIN_RATE and len(search.steps) < MAX_STEPS:
@@ -112,11 +117,11 @@ def find_max_rate(
             else:
                 high = rate
             if low is not None and high is not None:
-                if high / low - 1 <= PRECISION:
+                rate = _round((low + high) / 2)
+                if high / low - 1 <= PRECISION or rate in (low, high):
                     break
-                rate = round((low + high) / 2)
             else:
-                rate = rate * 2 if high is None else round(rate / 2)
+                rate = _round(rate * 2 if high is None else rate / 2)
     except KeyboardInterrupt:
         search.interrupted = True
     except BenchError:
@@ -124,6 +129,26 @@ def find_max_rate(
             raise
         search.interrupted = True  # e.g. the server went away: report what was found
     return search
+
+
+def settle(cfg: BenchConfig, setup: Setup, measure: Measure, goal_ns: int) -> None:
+    """A failed step can leave the server working off a backlog: wait (at most --timeout)
+    until one message comes back within half the goal, so the next step starts fresh."""
+    one = replace(cfg, connections=1, workers=1, duration=None, messages=1, warmup=0.0, rate=None)
+    alone = replace(setup, connections=1, workers=1, rate=None)
+    deadline = time.monotonic() + cfg.timeout
+    for _ in range(SETTLE_TRIES):
+        result = measure(one, alone, cfg.timeout, goal_ns)
+        quick = result.messages and result.hist.max <= goal_ns / 2
+        if quick or result.interrupted or time.monotonic() > deadline:
+            return
+
+
+def _round(rate: float) -> float:
+    """``rate`` to three significant digits: steps a person can read and repeat."""
+    if rate <= 0:
+        return 0.0
+    return round(rate, 2 - math.floor(math.log10(rate)))
 
 
 def to_json(search: Search) -> dict[str, Any]:
