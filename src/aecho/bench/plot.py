@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from aecho.bench import BenchError
 from aecho.bench.histogram import Histogram
 from aecho.bench.results import SECOND_NS, TICK_NS, Result, Setup
-from aecho.bench.search import Search
+from aecho.bench.search import Search, Step
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -78,8 +78,11 @@ def caption(setup: Setup) -> str:
 def _save(fig: Figure, path: str) -> None:
     """Raises: BenchError: the file cannot be written."""
     plt = _pyplot()
+    svg = path.lower().endswith(".svg")
     try:
-        fig.savefig(path, format="svg" if path.lower().endswith(".svg") else "png")
+        # SVG keeps its text as text: selectable, searchable, smaller.
+        with plt.rc_context({"svg.fonttype": "none"}):
+            fig.savefig(path, format="svg" if svg else "png")
     except OSError as exc:
         raise BenchError(f"cannot write --plot {path}: {exc.strerror or exc}") from exc
     finally:
@@ -109,23 +112,16 @@ def write_plot(result: Result, path: str) -> None:
     p99 = fig.add_subplot(grid[1, 1], sharex=rate)
     s = result.setup
     started = datetime.fromtimestamp(result.start_unix_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M")
+    verified = f"{result.messages:,} replies verified" if result.messages else "no replies"
     fig.suptitle(
         f"aecho bench {s.target}: {result.msgs_per_s:,.0f} msgs/s over "
-        f"{result.duration_s:.3g} s, {result.messages:,} replies verified, "
+        f"{result.duration_s:.3g} s, {verified}, "
         f"{result.error_count + result.errors['mismatch']:,} errors"
         + (" (interrupted)" if result.interrupted else ""),
         fontsize=13,
         fontweight="bold",
     )
-    fig.text(
-        0.5,
-        -0.01,
-        f"{caption(s)} | started {started} UTC",
-        ha="center",
-        va="top",
-        fontsize=9,
-        color="dimgray",
-    )
+    fig.supxlabel(f"{caption(s)} | started {started} UTC", fontsize=10, color="dimgray")
     _spectrum(spectrum, result.hist)
     _rate_over_time(rate, result)
     _p99_over_time(p99, result)
@@ -143,28 +139,27 @@ def _spectrum(ax: Axes, h: Histogram) -> None:
     ys = [max(_ms(v), 1e-3) for _, v in curve] or [max(_ms(h.max), 1e-3)]
     ax.step(xs, ys, where="post", color="black", linewidth=1.6)
     ax.set_xscale("log")
-    ax.set_yscale("log")
     top = 1 / (1 - min(99.99999, 100 - 100 / max(h.total, 2)) / 100)
     ticks = [q for q in NINES if 1 / (1 - q / 100) <= top * 1.0001]
     ax.set_xticks([1 / (1 - q / 100) for q in ticks], [f"{q:g}%" for q in ticks])
     ax.set_xlim(1, max(top, 2 * 1.05))
-    ax.minorticks_off()
-    ax.set_xlabel("percentile (log of 1 / (1 - p))")
-    ax.set_ylabel("latency (ms, log)")
-    ax.grid(True, which="major", alpha=0.5)
-    ax.grid(True, which="minor", axis="y", alpha=0.2)
-    ax.yaxis.set_minor_locator(_log_minor())
+    ax.xaxis.set_minor_locator(_no_ticks())
+    ax.set_xlabel("percentile (the nines: each step right is ten times rarer)")
+    # The bottom 1 % would stretch the axis down for a sliver of the curve at its left end.
+    _latency_axis(ax, max(_ms(h.percentile(1)), 1e-3), max([*ys, _ms(h.max)]), log=True)
+    ax.set_ylabel("latency (log scale)")
     for q, name in MARKED:
         if 1 / (1 - q / 100) > top * 1.0001:
             continue
-        x, y = 1 / (1 - q / 100), _ms(h.percentile(q))
+        x, y = 1 / (1 - q / 100), max(_ms(h.percentile(q)), 1e-3)
         ax.plot([x], [y], "o", color=COLORS[name], markersize=8, zorder=3)
+        # Below and to the right of a rising curve there is room for the label.
         ax.annotate(
             f"{name} {_fmt_ms(y)}",
             (x, y),
             textcoords="offset points",
-            xytext=(-10, 12),
-            ha="right",
+            xytext=(8, -16),
+            ha="left",
             fontsize=11,
             color=COLORS[name],
             fontweight="bold",
@@ -180,16 +175,35 @@ def _spectrum(ax: Axes, h: Histogram) -> None:
     )
 
 
-def _log_minor() -> Any:
-    from matplotlib.ticker import LogLocator
+def _latency_axis(ax: Axes, low_ms: float, high_ms: float, log: bool) -> None:
+    """Latency on the y axis in readable units; log scale with 1-2-5 ticks when asked
+    (a spread of ten times or more), else linear from 0."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
-    return LogLocator(base=10, subs=(2, 3, 5))
+    if log:
+        ax.set_yscale("log")  # first: it brings a locator and formatter of its own
+        ax.set_ylim(low_ms / 1.3, high_ms * 1.3)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(3, 4, 6, 7, 8, 9)))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    else:
+        ax.set_ylim(0, high_ms * 1.15)
+        ax.yaxis.set_major_locator(MaxNLocator(6))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_ms(v) if v > 0 else "0"))
+    ax.grid(True, which="major", alpha=0.5)
+    ax.grid(True, which="minor", axis="y", alpha=0.2)
+
+
+def _no_ticks() -> Any:
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
 
 
 def _rate_over_time(ax: Axes, result: Result) -> None:
     ax.set_title("throughput over time")
-    if not result.timeline:
-        _empty(ax, "no time measured")
+    if not any(result.timeline):
+        _empty(ax, "no replies" if result.timeline else "no time measured")
         return
     tick = TICK_NS / 1e9
     xs = [(i + 0.5) * tick for i in range(len(result.timeline))]
@@ -205,10 +219,10 @@ def _rate_over_time(ax: Axes, result: Result) -> None:
     if result.setup.rate:
         ax.axhline(result.setup.rate, color="black", linestyle="--", linewidth=1.2,
                    label=f"target {result.setup.rate:,.0f}/s")  # fmt: skip
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, max(1.0, *(n / tick for n in result.timeline), result.setup.rate or 0) * 1.1)
     ax.set_ylabel("msgs/s")
     ax.grid(True, alpha=0.5)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="best", fontsize=9)
     ax.yaxis.set_major_formatter(_thousands())
     ax.tick_params(labelbottom=False)
 
@@ -230,13 +244,10 @@ def _p99_over_time(ax: Axes, result: Result) -> None:
     span = result.duration_s or last
     # The last second may be partial; its point goes in the middle of what it covers.
     points = [(min(x, (last - 1 + span) / 2) if x > last - 1 else x, y) for x, y in points]
-    ax.plot([x for x, _ in points], [max(y, 1e-3) for _, y in points], "o-",
-            color=COLORS["p99"], linewidth=2)  # fmt: skip
-    ax.set_yscale("log")
-    ax.yaxis.set_minor_locator(_log_minor())
-    ax.grid(True, which="major", alpha=0.5)
-    ax.grid(True, which="minor", axis="y", alpha=0.2)
-    ax.set_ylabel("p99 (ms, log)")
+    ys = [max(y, 1e-3) for _, y in points]
+    ax.plot([x for x, _ in points], ys, "o-", color=COLORS["p99"], linewidth=2)
+    _latency_axis(ax, min(ys), max(ys), log=max(ys) >= 10 * min(ys))
+    ax.set_ylabel("p99")
     ax.set_xlabel("seconds since the measurement started")
     ax.set_xlim(0, max(span, 0.5))
 
@@ -245,8 +256,9 @@ def _p99_over_time(ax: Axes, result: Result) -> None:
 
 
 def write_search_plot(search: Search, path: str) -> None:
-    """p50, p99 and p99.9 of every step against its achieved throughput, the goal as a line
-    and the answer marked.
+    """p50, p99 and p99.9 of every step that ran its course against its achieved
+    throughput (the hockey stick), steps stopped early at their target rate, the goal as a
+    line and the answer marked.
 
     Raises:
         BenchError: the file cannot be written.
@@ -254,54 +266,68 @@ def write_search_plot(search: Search, path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 7), layout="constrained")
     s = search.setup
-    answer = search.max_rate
     fig.suptitle(
         f"aecho bench {s.target}: latency against throughput, goal p99 <= "
         f"{_fmt_ms(search.goal_ms)}",
         fontsize=13,
         fontweight="bold",
     )
-    fig.text(0.5, -0.01, caption(s), ha="center", va="top", fontsize=9,
-             color="dimgray")  # fmt: skip
-    steps = sorted(
-        (st for st in search.steps if st.rate is not None and st.result.hist.total),
-        key=lambda st: st.result.msgs_per_s,
-    )
-    if not steps:
+    fig.supxlabel(caption(s), fontsize=10, color="dimgray")
+    measured = [st for st in search.steps if st.rate is not None and st.result.hist.total]
+    if not measured:
         _empty(ax, "no step measured any reply")
         _save(fig, path)
         return
-    xs = [st.result.msgs_per_s for st in steps]
+    # A step stopped early completed only part of its load: its achieved rate says
+    # nothing, so it stands at the rate it was asked for.
+    ran = sorted((st for st in measured if not st.result.aborted), key=_achieved)
+    stopped = [st for st in measured if st.result.aborted]
     for q, name in MARKED:
-        ys = [max(_ms(st.result.hist.percentile(q)), 1e-3) for st in steps]
-        ax.plot(xs, ys, "-", color=COLORS[name], linewidth=1.5, alpha=0.8, label=name)
-        for x, y, st in zip(xs, ys, steps, strict=True):
-            ax.plot([x], [y], "o" if st.passed else "x", color=COLORS[name], markersize=7)
+        ys = [_latency(st, q) for st in ran]
+        ax.plot([_achieved(st) for st in ran], ys, "-", color=COLORS[name], linewidth=1.5,
+                alpha=0.8, label=name)  # fmt: skip
+        for st, y in zip(ran, ys, strict=True):
+            ax.plot([_achieved(st)], [y], "o" if st.passed else "x", color=COLORS[name],
+                    markersize=7)  # fmt: skip
+    if stopped:
+        ax.plot([st.rate for st in stopped], [_latency(st, 99) for st in stopped], "v",
+                color="gray", markersize=8, linestyle="none",
+                label="p99 so far of a step stopped early (at its target rate)")  # fmt: skip
     ax.axhline(search.goal_ms, color="black", linestyle="--", linewidth=1.3,
                label=f"goal: p99 <= {_fmt_ms(search.goal_ms)}")  # fmt: skip
+    xs = [_achieved(st) for st in ran] + [st.rate or 0.0 for st in stopped]
     best = search.best
-    if best is not None and answer is not None:
-        bx, by = best.result.msgs_per_s, _ms(best.result.hist.percentile(99))
+    if best is not None:
+        bx, by = _achieved(best), _latency(best, 99)
         ax.axvline(bx, color="tab:green", linestyle=":", linewidth=1.5)
         ax.plot([bx], [by], "*", color="tab:green", markersize=18, zorder=4)
+        # Above the goal and beside the blade (left of it, unless that is too narrow):
+        # no passing step ever lands there.
+        left = bx >= 0.35 * max(xs) * 1.08
         ax.annotate(
-            f"max sustainable rate\n{answer:,.0f} msgs/s (p99 {_fmt_ms(by)})",
+            f"max sustainable rate\n{best.rate:,.0f} msgs/s (p99 {_fmt_ms(by)})",
             (bx, by),
-            textcoords="offset points",
-            xytext=(-12, 30),
-            ha="right",
-            fontsize=11,
+            xytext=(bx * (0.97 if left else 1.03), search.goal_ms * 1.6),
+            ha="right" if left else "left",
+            fontsize=12,
             fontweight="bold",
             color="tab:green",
             arrowprops={"arrowstyle": "->", "color": "tab:green"},
         )
-    ax.set_yscale("log")
-    ax.yaxis.set_minor_locator(_log_minor())
+    every = [_latency(st, q) for st in measured for q, _ in MARKED]
+    top = max([*every, search.goal_ms * 2.5])  # room above the goal for the answer
+    _latency_axis(ax, min([*every, search.goal_ms]), top, log=True)
     ax.set_xlabel("achieved throughput (msgs/s); o passed, x failed")
-    ax.set_ylabel("latency (ms, log)")
+    ax.set_ylabel("latency (log scale)")
     ax.xaxis.set_major_formatter(_thousands())
     ax.set_xlim(0, max(xs) * 1.08)
-    ax.grid(True, which="major", alpha=0.5)
-    ax.grid(True, which="minor", axis="y", alpha=0.2)
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right", fontsize=9)  # where a hockey stick never goes
     _save(fig, path)
+
+
+def _achieved(step: Step) -> float:
+    return step.result.msgs_per_s
+
+
+def _latency(step: Step, q: float) -> float:
+    return max(_ms(step.result.hist.percentile(q)), 1e-3)

@@ -50,9 +50,11 @@ def main(cfg: BenchConfig) -> int:
     try:
         with _target(cfg, setup) as (cfg, setup, pid):
             if cfg.find_max_rate:
-                from aecho.bench.search import find_max_rate
+                from aecho.bench.search import add_handle, find_max_rate
 
                 search = find_max_rate(cfg, setup, measure_step, report.print_step)
+                if cfg.plot:
+                    add_handle(search, cfg, setup, measure_step, report.print_step)
                 search.server_pid = pid
             else:
                 result = run(cfg, on_progress, setup)

@@ -27,6 +27,7 @@ MIN_RATE = 1.0  # messages/s: below this nothing passes, and the search gives up
 ACHIEVED_SHARE = 0.9  # a step passes only if it completed this share of its target rate
 P99 = ("p99",)
 SETTLE_TRIES = 100
+HANDLE = (0.25, 0.5, 0.75)  # shares of the answer measured for the plot's low end
 
 
 @dataclass
@@ -129,6 +130,36 @@ def find_max_rate(
             raise
         search.interrupted = True  # e.g. the server went away: report what was found
     return search
+
+
+def add_handle(
+    search: Search,
+    cfg: BenchConfig,
+    setup: Setup,
+    measure: Measure,
+    on_step: Callable[[Step], None] | None = None,
+) -> None:
+    """Steps at a quarter, half and three quarters of the answer: bisection measures near
+    the knee only, and a plot of latency against throughput needs the stick's handle too."""
+    best = search.max_rate
+    if best is None or search.interrupted:
+        return
+    assert cfg.max_p99_ms is not None
+    goal_ns = int(cfg.max_p99_ms * 1e6)
+    drain_s = min(cfg.timeout, max(1.0, 20 * cfg.max_p99_ms / 1e3))
+    base = replace(cfg, find_max_rate=False, plot=None, max_p99_ms=None)
+    for share in HANDLE:
+        rate = _round(best * share)
+        if any(st.rate == rate for st in search.steps):
+            continue
+        result = measure(replace(base, rate=rate), replace(setup, rate=rate), drain_s, goal_ns)
+        step = Step(rate, result, passes(result, cfg.max_p99_ms, rate))
+        search.steps.append(step)
+        if on_step is not None:
+            on_step(step)
+        if result.interrupted:
+            search.interrupted = True
+            return
 
 
 def settle(cfg: BenchConfig, setup: Setup, measure: Measure, goal_ns: int) -> None:
