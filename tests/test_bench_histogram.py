@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aecho.bench import connection
+from aecho.bench.connection import BenchConn, Tally
 from aecho.bench.histogram import (
     BUCKETS,
     HIGHEST_NS,
@@ -16,6 +18,7 @@ from aecho.bench.histogram import (
     bucket_index,
     bucket_upper,
 )
+from aecho.config import BenchConfig
 
 values = st.integers(min_value=LOWEST_NS, max_value=HIGHEST_NS)
 
@@ -89,3 +92,52 @@ def test_bad_percentile_and_bad_dict() -> None:
     bad = h.to_dict() | {"total": 3}
     with pytest.raises(ValueError):
         Histogram.from_dict(bad)
+
+
+# Every edge of the bucket layout: the linear range, its end, each power of two and its
+# neighbours, the 60 s cap and beyond it.
+EDGES = sorted(
+    {0, 1, 255, 256, 257, HIGHEST_NS - 1, HIGHEST_NS, HIGHEST_NS + 1, 10 * HIGHEST_NS}
+    | {(1 << k) + d for k in range(1, 37) for d in (-1, 0, 1)}
+)
+
+
+def inlined(values: list[int], monkeypatch: pytest.MonkeyPatch) -> Histogram:
+    """``values`` recorded by BenchConn.data_received's inlined path, as replies that were
+    due that long ago."""
+    cfg = BenchConfig(host="127.0.0.1", port=1, size=64).validate()
+    tally = Tally(cfg)
+    tally.fast_from = 0  # measuring: the inlined path applies
+    conn = BenchConn(tally, 0)
+    conn.write = lambda payload: None
+    now = 20 * HIGHEST_NS  # later than any message could have been due
+    monkeypatch.setattr(connection, "monotonic_ns", lambda: now)
+    for value in values:
+        reply = b"x" * 64
+        conn.out.clear()
+        conn.out.append((reply, now - value))
+        conn.data_received(reply)
+    assert conn.seq == len(values)  # each reply took the inlined path and sent the next
+    return tally.hist
+
+
+def recorded(values: list[int]) -> Histogram:
+    h = Histogram()
+    for value in values:
+        h.record(value)
+    return h
+
+
+def test_the_inlined_record_agrees_with_histogram_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BenchConn.data_received records closed-loop echo latencies with Histogram.record's
+    code inlined (a call per message costs); both must fill the same buckets, with the same
+    minimum, maximum and sum: for each edge alone, and for all of them together."""
+    for value in EDGES:
+        alone, reference = inlined([value], monkeypatch), recorded([value])
+        assert alone.counts == reference.counts, value
+        assert (alone.min, alone.max, alone.total_ns) == (
+            reference.min,
+            reference.max,
+            reference.total_ns,
+        ), value
+    assert inlined(EDGES, monkeypatch) == recorded(EDGES)
