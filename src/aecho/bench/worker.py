@@ -184,6 +184,7 @@ class Worker(Tally):
         self.start_unix_ns = start_unix_ns + warmup_ns
         await sleep_until(start_ns)
         self.done.clear()  # connections lost while connecting may have set it
+        self.call_soon = asyncio.get_running_loop().call_soon
         self.sending = True
         if self.fast:
             self.fast_from = self.measure_ns
