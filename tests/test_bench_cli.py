@@ -101,6 +101,10 @@ def test_cli_json_has_the_keys(serve_process: Callable[..., ServerProcess]) -> N
     lat = data["latency_us"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["max"]
     assert data["failures"] == []
+    readme = {"sent_mib_per_s", "errors_by_kind", "server", "size", "reply_size"}
+    readme |= {"start_unix_ns", "duration_ns", "histogram", "timeline", "failures"}
+    assert data.keys() >= readme
+    assert data["server"].keys() == {"embedded", "pid", "handler", "framing", "offload"}
 
 
 def test_cli_table_and_thresholds(serve_process: Callable[..., ServerProcess]) -> None:
@@ -144,6 +148,7 @@ def test_the_table_and_json_name_what_was_measured() -> None:
     table = run_bench(*args)
     assert table.returncode == 0, table.stderr
     assert re.search(r"handler\W+sha256, framing line, offload inline", table.stdout)
+    assert re.search(r"server\W+embedded aecho serve \(pid \d+\)", table.stdout)
     assert "1024 B out, 65 B back" in table.stdout
     volume = re.search(r"([\d.]+) MiB/s out, ([\d.]+) MiB/s back", table.stdout)
     assert volume is not None, table.stdout
@@ -326,6 +331,29 @@ def test_cli_usage_errors() -> None:
     code, _, err = bench_cli("--plot", "out.jpg")
     assert code == 2
     assert ".png or .svg" in err
+
+
+def test_bench_raises_its_own_descriptor_limit(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    server = serve_process()
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 4096))
+
+    out = run_bench(
+        "127.0.0.1", str(server.port), "-c", "200", "-n", "400", "--json", preexec_fn=low_soft_limit
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["connected"] == 200
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    code, out, err = bench_cli("127.0.0.1", "1", "-n", "5", "--plot", "x.png")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1
+    assert "pip install -e '.[plot]'" in err
 
 
 def test_fd_limit_is_explained() -> None:

@@ -72,8 +72,10 @@ def test_merging_files_equals_the_workers_merge(
     merged, direct = json.loads(out), json.loads(json.dumps(to_json(result)))
     assert {k: merged[k] for k in MERGED} == {k: direct[k] for k in MERGED}
     assert merged["messages"] > 0
-    code, table, err = bench_cli("merge", *files)
+    png = tmp_path / "merged.png"
+    code, table, err = bench_cli("merge", *files, "--plot", str(png))
     assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "6/6 connections" in table and "2 workers" in table
     assert f"{result.messages:,} (every byte verified)" in table
 

@@ -198,6 +198,29 @@ def test_cli_search_table_json_and_plot(
         assert column in table.stdout
 
 
+def test_search_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps of 2 s after a 0.5 s warm-up unless -d / --warmup say otherwise."""
+    seen: list[BenchConfig] = []
+    monkeypatch.setattr(runner, "main", lambda cfg: seen.append(cfg) or 0)
+    assert bench_cli("--find-max-rate", "--max-p99", "5")[0] == 0
+    assert bench_cli("--find-max-rate", "--max-p99", "5", "-d", "1", "--warmup", "0")[0] == 0
+    assert bench_cli("-n", "5")[0] == 0
+    assert [(c.duration, c.warmup) for c in seen] == [(2.0, 0.5), (1.0, 0.0), (None, 0.0)]
+
+
+def test_what_passes() -> None:
+    """A step passes with p99 within the goal, no error, and 90 % of its rate done."""
+    result = Result.empty(Setup.from_cfg(search_cfg()))
+    for _ in range(100):
+        result.hist.record(4_000_000)
+    result.messages, result.duration_ns = 900, 1_000_000_000
+    assert passes(result, 5, 1000)
+    assert not passes(result, 5, 1001)  # 90 % of 1001 is 900.9: 900 msgs/s falls short
+    assert not passes(result, 3, 900)
+    result.errors["timeout"] = 1
+    assert not passes(result, 5, 900)
+
+
 def test_cli_search_usage() -> None:
     code, _, err = bench_cli("--find-max-rate")
     assert code == 2
