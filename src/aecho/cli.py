@@ -40,6 +40,7 @@ from aecho.config import (
     Offload,
     ProxyMode,
     ServerConfig,
+    check_plot_file,
 )
 from aecho.units import parse_duration, parse_rate, parse_size
 
@@ -108,6 +109,15 @@ def _units(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 DURATION = {"parser": _units(parse_duration), "metavar": "DURATION"}
 SIZE = {"parser": _units(parse_size), "metavar": "SIZE"}
 RATE = {"parser": _units(parse_rate), "metavar": "RATE"}
+
+
+JSON_OUT = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
+]
+PLOT_FILE = Annotated[
+    str | None,
+    typer.Option(help="Draw the latency and throughput figure to this .png or .svg file."),
+]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -422,9 +432,7 @@ def bench(
     framing: Annotated[
         Framing, typer.Option(help="raw: any bytes; line: newline-terminated messages.")
     ] = Framing.raw,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
-    ] = False,
+    json_out: JSON_OUT = False,
     max_p99: Annotated[
         float | None,
         typer.Option(help="Exit 1 if p99 latency is above this many ms (the search's goal)."),
@@ -439,10 +447,7 @@ def bench(
     min_rate: Annotated[
         float | None, typer.Option(help="Exit 1 if fewer messages/s than this.")
     ] = None,
-    plot: Annotated[
-        str | None,
-        typer.Option(help="Draw the latency and throughput figure to this .png or .svg file."),
-    ] = None,
+    plot: PLOT_FILE = None,
     offload: Annotated[
         Offload, typer.Option(help="Embedded server: run the handler inline or in processes.")
     ] = Offload.inline,
@@ -540,13 +545,8 @@ def bench_merge(
             help="Files written by 'aecho bench --json', from runs made at the same time.",
         ),
     ],
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
-    ] = False,
-    plot: Annotated[
-        str | None,
-        typer.Option(help="Draw the latency and throughput figure to this .png or .svg file."),
-    ] = None,
+    json_out: JSON_OUT = False,
+    plot: PLOT_FILE = None,
 ) -> None:
     """Combine runs made side by side (say, one per machine) into the result one bench with
     all their load would have reported: counts summed, percentiles from the merged histogram.
@@ -554,8 +554,11 @@ def bench_merge(
     from aecho.bench import BenchError
     from aecho.bench.runner import merge_main
 
-    if plot is not None and not plot.lower().endswith((".png", ".svg")):
-        fail(f"--plot {plot}: name a .png or .svg file", 2)
+    try:
+        if plot is not None:
+            check_plot_file(plot)
+    except ConfigError as exc:
+        fail(str(exc), 2)
     try:
         code = merge_main(results, json_out, plot)
     except BenchError as exc:

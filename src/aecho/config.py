@@ -224,6 +224,12 @@ DEFAULT_SEARCH_STEP = 2.0
 DEFAULT_SEARCH_WARMUP = 0.5
 
 
+def check_plot_file(path: str) -> None:
+    """Raises: ConfigError: ``path`` names neither a PNG nor an SVG file."""
+    if not path.lower().endswith((".png", ".svg")):
+        raise ConfigError(f"--plot {path}: name a .png or .svg file")
+
+
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     """``aecho bench``: what to measure and how.  No host, port and unix means "embedded":
@@ -323,8 +329,8 @@ class BenchConfig:
             raise ConfigError("--tls needs the HOST and PORT of a TLS server to measure")
         if not self.embedded and (self.offload is not Offload.inline):
             raise ConfigError("--offload applies to the embedded server only (no HOST/PORT)")
-        if self.plot is not None and not self.plot.lower().endswith((".png", ".svg")):
-            raise ConfigError(f"--plot {self.plot}: name a .png or .svg file")
+        if self.plot is not None:
+            check_plot_file(self.plot)
         if self.find_max_rate:
             self._validate_search()
         return self

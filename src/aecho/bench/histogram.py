@@ -40,6 +40,16 @@ def bucket_upper(index: int) -> int:
     return ((sub + 1) << shift) - 1
 
 
+def format_ns(ns: float, short: bool = False) -> str:
+    """A latency for people, in us, ms or s; ``short`` keeps three significant digits
+    (axis ticks), otherwise a fixed number of decimals per unit (tables)."""
+    scale, unit, decimals = next(
+        (u for u in ((1e3, "us", 1), (1e6, "ms", 2)) if ns < u[0] * 1000), (1e9, "s", 3)
+    )
+    value = ns / scale
+    return f"{value:.3g} {unit}" if short else f"{value:.{decimals}f} {unit}"
+
+
 BUCKETS = bucket_index(HIGHEST_NS) + 1
 EMPTY_LOW = HIGHEST_NS + 1  # Histogram.low before the first value: above any value
 

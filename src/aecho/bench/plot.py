@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aecho.bench import BenchError
-from aecho.bench.histogram import Histogram
+from aecho.bench.histogram import Histogram, format_ns
 from aecho.bench.results import SECOND_NS, TICK_NS, Result, Setup
 from aecho.bench.search import Search, Step
 
@@ -50,11 +50,7 @@ def _ms(ns: float) -> float:
 
 
 def _fmt_ms(ms: float) -> str:
-    if ms < 1:
-        return f"{ms * 1e3:.0f} us"
-    if ms < 1000:
-        return f"{ms:.3g} ms"
-    return f"{ms / 1e3:.3g} s"
+    return format_ns(ms * 1e6, short=True)
 
 
 def caption(setup: Setup) -> str:

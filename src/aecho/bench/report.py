@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aecho.bench import BenchError
+from aecho.bench.histogram import format_ns
 from aecho.bench.results import Result, Setup, to_json
 from aecho.bench.search import Search, Step
 from aecho.bench.search import to_json as search_json
@@ -28,14 +29,6 @@ ERROR_LABELS = {
     "mismatch": "mismatches",
 }
 USUAL_FD_LIMITS = (256, 1024, 4096)  # common soft RLIMIT_NOFILE values
-
-
-def fmt_ns(ns: float) -> str:
-    if ns < 1_000_000:
-        return f"{ns / 1e3:.1f} us"
-    if ns < 1_000_000_000:
-        return f"{ns / 1e6:.2f} ms"
-    return f"{ns / 1e9:.3f} s"
 
 
 class Progress:
@@ -62,7 +55,9 @@ class Progress:
             else:
                 head = f"{p['messages']:,} / {self.cfg.messages:,} msgs"
             rate = "" if p["rate"] is None else f"{p['rate']:>12,.0f} msgs/s   "
-            line = Text.assemble((head, "bold"), f"   {rate}p99 {fmt_ns(p['p99_ns'])}   ", errors)
+            line = Text.assemble(
+                (head, "bold"), f"   {rate}p99 {format_ns(p['p99_ns'])}   ", errors
+            )
         self.live.update(line, refresh=True)
 
     def stop(self) -> None:
@@ -106,10 +101,10 @@ def print_table(result: Result, console: Console | None = None) -> None:
         volume = f"{result.sent_mib_per_s:,.2f} MiB/s out, {result.mib_per_s:,.2f} MiB/s back"
     table.add_row("throughput", f"{result.msgs_per_s:,.0f} msgs/s   {volume}")
     for label, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9)):
-        table.add_row(f"latency {label}", fmt_ns(h.percentile(q)) if h.total else "-")
-    table.add_row("latency max", fmt_ns(h.max) if h.total else "-")
+        table.add_row(f"latency {label}", format_ns(h.percentile(q)) if h.total else "-")
+    table.add_row("latency max", format_ns(h.max) if h.total else "-")
     ch = result.connect_hist
-    table.add_row("connect p99", fmt_ns(ch.percentile(99)) if ch.total else "-")
+    table.add_row("connect p99", format_ns(ch.percentile(99)) if ch.total else "-")
     for kind, n in result.errors.items():
         if n:
             table.add_row(Text(ERROR_LABELS[kind], style="red"), Text(f"{n:,}", style="red"))
@@ -225,7 +220,7 @@ def _refused(result: Result, fds: list[int] | None, out_of_fds: bool) -> str:
 def print_step(step: Step) -> None:
     """One line on stderr as each search step ends."""
     r = step.result
-    p99 = fmt_ns(r.hist.percentile(99)) if r.hist.total else "-"
+    p99 = format_ns(r.hist.percentile(99)) if r.hist.total else "-"
     verdict_word = "probe" if step.rate is None else ("pass" if step.passed else "fail")
     early = " (stopped early)" if r.aborted else ""
     print(
@@ -250,7 +245,7 @@ def print_search_table(search: Search, console: Console | None = None) -> None:
         table.add_column(name, justify="right", no_wrap=True)
     for st in search.steps:
         r, h = st.result, st.result.hist
-        cells = [fmt_ns(h.percentile(q)) if h.total else "-" for q in (50, 99, 99.9)]
+        cells = [format_ns(h.percentile(q)) if h.total else "-" for q in (50, 99, 99.9)]
         if st.rate is None:
             target, outcome = "probe", Text("-")
         elif st.passed:
@@ -268,7 +263,7 @@ def answer_line(search: Search) -> str:
     best = search.best
     if best is None:
         return f"no rate held p99 within {search.goal_ms:g} ms"
-    p99 = fmt_ns(best.result.hist.percentile(99))
+    p99 = format_ns(best.result.hist.percentile(99))
     return f"max sustainable rate: {best.rate:,.0f} msgs/s (p99 {p99} at {best.rate:,.0f})"
 
 
