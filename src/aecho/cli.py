@@ -389,8 +389,8 @@ def bench(
         typer.Option(
             "-d",
             "--duration",
-            help=f"Seconds to measure [default: {DEFAULT_BENCH_DURATION:g}; "
-            f"{DEFAULT_SEARCH_STEP:g} per --find-max-rate step].",
+            help=f"Seconds to measure (default {DEFAULT_BENCH_DURATION:g}; "
+            f"{DEFAULT_SEARCH_STEP:g} per --find-max-rate step).",
             **DURATION,
         ),
     ] = None,
@@ -412,8 +412,8 @@ def bench(
     warmup: Annotated[
         float | None,
         typer.Option(
-            help="Seconds of load left out of the results [default: 0; "
-            f"{DEFAULT_SEARCH_WARMUP:g} per --find-max-rate step].",
+            help="Seconds of load left out of the results (default 0; "
+            f"{DEFAULT_SEARCH_WARMUP:g} per --find-max-rate step).",
             **DURATION,
         ),
     ] = None,
