@@ -125,8 +125,13 @@ class Tally:
             if conn.lost or self.closing:
                 conn.seq -= 1  # never sent
                 continue
-            conn.out.append((payload, monotonic_ns()))
-            conn.write(payload)
+            sent_at = monotonic_ns()
+            try:
+                conn.write(payload)
+            except RuntimeError:  # the transport closed since the reply came in
+                conn.seq -= 1
+                continue
+            conn.out.append((payload, sent_at))
 
     def error(self, kind: str, message: str) -> None:
         self.errors[kind] += 1
