@@ -19,7 +19,7 @@ import uvloop
 
 from aecho.config import ServerConfig
 from aecho.process.systemd import Notification, NotifyReceiver
-from aecho.server import Server
+from aecho.server.server import Server
 
 
 def pytest_asyncio_loop_factories(
@@ -73,13 +73,13 @@ class ServerProcess:
     ) -> None:
         cmd = [sys.executable, "-m", "aecho", "serve", *args]
         own_notify = "NOTIFY_SOCKET" not in (env or {})
-        receiver = NotifyReceiver() if own_notify else None
+        self.notify = NotifyReceiver() if own_notify else None
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={**os.environ, **(receiver.env if receiver else {}), **(env or {})},
+            env={**os.environ, **(self.notify.env if self.notify else {}), **(env or {})},
             text=True,
             preexec_fn=preexec_fn,
         )
@@ -89,10 +89,9 @@ class ServerProcess:
         self.ready: Notification | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if receiver is None:
+        if self.notify is None:
             return
-        with receiver:
-            self.ready = receiver.wait_ready(ready_timeout, lambda: self.proc.poll() is not None)
+        self.ready = self.notify.wait_ready(ready_timeout, lambda: self.proc.poll() is not None)
         if self.ready is None:
             self.kill()
             raise RuntimeError(f"server did not become ready: {self.output}")
@@ -100,6 +99,16 @@ class ServerProcess:
             if isinstance(addr, tuple):
                 self.host, self.port = addr
                 break
+
+    def wait_stopping(self, timeout: float = 10.0) -> bool:
+        """Wait for the STOPPING=1 notification: a graceful stop has begun."""
+        assert self.notify is not None
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            note = self.notify.receive(remaining)
+            if note is not None and note.stopping:
+                return True
+        return False
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -135,6 +144,9 @@ class ServerProcess:
         self._close_pipe()
 
     def _close_pipe(self) -> None:
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
         self._reader.join(5)
         if self.proc.stderr is not None and not self._reader.is_alive():
             self.proc.stderr.close()
@@ -165,3 +177,42 @@ def wait_until(
             return True
         time.sleep(interval)
     return predicate()
+
+
+# -- processes, as /proc sees them ------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
+                    parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        top = frontier.pop()
+        kids = [child for child, parent in parents.items() if parent == top]
+        found += kids
+        frontier += kids
+    return found
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a container's init may never reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

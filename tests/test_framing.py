@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aecho.framing import FrameError, LineFramer, RawFramer
+from aecho.server.framing import FrameError, LineFramer, RawFramer
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:

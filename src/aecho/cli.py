@@ -38,6 +38,7 @@ from aecho.config import (
     ProxyMode,
     ServerConfig,
 )
+from aecho.process.logs import setup_logging
 from aecho.units import parse_duration, parse_rate, parse_size
 
 
@@ -106,35 +107,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def setup_logging(level: str, log_file: str | None = None) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler: logging.Handler
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 # -- serve ---------------------------------------------------------------------------------------
-
-
-def run_server(config: ServerConfig) -> None:
-    """Run the server in the foreground until it is stopped.
-
-    Raises:
-        aecho.server.StartupError, aecho.handlers.HandlerError: start-up failed.
-    """
-    from aecho.daemon import Lifecycle
-    from aecho.loops import run
-    from aecho.server import Server
-
-    # Bind (or inherit systemd's sockets), lock the pidfile and, with --daemon, detach,
-    # all before the loop exists; only the serving process returns from begin().
-    life = Lifecycle.begin(config)
-    server = Server(life.config, sockets=life.sockets)
-    with life:
-        run(server.run(life.on_ready), life.config.loop)
 
 
 @app.command()
@@ -259,22 +232,38 @@ def serve(
         ).validate()
     except ConfigError as exc:
         fail(str(exc), 2)
+    from aecho.offload.handlers import HandlerError
+    from aecho.process.daemon import DaemonStarted
+    from aecho.server.listeners import StartupError
+
     try:
         setup_logging(config.log_level, config.log_file)
     except OSError as exc:
         fail(f"cannot open --log-file {config.log_file}: {exc.strerror}")
-    _run_or_fail(run_server, config)
-
-
-def _run_or_fail(func: Callable[[Any], None], config: object) -> None:
-    from aecho.handlers import HandlerError
-    from aecho.server import StartupError
-
     try:
-        func(config)
+        code = run_server(config)
+    except DaemonStarted as started:
+        where = f", pidfile {started.pidfile}" if started.pidfile else ""
+        typer.echo(f"aecho serving on {started.address} (pid {started.pid}{where})")
+        raise typer.Exit(0) from None
     except (StartupError, HandlerError, ConfigError) as exc:
         log.debug("start-up failed", exc_info=True)
         fail(str(exc))
+    raise typer.Exit(code or 0)
+
+
+def run_server(config: ServerConfig) -> int:
+    """Serve until stopped; the exit status (see :func:`aecho.process.serve.serve`)."""
+    from aecho.process.serve import serve as serve_main
+
+    return serve_main(config)
+
+
+def _print(outcome: Any) -> None:
+    """Print a control outcome (``aecho: ...``) where it belongs and exit with its code."""
+    prefix = "aecho: error: " if outcome.error and outcome.code else "aecho: "
+    typer.echo(prefix + outcome.message, err=outcome.error)
+    raise typer.Exit(outcome.code)
 
 
 @app.command()
@@ -285,9 +274,9 @@ def stop(
     ] = 15.0,
 ) -> None:
     """Stop a server gracefully (SIGTERM), killing it past --timeout."""
-    from aecho.daemon import stop_server
+    from aecho.process.control import stop as stop_main
 
-    raise typer.Exit(stop_server(pidfile, timeout))
+    _print(stop_main(pidfile, timeout))
 
 
 @app.command()
@@ -295,9 +284,9 @@ def status(
     pidfile: Annotated[str, typer.Option(help="The pidfile the server was started with.")],
 ) -> None:
     """Is the server running? Exit 0 if so, 3 if not."""
-    from aecho.daemon import server_status
+    from aecho.process.control import status as status_main
 
-    raise typer.Exit(server_status(pidfile))
+    _print(status_main(pidfile))
 
 
 # -- client --------------------------------------------------------------------------------------
@@ -328,17 +317,17 @@ def client(
     """Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise."""
     from aecho.client import ClientError
 
-    config = ClientConfig(
-        host=host,
-        port=port,
-        unix=unix,
-        connect_timeout=connect_timeout,
-        tls=tls,
-        cafile=cafile,
-        insecure=insecure,
-    )
     try:
-        run_client(config.validate())
+        config = ClientConfig(
+            host=host,
+            port=port,
+            unix=unix,
+            connect_timeout=connect_timeout,
+            tls=tls,
+            cafile=cafile,
+            insecure=insecure,
+        )
+        run_client(config)
     except ConfigError as exc:
         fail(str(exc), 2)
     except ClientError as exc:
@@ -431,7 +420,7 @@ def bench(
     """Load-test an echo server and verify every byte (no HOST/PORT: an embedded server)."""
     from aecho.bench import main as bench_main
     from aecho.bench.engine import BenchError
-    from aecho.handlers import HandlerError
+    from aecho.offload.handlers import HandlerError
 
     if duration is None and messages is None:
         duration = DEFAULT_BENCH_DURATION

@@ -156,7 +156,7 @@ def run_pipe_tls(config: ClientConfig, stdin: BinaryIO, stdout: BinaryIO) -> Non
 
     where = _describe(config)
     ctx = client_context(config.cafile, config.insecure)
-    raw = connect(replace(config, tls=False))
+    raw = connect(replace(config, tls=False, cafile=None, insecure=False))
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = ctx.wrap_bio(incoming, outgoing, server_hostname=config.host)
     chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)

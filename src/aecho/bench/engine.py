@@ -70,7 +70,7 @@ def reply_function(cfg: BenchConfig) -> Callable[[bytes], bytes] | None:
     """
     if cfg.handler in ("echo", "burn"):
         return None
-    from aecho.handlers import load_handler
+    from aecho.offload.handlers import load_handler
 
     handler = load_handler(cfg.handler)
     if cfg.framing is Framing.line:
