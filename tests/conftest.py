@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -202,9 +203,10 @@ def descendants(pid: int) -> list[int]:
 
 
 def cmdline(pid: int) -> bytes:
+    """What ps shows for ``pid`` (NULs as spaces); b"" once it is gone."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
+            return f.read().replace(b"\0", b" ").strip()
     except OSError:
         return b""
 
@@ -216,3 +218,10 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for options that cannot take 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

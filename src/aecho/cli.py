@@ -8,6 +8,7 @@ debug level only.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
@@ -94,6 +95,18 @@ def _units(parse: Callable[[str], Any]) -> Callable[[str], Any]:
             raise typer.BadParameter(str(exc)) from None
 
     return parser
+
+
+def _workers(value: str) -> int:
+    """``auto`` (one per CPU) or a count."""
+    if not isinstance(value, str):
+        return value
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number of processes or auto") from None
 
 
 DURATION = {"parser": _units(parse_duration), "metavar": "DURATION"}
@@ -195,6 +208,23 @@ def serve(
     max_connections_per_ip: Annotated[
         int, typer.Option(min=0, help="Connections per client address (after PROXY); 0 = any.")
     ] = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            "-w",
+            help="Serving processes, each with its own event loop, under a supervisor "
+            "(auto: one per CPU).",
+            parser=_workers,
+            metavar="N|auto",
+        ),
+    ] = 1,
+    reuse_port: Annotated[
+        bool,
+        typer.Option(
+            help="With --workers: a SO_REUSEPORT listener per serving process (else one shared)."
+        ),
+    ] = True,
 ) -> None:
     """Run the echo server (SIGTERM or Ctrl-C stops it gracefully; --daemon detaches)."""
     try:
@@ -229,6 +259,8 @@ def serve(
             proxy_allow_from=tuple(proxy_allow_from or DEFAULT_PROXY_ALLOW_FROM),
             metrics_port=metrics_port,
             max_connections_per_ip=max_connections_per_ip,
+            workers=workers,
+            reuse_port=reuse_port,
         ).validate()
     except ConfigError as exc:
         fail(str(exc), 2)

@@ -138,6 +138,10 @@ class ServerConfig:
     proxy_allow_from: tuple[str, ...] = DEFAULT_PROXY_ALLOW_FROM
     metrics_port: int | None = None
     max_connections_per_ip: int = 0
+    # Serving processes: 1 is a single process; more run under a supervisor.
+    workers: int = 1
+    # With workers > 1: one SO_REUSEPORT listener per serving process (else one shared).
+    reuse_port: bool = True
     # Per-connection write buffer watermarks (see WRITE_HIGH_WATER).
     write_high: int = WRITE_HIGH_WATER
     write_low: int = WRITE_LOW_WATER
@@ -158,7 +162,8 @@ class ServerConfig:
 
     @property
     def effective_pool_size(self) -> int:
-        return self.pool_size or os.cpu_count() or 1
+        """--pool-size, else the CPUs shared out among the serving processes."""
+        return self.pool_size or max(1, (os.cpu_count() or 1) // self.workers)
 
     def validate(self) -> ServerConfig:
         """Return self (checked when made)."""
@@ -179,6 +184,8 @@ class ServerConfig:
             raise ConfigError("--graceful-timeout must be 0 or more seconds")
         if self.backlog < 1:
             raise ConfigError("--backlog must be at least 1")
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1 (or auto)")
         if self.pool_size is not None and self.pool_size < 1:
             raise ConfigError("--pool-size must be at least 1")
         if not self.handler_timeout > 0:

@@ -133,7 +133,7 @@ class NotifyReceiver:
         self.sock.settimeout(timeout)
         try:
             data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(_UCRED.size))
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             return None
         pid: int | None = None
         for level, kind, payload in ancillary:

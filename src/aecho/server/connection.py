@@ -76,6 +76,9 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)
         self.transport = t
+        # New counts as active: a stopping server's sweep gives it a whole interval for
+        # its first bytes instead of closing it as "quiet" before they arrive.
+        self.active = True
         if self.peer is None:  # a PROXY header may already have named the real client
             self.peer = t.get_extra_info("peername")
         if not self.host.admit(self):

@@ -79,12 +79,16 @@ def _bind_unix(path: str, backlog: int, mode: int = DEFAULT_UNIX_MODE) -> socket
     return sock
 
 
-def bind_listeners(config: ServerConfig, _attempt: int = 0) -> list[socket.socket]:
+def bind_listeners(
+    config: ServerConfig, reuse_port: bool = False, _attempt: int = 0
+) -> list[socket.socket]:
     """Create, bind and listen on every socket the configuration asks for.
 
     A host name that resolves to several addresses gets one listener each; with
     ``--port 0`` they all share the port the first one was given.  ``--udp``
-    adds a UDP socket on each TCP listener's address and port.
+    adds a UDP socket on each TCP listener's address and port.  With
+    ``reuse_port`` the TCP listeners take SO_REUSEPORT, so that :func:`bind_sibling`
+    can add more listeners on the same address for other serving processes.
 
     Raises:
         StartupError: the host does not resolve, or a bind or listen fails.
@@ -114,6 +118,9 @@ def bind_listeners(config: ServerConfig, _attempt: int = 0) -> list[socket.socke
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             where = format_address((addr[0], port))
             try:
+                if reuse_port:
+                    _check_unused(family, type_, proto, (addr[0], port, *addr[2:]))
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind((addr[0], port, *addr[2:]))
                 sock.listen(backlog)
             except OSError as exc:
@@ -132,9 +139,57 @@ def bind_listeners(config: ServerConfig, _attempt: int = 0) -> list[socket.socke
                 sock.close()
             if config.port == 0 and _attempt < 5:
                 # The free TCP port was taken for UDP: pick another pair.
-                return bind_listeners(config, _attempt + 1)
+                return bind_listeners(config, reuse_port, _attempt + 1)
             raise
     return sockets
+
+
+def _check_unused(family: int, type_: int, proto: int, address: tuple[object, ...]) -> None:
+    """Fail if anything listens on ``address`` (port 0 always passes).
+
+    Any process of the same user could join a SO_REUSEPORT group and silently share
+    the port with another server; a plain bind first makes a busy port an error,
+    as it is without SO_REUSEPORT.
+
+    Raises:
+        OSError: the address is in use (or cannot be bound).
+    """
+    if address[1] == 0:
+        return
+    with socket.socket(family, type_, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(address)
+
+
+def bind_sibling(sock: socket.socket, backlog: int) -> socket.socket:
+    """Another SO_REUSEPORT listener on ``sock``'s address: the kernel spreads new
+    connections over the group.
+
+    Raises:
+        StartupError: the bind or listen failed.
+    """
+    sibling = socket.socket(sock.family, sock.type, sock.proto)
+    address = sock.getsockname()
+    try:
+        sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if sock.family == socket.AF_INET6:
+            sibling.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sibling.bind(address)
+        sibling.listen(backlog)
+    except OSError as exc:
+        sibling.close()
+        raise bind_error(format_address(address), exc) from exc
+    sibling.setblocking(False)
+    return sibling
+
+
+def reuses_port(sock: socket.socket) -> bool:
+    return sock.type == socket.SOCK_STREAM and bool(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+    )
 
 
 def _bind_udp_twins(tcp_sockets: list[socket.socket]) -> list[socket.socket]:
@@ -216,7 +271,7 @@ def listen_sockets() -> list[socket.socket]:
     return sockets
 
 
-def open_listeners(config: ServerConfig) -> list[socket.socket]:
+def open_listeners(config: ServerConfig, reuse_port: bool = False) -> list[socket.socket]:
     """Sockets passed by systemd socket activation, else freshly bound ones.
 
     Raises:
@@ -225,4 +280,4 @@ def open_listeners(config: ServerConfig) -> list[socket.socket]:
     inherited = listen_sockets()
     if inherited:
         return inherited
-    return bind_listeners(config)
+    return bind_listeners(config, reuse_port)

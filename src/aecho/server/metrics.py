@@ -29,7 +29,8 @@ log = logging.getLogger("aecho.server.metrics")
 
 REQUEST_TIMEOUT_S = 10.0
 
-Snapshots = Callable[[], list[tuple[dict[str, str], Stats]]]
+# (labels, stats) pairs; labels None: counted in the totals only (processes that exited).
+Snapshots = Callable[[], list[tuple[dict[str, str] | None, Stats]]]
 
 
 class StatsCollector(Collector):
@@ -43,14 +44,17 @@ class StatsCollector(Collector):
         stats = Stats()
         for _, part in parts:
             stats.add(part)
+        labelled = [(labels, part) for labels, part in parts if labels]
+        keys = sorted({key for labels, _ in labelled for key in labels})
         open_now = GaugeMetricFamily(
             "aecho_connections_open",
-            "Connections open now (those still sending a PROXY header excluded).",
-            labels=sorted({key for labels, _ in parts for key in labels}) or None,
+            "Connections open now (those still sending a PROXY header excluded)"
+            + (", per serving process." if keys else "."),
+            labels=keys or None,
         )
-        if len(parts) > 1:
-            for labels, part in parts:
-                open_now.add_metric([labels[k] for k in sorted(labels)], part.connections_open)
+        if keys:
+            for labels, part in labelled:
+                open_now.add_metric([labels.get(k, "") for k in keys], part.connections_open)
         else:
             open_now.add_metric([], stats.connections_open)
         yield open_now

@@ -79,6 +79,7 @@ class ProxyPrelude(asyncio.Protocol):
 
     # The same face as a Connection toward the server's sweeps.
     quiet = True
+    rx = 0
 
     def close(self) -> None:
         if self.transport is not None:
@@ -91,6 +92,7 @@ class ProxyPrelude(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)
         self.transport = t
+        self.active = True  # see Connection.connection_made
         self.peer = t.get_extra_info("peername")
         if not self.host.hold(self):
             t.abort()

@@ -31,6 +31,7 @@ from aecho.server.connection import (
     InlineConnection,
     RawEchoConnection,
 )
+from aecho.server.limits import Limits
 from aecho.server.listeners import StartupError, bind_error, bind_listeners
 from aecho.server.pooled import PooledConnection
 from aecho.server.proxy import ProxyPrelude
@@ -40,6 +41,8 @@ log = logging.getLogger("aecho.server")
 
 # While stopping, connections are swept this often and closed once quiet.
 SHUTDOWN_SWEEP_S = 0.05
+# ... and a connection that has sent nothing at all is closed after this many quiet sweeps.
+SILENT_SWEEPS = 20
 # Out-of-descriptor warnings are repeated at most this often.
 EMFILE_LOG_INTERVAL_S = 10.0
 
@@ -59,6 +62,7 @@ class Server:
         config: ServerConfig,
         sockets: list[socket.socket] | None = None,
         on_stopping: Callable[[], None] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._config = config
         self._stats = Stats()
@@ -76,7 +80,7 @@ class Server:
         self._factory: Callable[[], Any] = lambda: None
         self._emfile_logged_at = -EMFILE_LOG_INTERVAL_S
         self._proxy_networks = parse_networks(config.proxy_allow_from)
-        self._per_ip: dict[str, int] = {}
+        self._limits = limits or Limits(config.max_connections, config.max_connections_per_ip)
         self._ssl: ssl.SSLContext | None = None
         self._udp: list[asyncio.BaseTransport] = []
         self._metrics: Any = None
@@ -255,8 +259,13 @@ class Server:
             for conn in self._tracked():
                 if conn.active:
                     conn.active = False
+                    conn.idle_ticks = 0
                 elif conn.quiet:
-                    conn.close()
+                    # One that has sent nothing yet may have been accepted a moment ago,
+                    # its first bytes on their way: it gets longer to say something.
+                    conn.idle_ticks += 1
+                    if conn.rx or conn.idle_ticks >= SILENT_SWEEPS:
+                        conn.close()
             await asyncio.sleep(SHUTDOWN_SWEEP_S)
         cut = self._tracked()
         for conn in cut:
@@ -325,9 +334,9 @@ class Server:
     # -- connection registry -----------------------------------------------------------------
 
     def _full(self) -> bool:
-        if self._stopping or len(self.connections) + len(self.preludes) >= (
-            self._config.max_connections
-        ):
+        # Not refused for stopping: a connection the listener accepted just before it
+        # closed reaches us a moment later, and it is owed service like the others.
+        if self._limits.full(len(self.connections) + len(self.preludes)):
             self._stats.refused += 1
             return True
         return False
@@ -341,30 +350,24 @@ class Server:
                 len(self.connections),
             )
             return False
-        per_ip = self._config.max_connections_per_ip
-        if per_ip and isinstance(conn.peer, tuple):
+        if self._config.max_connections_per_ip and isinstance(conn.peer, tuple):
             ip = conn.peer[0]
-            count = self._per_ip.get(ip, 0)
-            if count >= per_ip:
+            if not self._limits.take_ip(ip):
                 self._stats.refused_per_ip += 1
-                log.debug("refusing %s: %d connections open from %s", conn.peer, count, ip)
+                log.debug("refusing %s: too many connections from %s", conn.peer, ip)
                 return False
-            self._per_ip[ip] = count + 1
         self._stats.accepted += 1
         self.connections.add(conn)
+        self._limits.counted(len(self.connections) + len(self.preludes))
         return True
 
     def forget(self, conn: Connection) -> None:
         if conn not in self.connections:
             return
         self.connections.remove(conn)
+        self._limits.counted(len(self.connections) + len(self.preludes))
         if self._config.max_connections_per_ip and isinstance(conn.peer, tuple):
-            ip = conn.peer[0]
-            count = self._per_ip.get(ip, 0) - 1
-            if count > 0:
-                self._per_ip[ip] = count
-            else:
-                self._per_ip.pop(ip, None)
+            self._limits.give_ip(conn.peer[0])
 
     def hold(self, prelude: ProxyPrelude) -> bool:
         """Count a connection still reading its PROXY header; False when refused.
@@ -375,10 +378,12 @@ class Server:
         if self._full():
             return False
         self.preludes.add(prelude)
+        self._limits.counted(len(self.connections) + len(self.preludes))
         return True
 
     def release(self, prelude: ProxyPrelude) -> None:
         self.preludes.discard(prelude)
+        self._limits.counted(len(self.connections) + len(self.preludes))
 
     def proxy_trusted(self, peer: object) -> bool:
         """Whether ``peer`` may (and must) send a PROXY header: in --proxy-allow-from.
