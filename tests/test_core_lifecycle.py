@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import resource
 import select
@@ -254,3 +255,27 @@ def _echoes_quietly(port: int) -> bool:
         return echoes(port, timeout=2)
     except OSError:
         return False
+
+
+@pytest.mark.parametrize(
+    "args", [["--loop", "uvloop"], ["--loop", "asyncio"], ["--workers", "2"]], ids=str
+)
+def test_connections_waiting_in_the_accept_queue_are_served_at_stop(
+    serve_process: type[ServerProcess], args: list[str]
+) -> None:
+    """A stopping server takes what its listeners' queues hold instead of resetting it."""
+    server = serve_process(*args)
+    stopped = [server.pid, *descendants(server.pid)]
+    for pid in stopped:  # the kernel completes the handshakes; nobody accepts them
+        os.kill(pid, signal.SIGSTOP)
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(100)]
+    server.signal(signal.SIGTERM)
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    served = 0
+    for sock in socks:
+        with sock:
+            sock.sendall(b"q")
+            served += sock.recv(1) == b"q"
+    assert served == 100
+    assert server.proc.wait(30) == 0

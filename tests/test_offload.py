@@ -355,3 +355,17 @@ async def test_half_close_flushes_pooled_replies_then_closes() -> None:
         got = await asyncio.wait_for(reader.read(), TIMEOUT)  # until the server closes
         assert got == b"first\nlast without newline\n"
         await _close(writer)
+
+
+@pytest.mark.asyncio
+async def test_pooled_line_too_long_answers_the_earlier_lines_first() -> None:
+    async with running_server(
+        offload=Offload.process, pool_size=1, framing=Framing.line, max_line=16, handler=T + "nap"
+    ) as server:
+        reader, writer = await _open(server.port)
+        # Two good lines still in the pool when the third breaks the limit: their
+        # replies come first, then the one error line, then the close.
+        writer.write(b"first\nsecond\n" + b"x" * 40)
+        got = await asyncio.wait_for(reader.read(), TIMEOUT)
+        assert got == b"first\nsecond\nERR line too long: limit is 16 bytes\n"
+        await _close(writer)

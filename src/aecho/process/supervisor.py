@@ -186,11 +186,8 @@ class Supervisor:
             self.metrics.close()
         self.selector.close()
         self.notify.close()
-        for sock in (self.wake_r, self.wake_w, *self.shared, *self.first_own):
+        for sock in (self.wake_r, self.wake_w, *self._listeners()):
             sock.close()
-        for slot in self.slots:
-            for sock in slot.own:
-                sock.close()
         if self.config.unix:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.unix)
@@ -269,6 +266,9 @@ class Supervisor:
             f"MAINPID={os.getpid()}\n{LISTEN_FIELD}={listen}"
         )
         self.readiness.ready(address)
+
+    def _listeners(self) -> list[socket.socket]:
+        return [*self.shared, *self.first_own, *(s for slot in self.slots for s in slot.own)]
 
     def _retire(self, child: Child) -> None:
         child.state = "stopping"
@@ -408,6 +408,10 @@ class Supervisor:
                 n, grace = len(self.children), self.config.graceful_timeout
                 log.info("%s: stopping %d serving processes (grace %.3gs)", _name(signum), n, grace)
             notify("STOPPING=1")
+            # Each serving process takes what its listener's queue holds, then closes
+            # it; the supervisor's copies would keep the listeners open after that.
+            for sock in self._listeners():
+                sock.close()
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None

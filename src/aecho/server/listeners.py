@@ -49,23 +49,27 @@ def _unix_bind_error(path: str, exc: OSError) -> StartupError:
 
 
 def _bind_unix(path: str, backlog: int, mode: int = DEFAULT_UNIX_MODE) -> socket.socket:
+    """A listening Unix socket at ``path``; a stale socket file there is replaced.
+
+    Raises:
+        StartupError: something else is at the path, a server listens there, or the
+            bind fails.
+    """
     with contextlib.suppress(FileNotFoundError):
-        st_mode = os.stat(path).st_mode
-        if not stat.S_ISSOCK(st_mode):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
             raise StartupError(
                 f"cannot listen on {path}: it exists and is not a socket; "
                 "remove it or choose another --unix path"
             )
-        if stat.S_ISSOCK(st_mode):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nothing listens there any more
-            else:
-                raise StartupError(f"cannot listen on {path}: a server is already listening there")
-            finally:
-                probe.close()
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nothing listens there any more
+        else:
+            raise StartupError(f"cannot listen on {path}: a server is already listening there")
+        finally:
+            probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)

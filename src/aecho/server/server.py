@@ -77,6 +77,7 @@ class Server:
         self._stopping = False
         self._forced = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
         self._factory: Callable[[], Any] = lambda: None
         self._emfile_logged_at = -EMFILE_LOG_INTERVAL_S
         self._proxy_networks = parse_networks(config.proxy_allow_from)
@@ -232,6 +233,46 @@ class Server:
         await self._stop.wait()
         await self.shutdown()
 
+    async def _stop_accepting(self) -> None:
+        """Close the listeners, taking first every connection already in their queues.
+
+        The kernel completes handshakes before anyone accepts: closing a listener
+        would reset the connections waiting in its queue, connections whose peers
+        (or a load balancer, which cannot retry them) believe established.  They are
+        accepted here and served like the rest; only the few microseconds between
+        the last accept and the close are left.
+        """
+        queued: list[socket.socket] = []
+        for sock in self._sockets or ():
+            if sock.type != socket.SOCK_STREAM or sock.fileno() < 0:
+                continue
+            while len(queued) < self._config.effective_backlog * 4:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # out of descriptors, say: the rest are lost
+                    log.warning("cannot take queued connections while stopping: %s", exc)
+                    break
+                queued.append(conn)
+        for srv in self._servers:
+            srv.close()
+        for conn in queued:
+            # Not awaited one by one: a TLS handshake must not hold up the others.
+            adopt = asyncio.create_task(self._adopt(conn))
+            self._adopting.add(adopt)
+            adopt.add_done_callback(self._adopting.discard)
+        if queued:
+            log.info("took %d queued connections before closing the listeners", len(queued))
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("queued connection lost while stopping: %r", exc)
+            conn.close()
+
     def _tracked(self) -> list[Tracked]:
         return [*self.connections, *self.preludes]
 
@@ -243,8 +284,7 @@ class Server:
         self._stop.set()
         if self._on_stopping is not None:
             self._on_stopping()
-        for srv in self._servers:
-            srv.close()
+        await self._stop_accepting()
         for transport in self._udp:
             transport.close()
         if self._sweeper is not None:
@@ -267,6 +307,8 @@ class Server:
                     if conn.rx or conn.idle_ticks >= SILENT_SWEEPS:
                         conn.close()
             await asyncio.sleep(SHUTDOWN_SWEEP_S)
+        for adopt in list(self._adopting):
+            adopt.cancel()
         cut = self._tracked()
         for conn in cut:
             conn.abort()
