@@ -85,14 +85,15 @@ def test_connections_spread_evenly_and_limits_hold_for_the_whole(
         # --max-connections counts every process: 100 more fit, the rest are refused.
         more = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(150)]
         held += more
-        assert wait_until(
-            lambda: (
-                scrape(metrics)['aecho_connections_refused_total{reason="max_connections"}'] >= 50
-            )
-        )
-        values = scrape(metrics)
-        assert values["aecho_connections_accepted_total"] <= 1100 + 1  # one race per process
-        assert values['aecho_connections_refused_total{reason="max_connections"}'] >= 49
+        refused = 'aecho_connections_refused_total{reason="max_connections"}'
+
+        def settled() -> bool:
+            values = scrape(metrics)
+            return values["aecho_connections_accepted_total"] + values[refused] == 1150
+
+        assert wait_until(settled)
+        # Two processes admitting at the same instant may each take the last place.
+        assert 1100 <= scrape(metrics)["aecho_connections_accepted_total"] <= 1100 + 1
     finally:
         for sock in held:
             sock.close()
