@@ -37,6 +37,20 @@ def test_pipe_mode_round_trips_a_binary_file(
     assert out.stderr == b""
 
 
+def test_host_port_in_one_argument(serve_process: type[ServerProcess]) -> None:
+    v4, v6 = serve_process(), serve_process("--host", "::1")
+    for args in (
+        [f"127.0.0.1:{v4.port}"],
+        [f"localhost:{v4.port}"],
+        [f"[::1]:{v6.port}"],
+        ["::1", str(v6.port)],
+    ):
+        out = subprocess.run(
+            aecho("client", *args), input=b"where\n", capture_output=True, timeout=60
+        )
+        assert (out.returncode, out.stdout, out.stderr) == (0, b"where\n", b""), args
+
+
 def test_refused_connection_is_one_line_and_exit_1(
     serve_process: type[ServerProcess],
 ) -> None:

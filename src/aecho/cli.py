@@ -303,6 +303,10 @@ def status(
 # -- client --------------------------------------------------------------------------------------
 
 
+# One declaration for the client and bench, so the flag is spelled the same on both.
+TlsFlag = Annotated[bool, typer.Option("--tls/--no-tls", help="Connect with TLS.")]
+
+
 def run_client(config: ClientConfig) -> None:
     from aecho.client import run
 
@@ -311,13 +315,18 @@ def run_client(config: ClientConfig) -> None:
 
 @app.command()
 def client(
-    host: Annotated[str, typer.Argument(help="Server address or name.")] = DEFAULT_HOST,
-    port: Annotated[int, typer.Argument(min=0, max=65535, help="Server port.")] = DEFAULT_PORT,
+    host: Annotated[
+        str, typer.Argument(help="Server address or name; HOST:PORT and [v6]:PORT work too.")
+    ] = DEFAULT_HOST,
+    port: Annotated[
+        int | None,
+        typer.Argument(min=0, max=65535, help=f"Server port [default: {DEFAULT_PORT}]."),
+    ] = None,
     unix: Annotated[str | None, typer.Option(help="Connect to this Unix socket instead.")] = None,
     connect_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the connection.", **DURATION)
     ] = 5.0,
-    tls: Annotated[bool, typer.Option("--tls", help="Connect with TLS.")] = False,
+    tls: TlsFlag = False,
     cafile: Annotated[
         str | None, typer.Option(help="PEM CA bundle to verify the server (with --tls).")
     ] = None,
@@ -326,8 +335,13 @@ def client(
     ] = False,
 ) -> None:
     """Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise."""
+    from aecho.address import host_and_port
     from aecho.client import ClientError
 
+    try:
+        host, port = host_and_port(host, port, DEFAULT_HOST, DEFAULT_PORT)
+    except ValueError as exc:
+        fail(str(exc), 2)
     config = ClientConfig(
         host=host,
         port=port,
@@ -421,7 +435,7 @@ def bench(
     handler: Annotated[
         str, typer.Option(help="The server's handler (embedded: passed on; replies checked).")
     ] = "echo",
-    tls: Annotated[bool, typer.Option(help="Connect with TLS.")] = False,
+    tls: TlsFlag = False,
     cafile: Annotated[str | None, typer.Option(help="TLS: trust the CAs in this PEM file.")] = None,
     insecure: Annotated[
         bool, typer.Option(help="TLS: do not verify the server's certificate.")
