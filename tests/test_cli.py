@@ -88,6 +88,12 @@ def test_client_takes_host_port_in_one_argument(
     assert captured == [ClientConfig(host=host, port=port)]
 
 
+def test_client_timeout_takes_units(captured: list[object]) -> None:
+    result = runner.invoke(cli.app, ["client", "--timeout", "500ms", "--connect-timeout", "2s"])
+    assert result.exit_code == 0, result.output
+    assert captured == [ClientConfig(timeout=0.5, connect_timeout=2.0)]
+
+
 def test_tls_flag_is_spelled_the_same_on_client_and_bench(captured: list[object]) -> None:
     group = typer.main.get_command(cli.app)
     assert isinstance(group, typer.core.TyperGroup)
@@ -117,6 +123,8 @@ def test_tls_flag_is_spelled_the_same_on_client_and_bench(captured: list[object]
         (["client", "localhost:99999"], "from 0 to 65535"),
         (["client", "localhost:7007", "7008"], "leave out PORT"),
         (["client", "[::1:7007"], "[::1]:7007"),
+        (["client", "--timeout", "-1"], "--timeout"),
+        (["client", "--timeout", "soon"], "--timeout"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(

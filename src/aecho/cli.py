@@ -8,6 +8,8 @@ debug level only.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
@@ -21,6 +23,7 @@ from aecho.config import (
     DEFAULT_BENCH_DURATION,
     DEFAULT_BENCH_SIZE,
     DEFAULT_BENCH_TIMEOUT,
+    DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HANDLER_TIMEOUT,
     DEFAULT_HOST,
@@ -313,6 +316,17 @@ def run_client(config: ClientConfig) -> None:
     run(config)
 
 
+def _die_of_sigpipe() -> NoReturn:
+    """End as cat or grep end when their reader quits early: killed by SIGPIPE, silently.
+
+    The shell then reports 141, so ``set -o pipefail`` still sees that the output was cut
+    short, and nothing is printed.  Python ignores SIGPIPE, so restore it first.
+    """
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    raise typer.Exit(128 + signal.SIGPIPE)  # not reached unless the signal is blocked
+
+
 @app.command()
 def client(
     host: Annotated[
@@ -326,6 +340,14 @@ def client(
     connect_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the connection.", **DURATION)
     ] = 5.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Give up when the server sends nothing this long after the last byte sent; "
+            "0 = wait forever.",
+            **DURATION,
+        ),
+    ] = DEFAULT_CLIENT_TIMEOUT,
     tls: TlsFlag = False,
     cafile: Annotated[
         str | None, typer.Option(help="PEM CA bundle to verify the server (with --tls).")
@@ -336,7 +358,7 @@ def client(
 ) -> None:
     """Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise."""
     from aecho.address import host_and_port
-    from aecho.client import ClientError
+    from aecho.client import ClientError, OutputClosed
 
     try:
         host, port = host_and_port(host, port, DEFAULT_HOST, DEFAULT_PORT)
@@ -347,6 +369,7 @@ def client(
         port=port,
         unix=unix,
         connect_timeout=connect_timeout,
+        timeout=timeout,
         tls=tls,
         cafile=cafile,
         insecure=insecure,
@@ -357,6 +380,8 @@ def client(
         fail(str(exc), 2)
     except ClientError as exc:
         fail(str(exc))
+    except OutputClosed:
+        _die_of_sigpipe()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
