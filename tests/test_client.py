@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pty
 import random
-import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import IO
 
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, terminal
 
 ServeProcess = Callable[..., ServerProcess]
 
@@ -235,69 +234,82 @@ def test_ctrl_c_in_pipe_mode_exits_130_quietly(serve_process: ServeProcess) -> N
     assert (code, err) == (130, b"")
 
 
-def _read_until(fd: int, token: bytes, timeout: float = 15.0) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while token not in buf and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            buf += chunk
-    return buf
-
-
-class Terminal:
-    """``aecho client`` with a pseudo-terminal as its stdin, stdout and stderr."""
-
-    def __init__(self, port: int) -> None:
-        self.fd, child_end = pty.openpty()
-        self.proc = subprocess.Popen(
-            aecho("client", "127.0.0.1", str(port)),
-            stdin=child_end,
-            stdout=child_end,
-            stderr=child_end,
-            start_new_session=True,
-        )
-        os.close(child_end)
-
-    def read_until(self, token: bytes, timeout: float = 15.0) -> bytes:
-        return _read_until(self.fd, token, timeout)
-
-    def finish(self) -> int:
-        self.read_until(b"\x00", timeout=5)  # drain until the child closes the terminal
-        return self.proc.wait(10)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        os.close(self.fd)
-
-
-def test_interactive_mode_prompts_echoes_and_quits(serve_process: ServeProcess) -> None:
-    term = Terminal(serve_process().port)
-    try:
-        assert b"client > " in term.read_until(b"client > ")
+def test_interactive_mode_prompts_echoes_and_quits(
+    serve_process: ServeProcess, tmp_path: Path
+) -> None:
+    with terminal(tmp_path, "127.0.0.1", str(serve_process().port)) as term:
         os.write(term.fd, b"hello, terminal\n")
         screen = term.read_until(b"client > ")
         # The terminal echoes the typed line once; the server's echo is printed once more.
         assert screen.count(b"hello, terminal") == 2, screen
         os.write(term.fd, b"quit\n")
         assert term.finish() == 0
-    finally:
-        term.close()
 
 
-def test_interactive_ctrl_d_ends_cleanly(serve_process: ServeProcess) -> None:
-    term = Terminal(serve_process().port)
-    try:
-        assert b"client > " in term.read_until(b"client > ")
+def test_interactive_ctrl_d_ends_cleanly(serve_process: ServeProcess, tmp_path: Path) -> None:
+    with terminal(tmp_path, "127.0.0.1", str(serve_process().port)) as term:
         os.write(term.fd, b"\x04")  # Ctrl-D at an empty prompt
         assert term.finish() == 0
-    finally:
-        term.close()
+
+
+def test_interactive_reports_a_closed_connection_at_once(
+    serve_process: ServeProcess, tmp_path: Path
+) -> None:
+    """The server's idle timeout cuts the connection while a line is half typed: the client
+    says so without waiting for Enter, and leaves the terminal as it found it."""
+    server = serve_process("--idle-timeout", "500ms")
+    with terminal(tmp_path, "127.0.0.1", str(server.port)) as term:
+        os.write(term.fd, b"half a li")
+        screen = term.read_until(b"server closed the connection", timeout=20)
+        assert f"server closed the connection (127.0.0.1:{server.port})".encode() in screen
+        assert term.finish() == 1
+        assert term.line_mode()
+
+
+def test_interactive_reply_timeout(silent_port: int, tmp_path: Path) -> None:
+    with terminal(tmp_path, "127.0.0.1", str(silent_port), "--timeout", "500ms") as term:
+        os.write(term.fd, b"hello?\n")
+        screen = term.read_until(b"waits forever)", timeout=20)
+        assert f"no reply from 127.0.0.1:{silent_port} within 0.5s".encode() in screen
+        assert term.finish() == 1
+
+
+def test_interactive_history_persists_from_run_to_run(
+    serve_process: ServeProcess, tmp_path: Path
+) -> None:
+    port = str(serve_process().port)
+    with terminal(tmp_path, "127.0.0.1", port) as term:
+        os.write(term.fd, b"remember me\n")
+        term.read_until(b"client > ")
+        os.write(term.fd, b"\x04")
+        assert term.finish() == 0
+    history = tmp_path / "aecho" / "client_history"
+    assert "remember me" in history.read_text().splitlines()
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
+    assert stat.S_IMODE(history.parent.stat().st_mode) == 0o700
+
+    with terminal(tmp_path, "127.0.0.1", port) as term:
+        os.write(term.fd, b"\x10\n")  # Ctrl-P: the previous line, from the last run
+        screen = term.read_until(b"client > ")
+        assert screen.count(b"remember me") == 2, screen  # recalled, then echoed
+        os.write(term.fd, b"quit\n")
+        assert term.finish() == 0
+    assert history.read_text().splitlines()[-2:] == ["remember me", "quit"]
+
+
+def test_two_interactive_clients_at_once_keep_both_histories(
+    serve_process: ServeProcess, tmp_path: Path
+) -> None:
+    port = str(serve_process().port)
+    with (
+        terminal(tmp_path, "127.0.0.1", port) as first,
+        terminal(tmp_path, "127.0.0.1", port) as second,
+    ):
+        for term, line in ((first, b"from the first\n"), (second, b"from the second\n")):
+            os.write(term.fd, line)
+            term.read_until(b"client > ")
+        for term in (second, first):
+            os.write(term.fd, b"\x04")
+            assert term.finish() == 0
+    lines = (tmp_path / "aecho" / "client_history").read_text().splitlines()
+    assert sorted(lines) == ["from the first", "from the second"]

@@ -18,7 +18,7 @@ import trustme
 
 from aecho.config import ConfigError
 from aecho.tls import client_context, server_context
-from tests.conftest import ServerProcess, running_server
+from tests.conftest import ServerProcess, running_server, terminal
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,23 @@ def test_client_pipe_over_tls_gives_up_on_a_silent_server(
         f"aecho: error: no reply from 127.0.0.1:{srv.port} within 0.5s of the last byte sent "
         "(--timeout sets how long; 0 waits forever)"
     ]
+
+
+def test_client_interactive_over_tls_reports_a_close_at_once(
+    pems: dict[str, str], serve_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """At the prompt the client reads TLS records that carry no data (resumption tickets) and
+    still sees the server's close as soon as it comes."""
+    srv = serve_process(
+        "--tls-cert", pems["cert"], "--tls-key", pems["key"], "--idle-timeout", "1s"
+    )
+    with terminal(tmp_path, "127.0.0.1", str(srv.port), "--tls", "--cafile", pems["ca"]) as term:
+        os.write(term.fd, b"over tls\n")
+        assert term.read_until(b"client > ").count(b"over tls") == 2
+        screen = term.read_until(b"server closed the connection", timeout=20)
+        assert f"server closed the connection (127.0.0.1:{srv.port})".encode() in screen
+        assert term.finish() == 1
+        assert term.line_mode()
 
 
 def test_bad_tls_files_one_line(pems: dict[str, str], tmp_path: Path) -> None:
