@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -225,3 +229,64 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class Terminal:
+    """``aecho client ARGS`` with a pseudo-terminal as its stdin, stdout and stderr.
+
+    ``state_home`` is its XDG_STATE_HOME, so its history stays out of the real home.
+    """
+
+    def __init__(self, state_home: Path, *args: str) -> None:
+        self.fd, child_end = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aecho", "client", *args],
+            stdin=child_end,
+            stdout=child_end,
+            stderr=child_end,
+            env={**os.environ, "XDG_STATE_HOME": str(state_home)},
+            start_new_session=True,
+        )
+        os.close(child_end)
+
+    def read_until(self, token: bytes, timeout: float = 15.0) -> bytes:
+        """What the client wrote, up to ``token`` (or all until ``timeout`` or its exit)."""
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while token not in buf and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+        return buf
+
+    def finish(self) -> int:
+        self.read_until(b"\x00", timeout=5)  # drain until the child closes the terminal
+        return self.proc.wait(10)
+
+    def line_mode(self) -> bool:
+        """Is the terminal in its normal line mode (not left raw by readline)?"""
+        lflag = termios.tcgetattr(self.fd)[3]
+        return bool(lflag & termios.ICANON and lflag & termios.ECHO)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self.fd)
+
+
+@contextlib.contextmanager
+def terminal(state_home: Path, *args: str) -> Iterator[Terminal]:
+    """A :class:`Terminal` whose client has shown its first prompt; killed at the end."""
+    term = Terminal(state_home, *args)
+    try:
+        assert b"client > " in term.read_until(b"client > ")
+        yield term
+    finally:
+        term.close()

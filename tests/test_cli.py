@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
+import typer.core
+import typer.main
 from typer.testing import CliRunner
 
 from aecho import cli
@@ -65,6 +68,46 @@ def test_client_arguments_map_to_the_config(captured: list[object]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "host", "port"),
+    [
+        (["example.org:9000"], "example.org", 9000),
+        (["127.0.0.1:7007"], "127.0.0.1", 7007),
+        (["[::1]:9000"], "::1", 9000),
+        (["[::1]"], "::1", 7007),
+        (["::1"], "::1", 7007),
+        (["::1", "9000"], "::1", 9000),
+        ([":9000"], "127.0.0.1", 9000),
+        ([], "127.0.0.1", 7007),
+    ],
+)
+def test_client_takes_host_port_in_one_argument(
+    captured: list[object], args: list[str], host: str, port: int
+) -> None:
+    result = runner.invoke(cli.app, ["client", *args])
+    assert result.exit_code == 0, result.output
+    assert captured == [ClientConfig(host=host, port=port)]
+
+
+def test_client_timeout_takes_units(captured: list[object]) -> None:
+    result = runner.invoke(cli.app, ["client", "--timeout", "500ms", "--connect-timeout", "2s"])
+    assert result.exit_code == 0, result.output
+    assert captured == [ClientConfig(timeout=0.5, connect_timeout=2.0)]
+
+
+def test_tls_flag_is_spelled_the_same_on_client_and_bench(captured: list[object]) -> None:
+    group = typer.main.get_command(cli.app)
+    assert isinstance(group, typer.core.TyperGroup)
+    spellings = {
+        name: [(p.opts, p.secondary_opts) for p in group.commands[name].params if p.name == "tls"]
+        for name in ("client", "bench")
+    }
+    assert spellings["client"] == spellings["bench"] == [(["--tls"], ["--no-tls"])]
+    result = runner.invoke(cli.app, ["client", "--tls", "--no-tls"])
+    assert result.exit_code == 0, result.output
+    assert captured == [ClientConfig(tls=False)]
+
+
+@pytest.mark.parametrize(
     ("args", "fragment"),
     [
         (["serve", "--port", "70000"], "--port"),
@@ -77,6 +120,11 @@ def test_client_arguments_map_to_the_config(captured: list[object]) -> None:
         (["serve", "--log-level", "chatty"], "--log-level"),
         (["serve", "--no-such-option"], "--no-such-option"),
         (["client", "localhost", "99999"], "'port'"),
+        (["client", "localhost:99999"], "from 0 to 65535"),
+        (["client", "localhost:7007", "7008"], "leave out PORT"),
+        (["client", "[::1:7007"], "[::1]:7007"),
+        (["client", "--timeout", "-1"], "--timeout"),
+        (["client", "--timeout", "soon"], "--timeout"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(
@@ -96,7 +144,7 @@ def _aecho(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_port_in_use_is_one_line_and_exit_1(serve_process: type[ServerProcess]) -> None:
+def test_port_in_use_is_one_line_and_exit_1(serve_process: Callable[..., ServerProcess]) -> None:
     server = serve_process()
     out = _aecho("serve", "--port", str(server.port))
     assert out.returncode == 1
@@ -136,7 +184,9 @@ def test_python_dash_m_and_help_work() -> None:
     assert "client" in out.stdout
 
 
-def test_listening_line_reports_the_real_port_for_ipv6(serve_process: type[ServerProcess]) -> None:
+def test_listening_line_reports_the_real_port_for_ipv6(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
     server = serve_process("--host", "::1")
     assert server.host == "::1"
     assert server.port > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
@@ -22,6 +23,7 @@ from aecho.config import (
     DEFAULT_BENCH_DURATION,
     DEFAULT_BENCH_SIZE,
     DEFAULT_BENCH_TIMEOUT,
+    DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HANDLER_TIMEOUT,
     DEFAULT_HOST,
@@ -324,21 +326,49 @@ def status(
 # -- client --------------------------------------------------------------------------------------
 
 
+# One declaration for the client and bench, so the flag is spelled the same on both.
+TlsFlag = Annotated[bool, typer.Option("--tls/--no-tls", help="Connect with TLS.")]
+
+
 def run_client(config: ClientConfig) -> None:
     from aecho.client import run
 
     run(config)
 
 
+def _die_of_sigpipe() -> NoReturn:
+    """End as cat or grep end when their reader quits early: killed by SIGPIPE, silently.
+
+    The shell then reports 141, so ``set -o pipefail`` still sees that the output was cut
+    short, and nothing is printed.  Python ignores SIGPIPE, so restore it first.
+    """
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    raise typer.Exit(128 + signal.SIGPIPE)  # not reached unless the signal is blocked
+
+
 @app.command()
 def client(
-    host: Annotated[str, typer.Argument(help="Server address or name.")] = DEFAULT_HOST,
-    port: Annotated[int, typer.Argument(min=0, max=65535, help="Server port.")] = DEFAULT_PORT,
+    host: Annotated[
+        str, typer.Argument(help="Server address or name; HOST:PORT and [v6]:PORT work too.")
+    ] = DEFAULT_HOST,
+    port: Annotated[
+        int | None,
+        typer.Argument(min=0, max=65535, help=f"Server port [default: {DEFAULT_PORT}]."),
+    ] = None,
     unix: Annotated[str | None, typer.Option(help="Connect to this Unix socket instead.")] = None,
     connect_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the connection.", **DURATION)
     ] = 5.0,
-    tls: Annotated[bool, typer.Option("--tls", help="Connect with TLS.")] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Give up when the server sends nothing this long after the last byte sent; "
+            "0 = wait forever.",
+            **DURATION,
+        ),
+    ] = DEFAULT_CLIENT_TIMEOUT,
+    tls: TlsFlag = False,
     cafile: Annotated[
         str | None, typer.Option(help="PEM CA bundle to verify the server (with --tls).")
     ] = None,
@@ -347,14 +377,20 @@ def client(
     ] = False,
 ) -> None:
     """Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise."""
-    from aecho.client import ClientError
+    from aecho.address import host_and_port
+    from aecho.client import ClientError, OutputClosed
 
+    try:
+        host, port = host_and_port(host, port, DEFAULT_HOST, DEFAULT_PORT)
+    except ValueError as exc:
+        fail(str(exc), 2)
     try:
         config = ClientConfig(
             host=host,
             port=port,
             unix=unix,
             connect_timeout=connect_timeout,
+            timeout=timeout,
             tls=tls,
             cafile=cafile,
             insecure=insecure,
@@ -364,6 +400,8 @@ def client(
         fail(str(exc), 2)
     except ClientError as exc:
         fail(str(exc))
+    except OutputClosed:
+        _die_of_sigpipe()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -442,7 +480,7 @@ def bench(
     handler: Annotated[
         str, typer.Option(help="The server's handler (embedded: passed on; replies checked).")
     ] = "echo",
-    tls: Annotated[bool, typer.Option(help="Connect with TLS.")] = False,
+    tls: TlsFlag = False,
     cafile: Annotated[str | None, typer.Option(help="TLS: trust the CAs in this PEM file.")] = None,
     insecure: Annotated[
         bool, typer.Option(help="TLS: do not verify the server's certificate.")

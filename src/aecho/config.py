@@ -216,12 +216,19 @@ class ServerConfig:
             raise ConfigError("--max-connections-per-ip must be 0 (no limit) or more")
 
 
+DEFAULT_CLIENT_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
+    """``aecho client``.  ``timeout``: seconds of silence from the server, once something was
+    sent, before giving up; 0 waits forever."""
+
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     unix: str | None = None
     connect_timeout: float = 5.0
+    timeout: float = DEFAULT_CLIENT_TIMEOUT
     tls: bool = False
     cafile: str | None = None
     insecure: bool = False
@@ -238,6 +245,8 @@ class ClientConfig:
         _check_port(self.port)
         if self.connect_timeout <= 0:
             raise ConfigError("--connect-timeout must be positive")
+        if self.timeout < 0:
+            raise ConfigError("--timeout must be 0 (wait forever) or positive")
         if (self.cafile or self.insecure) and not self.tls:
             raise ConfigError("--cafile and --insecure only apply with --tls")
         if self.cafile and self.insecure:
