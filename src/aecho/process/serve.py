@@ -27,7 +27,7 @@ from aecho.loops import run as run_loop
 from aecho.offload.handlers import HandlerError
 from aecho.process.daemon import Readiness, detach
 from aecho.process.logs import reopen_log_files
-from aecho.process.pidfile import Pidfile, check_free
+from aecho.process.pidfile import Pidfile, check_free, default_pidfile
 from aecho.process.systemd import LISTEN_FIELD, notify
 from aecho.process.titles import server_title, set_process_title
 from aecho.server.listeners import StartupError, open_listeners
@@ -40,24 +40,13 @@ log = logging.getLogger("aecho.process")
 FD_SLACK = 64
 
 
-def default_pidfile(name: str) -> str:
-    """``$XDG_RUNTIME_DIR/aecho-NAME.pid``, else ``/tmp/aecho-NAME.pid``."""
-    base = os.environ.get("XDG_RUNTIME_DIR", "")
-    if not (os.path.isabs(base) and os.path.isdir(base)):
-        base = "/tmp"
-    return os.path.join(base, f"aecho-{name}.pid")
-
-
-def pidfile_name(sockets: list[socket.socket], config: ServerConfig) -> str:
-    """What names a daemon's default pidfile: the port it really bound (so two
-    ``--port 0`` daemons never share one), or the Unix socket's file name."""
-    if config.unix:
-        return f"unix-{os.path.basename(config.unix)}"
+def bound_port(sockets: list[socket.socket], config: ServerConfig) -> int:
+    """The TCP port really bound (so two ``--port 0`` daemons never share a pidfile)."""
     for sock in sockets:
         addr = sock.getsockname()
         if isinstance(addr, tuple):
-            return str(addr[1])
-    return str(config.port)
+            return int(addr[1])
+    return config.port
 
 
 def _absolute_paths(config: ServerConfig) -> ServerConfig:
@@ -155,7 +144,7 @@ def serve(config: ServerConfig) -> int:
         if config.daemon:
             if not config.pidfile:
                 config = dataclasses.replace(
-                    config, pidfile=default_pidfile(pidfile_name(sockets, config))
+                    config, pidfile=default_pidfile(bound_port(sockets, config), config.unix)
                 )
                 check_free(config.pidfile or "")
             keep = [s.fileno() for s in sockets]
