@@ -295,9 +295,37 @@ def test_default_pidfile_in_xdg_runtime_dir(daemons: Daemons, tmp_path: Path) ->
         assert m.group(3) == str(expected)
         assert parse_pid(expected.read_text()) == pid
         started.append(expected)
+    # stop and status find a default pidfile from the port, as serve --daemon named it.
     for expected in started:
-        assert aecho("stop", "--pidfile", str(expected)).returncode == 0
+        port = int(expected.name.removeprefix("aecho-").removesuffix(".pid"))
+        status = aecho("status", "--port", str(port), env=env)
+        assert status.returncode == 0, status
+        assert f"serving on 127.0.0.1:{port}" in status.stdout
+        stop = aecho("stop", "-p", str(port), env=env)
+        assert stop.returncode == 0, stop
+        assert "stopped (pid " in stop.stdout
         assert not expected.exists()
+    gone = aecho("status", "--port", str(port), env=env)
+    assert gone.returncode == 3
+    assert gone.stdout == f"aecho: not running (no pidfile at {runtime}/aecho-{port}.pid)\n"
+
+
+def test_default_pidfile_of_a_unix_socket_daemon(daemons: Daemons, tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    path = tmp_path / "echo.sock"
+    result = aecho("serve", "--daemon", "--unix", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    expected = runtime / "aecho-unix-echo.sock.pid"
+    daemons.pidfiles.add(expected)
+    assert result.stdout.endswith(f", pidfile {expected})\n"), result.stdout
+    status = aecho("status", "--unix", str(path), env=env)
+    assert status.returncode == 0, status
+    assert f"serving on {path}" in status.stdout
+    assert aecho("stop", "--unix", str(path), env=env).returncode == 0
+    assert not expected.exists()
+    assert not path.exists()
 
 
 def test_stop_kills_past_the_timeout(daemons: Daemons) -> None:
