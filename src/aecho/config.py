@@ -138,6 +138,10 @@ class ServerConfig:
     proxy_allow_from: tuple[str, ...] = DEFAULT_PROXY_ALLOW_FROM
     metrics_port: int | None = None
     max_connections_per_ip: int = 0
+    # Where package.module:function handlers are imported from first (None: the working
+    # directory).  A daemon changes to / before it loads its handler, so the command
+    # fixes this beforehand.
+    handler_dir: str | None = None
     # Per-connection write buffer watermarks (see WRITE_HIGH_WATER).
     write_high: int = WRITE_HIGH_WATER
     write_low: int = WRITE_LOW_WATER

@@ -50,7 +50,7 @@ def bound_port(sockets: list[socket.socket], config: ServerConfig) -> int:
 
 
 def _absolute_paths(config: ServerConfig) -> ServerConfig:
-    """Paths made absolute: a daemon changes to /."""
+    """Paths made absolute, and handlers imported from here: a daemon changes to /."""
 
     def absolute(path: str | None) -> str | None:
         return os.path.abspath(path) if path else None
@@ -60,6 +60,7 @@ def _absolute_paths(config: ServerConfig) -> ServerConfig:
         pidfile=absolute(config.pidfile),
         log_file=absolute(config.log_file),
         unix=absolute(config.unix),
+        handler_dir=absolute(config.handler_dir or os.getcwd()),
     )
 
 

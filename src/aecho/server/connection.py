@@ -206,10 +206,12 @@ class FramedConnection(Connection):
         """
         self.host.stats.handler_errors += 1
         log.warning(
-            "handler %s failed for %s: %r",
+            "handler %s failed for %s: %s: %s",
             self.host.config.handler,
             format_address(self.peer),
+            type(exc).__name__,
             exc,
+            exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
         )
         if isinstance(self._framer, LineFramer):
             out.append(error_line(exc))

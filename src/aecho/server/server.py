@@ -96,7 +96,7 @@ class Server:
             aecho.offload.handlers.HandlerError: the handler cannot be loaded.
         """
         cfg = self._config
-        handler = load_handler(cfg.handler)
+        handler = load_handler(cfg.handler, cfg.handler_dir)
         factory: Callable[[], Connection]
         if self.pool is not None:
             pool = self.pool
@@ -152,7 +152,13 @@ class Server:
 
             self._ssl = server_context(cfg.tls_cert, cfg.tls_key)
         if cfg.offload is Offload.process:
-            self.pool = Pool(cfg.handler, cfg.effective_pool_size, cfg.handler_timeout, self._stats)
+            self.pool = Pool(
+                cfg.handler,
+                cfg.effective_pool_size,
+                cfg.handler_timeout,
+                self._stats,
+                directory=cfg.handler_dir,
+            )
         self._factory = self._choose_factory()
         if self._sockets is None:
             self._sockets = bind_listeners(cfg)
