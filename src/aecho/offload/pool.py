@@ -37,6 +37,7 @@ from aecho.offload.outcomes import (
     failure,
 )
 from aecho.offload.slots import Slot, Task, Worker, exited
+from aecho.text import plural
 
 log = logging.getLogger("aecho.offload")
 
@@ -154,8 +155,8 @@ class Pool:
             assert slot.worker is not None
             slot.worker.known(pid)
         log.info(
-            "offload: %d worker processes (forkserver), handler %s, timeout %gs",
-            self.size,
+            "offload: %s (forkserver), handler %s, timeout %gs",
+            plural(self.size, "worker process", "worker processes"),
             self.handler_name,
             self.timeout,
         )
@@ -434,10 +435,10 @@ class Pool:
         if culprit is not None:
             assert exc is not None
             log.warning(
-                "worker %s: %s; %d messages failed, replacing the worker",
+                "worker %s: %s; %s failed, replacing the worker",
                 pid,
                 exc,
-                len(culprit.messages),
+                plural(len(culprit.messages), "message"),
             )
             self._resolve_all(culprit, exc)
         else:

@@ -22,7 +22,7 @@ from aecho.offload.handlers import Handler
 from aecho.server.framing import FrameError, Framer, LineFramer, RawFramer
 from aecho.server.stats import Stats
 
-log = logging.getLogger("aecho.server.proxy")
+log = logging.getLogger("aecho.server.connection")
 
 # Reasons for which reading is paused (a bit mask).
 PAUSE_WRITE = 1  # the transport's write buffer is above its high-water mark

@@ -35,6 +35,7 @@ from aecho.server.listeners import StartupError, bind_error, bind_listeners
 from aecho.server.pooled import PooledConnection
 from aecho.server.proxy import ProxyPrelude
 from aecho.server.stats import Stats
+from aecho.text import plural
 
 log = logging.getLogger("aecho.server")
 
@@ -279,8 +280,8 @@ class Server:
         if self._metrics is not None:
             await self._metrics.close()
         log.info(
-            "stopped: %d connections open at stop, %d cut %s",
-            open_at_stop,
+            "stopped: %s open at stop, %d cut %s",
+            plural(open_at_stop, "connection"),
             len(cut),
             "by a forced stop" if self._forced else "at the grace deadline",
         )
@@ -319,9 +320,9 @@ class Server:
             if now - self._emfile_logged_at > EMFILE_LOG_INTERVAL_S:
                 self._emfile_logged_at = now
                 log.warning(
-                    "out of file descriptors with %d connections open: accepting paused "
+                    "out of file descriptors with %s open: accepting paused "
                     "until some close (raise the limit with `ulimit -n`)",
-                    len(self.connections),
+                    plural(len(self.connections), "connection"),
                 )
             return
         log.error("%s%s", context.get("message", "event loop error"), f": {exc!r}" if exc else "")
@@ -342,9 +343,9 @@ class Server:
         """Register a new connection; False when it must be refused."""
         if self._full():
             log.debug(
-                "refusing %s: %d connections open",
+                "refusing %s: %s open",
                 format_address(conn.peer),
-                len(self.connections),
+                plural(len(self.connections), "connection"),
             )
             return False
         per_ip = self._config.max_connections_per_ip
@@ -353,7 +354,12 @@ class Server:
             count = self._per_ip.get(ip, 0)
             if count >= per_ip:
                 self._stats.refused_per_ip += 1
-                log.debug("refusing %s: %d connections open from %s", conn.peer, count, ip)
+                log.debug(
+                    "refusing %s: %s open from %s",
+                    format_address(conn.peer),
+                    plural(count, "connection"),
+                    ip,
+                )
                 return False
             self._per_ip[ip] = count + 1
         self._stats.accepted += 1

@@ -1,0 +1,61 @@
+"""Log lines as an operator reads them: peers as ``host:port`` / ``[v6]:port``, never a
+Python tuple; counts with the right plural."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable
+
+import pytest
+
+from aecho.text import plural
+from tests.conftest import ServerProcess, closed_without_reply, wait_until
+
+TIMEOUT = 30.0
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [(0, "0 connections"), (1, "1 connection"), (2, "2 connections")],
+)
+def test_plural(count: int, expected: str) -> None:
+    assert plural(count, "connection") == expected
+    assert plural(count, "worker process", "worker processes").endswith(
+        "process" if count == 1 else "processes"
+    )
+
+
+def echo(sock: socket.socket, payload: bytes = b"ping") -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+@pytest.mark.asyncio
+async def test_refused_peer_is_written_as_an_address(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    server = serve_process("--host", "::1", "--max-connections-per-ip", "1", "--log-level", "debug")
+    with socket.create_connection(("::1", server.port), timeout=TIMEOUT) as first:
+        assert echo(first) == b"ping"
+        assert await closed_without_reply(server.port, host="::1")
+        assert wait_until(lambda: "refusing " in server.output, TIMEOUT)
+    line = next(x for x in server.output.splitlines() if "refusing " in x)
+    assert re.search(r"refusing \[::1\]:\d+: 1 connection open from ::1$", line), line
+
+
+def test_one_worker_and_one_connection_are_singular(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    server = serve_process("--offload", "process", "--pool-size", "1")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        assert echo(sock) == b"ping"
+        assert server.stop() == 0
+    assert "offload: 1 worker process (forkserver)" in server.output
+    assert "stopped: 1 connection open at stop, 0 cut at the grace deadline" in server.output
