@@ -1,11 +1,16 @@
-"""Log lines as an operator reads them: peers as ``host:port`` / ``[v6]:port``, never a
-Python tuple; counts with the right plural."""
+"""Log lines and messages as an operator reads them: peers as ``host:port`` /
+``[v6]:port``, never a Python tuple; counts with the right plural; install hints that
+work from a clone."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +64,32 @@ def test_one_worker_and_one_connection_are_singular(
         assert server.stop() == 0
     assert "offload: 1 worker process (forkserver)" in server.output
     assert "stopped: 1 connection open at stop, 0 cut at the grace deadline" in server.output
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "module", "extra"),
+    [
+        (
+            ["serve", "--port", "0", "--metrics-port", "0"],
+            "--metrics-port",
+            "prometheus_client",
+            "metrics",
+        ),
+        (["bench", "-n", "1", "--plot", "x.png"], "--plot", "matplotlib", "plot"),
+    ],
+)
+def test_a_missing_extra_is_named_as_a_clone_installs_it(
+    args: list[str], option: str, module: str, extra: str, tmp_path: Path
+) -> None:
+    # A module set to None in sys.modules cannot be imported: the extra is "missing".
+    (tmp_path / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "aecho", *args],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"aecho: error: {option} needs {module}: run pip install -e '.[{extra}]' in aecho's "
+        f"directory (or pip install {module})\n"
+    )

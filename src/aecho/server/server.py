@@ -35,7 +35,7 @@ from aecho.server.listeners import StartupError, bind_error, bind_listeners
 from aecho.server.pooled import PooledConnection
 from aecho.server.proxy import ProxyPrelude
 from aecho.server.stats import Stats
-from aecho.text import plural
+from aecho.text import needs, plural
 
 log = logging.getLogger("aecho.server")
 
@@ -199,9 +199,7 @@ class Server:
             from aecho.server.metrics import MetricsServer
         except ImportError:
             self._close_sockets()
-            raise StartupError(
-                "--metrics-port needs prometheus_client: pip install 'aecho[metrics]'"
-            ) from None
+            raise StartupError(needs("--metrics-port", "prometheus_client", "metrics")) from None
         metrics = MetricsServer(lambda: [({}, self.snapshot())])
         try:
             await metrics.start(port)
