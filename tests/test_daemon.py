@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
 from aecho.process.pidfile import lock_holder, parse_pid, pid_alive
 from tests.conftest import wait_until
@@ -508,3 +510,27 @@ def test_daemon_on_a_unix_socket(daemons: Daemons, tmp_path: Path) -> None:
     assert aecho("stop", "--pidfile", str(pidfile)).returncode == 0
     assert not path.exists()
     assert not pidfile.exists()
+
+
+def test_relative_tls_paths_work_in_a_daemon(daemons: Daemons, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "both.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    pidfile = tmp_path / "tls.pid"
+    daemons.pidfiles.add(pidfile)
+    result = subprocess.run(
+        [sys.executable, "-m", "aecho", "serve", "--daemon", "--port", "0", "--pidfile",
+         "tls.pid", "--tls-cert", "both.pem", "--tls-key", "both.pem"],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=CMD_TIMEOUT,
+    )  # fmt: skip
+    m = SERVING.match(result.stdout.strip())
+    assert m, (result.stdout, result.stderr)
+    daemons.track(int(m.group(2)))
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    with (
+        socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"over tls\n")
+        assert tls.recv(100) == b"over tls\n"

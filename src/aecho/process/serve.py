@@ -61,6 +61,8 @@ def _absolute_paths(config: ServerConfig) -> ServerConfig:
         pidfile=absolute(config.pidfile),
         log_file=absolute(config.log_file),
         unix=absolute(config.unix),
+        tls_cert=absolute(config.tls_cert),
+        tls_key=absolute(config.tls_key),
         handler_dir=absolute(config.handler_dir or os.getcwd()),
     )
 
