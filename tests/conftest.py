@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -165,6 +166,18 @@ def serve_process() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for proc in started:
         proc.kill()
+
+
+def round_trip(sock: socket.socket, payload: bytes, lines: int | None = None) -> bytes:
+    """Send ``payload``; read until as many bytes (or ``lines`` lines) came back, or EOF."""
+    sock.sendall(payload)
+    got = b""
+    while (got.count(b"\n") < lines) if lines is not None else (len(got) < len(payload)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def wait_until(

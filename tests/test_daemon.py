@@ -22,7 +22,7 @@ import pytest
 import trustme
 
 from aecho.process.pidfile import lock_holder, parse_pid, pid_alive
-from tests.conftest import wait_until
+from tests.conftest import round_trip, wait_until
 
 SERVING = re.compile(r"^aecho serving on 127\.0\.0\.1:(\d+) \(pid (\d+), pidfile (\S+)\)$")
 CMD_TIMEOUT = 60.0
@@ -62,14 +62,7 @@ def zombie_children(parent: int) -> list[int]:
 
 def echo_once(port: int, payload: bytes = b"hello\x00\xff\n") -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    return got
+        return round_trip(sock, payload)
 
 
 def pidfile_holder(path: Path) -> int | None:

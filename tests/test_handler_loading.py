@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from aecho.process.pidfile import parse_pid, pid_alive
-from tests.conftest import ServerProcess, wait_until
+from tests.conftest import ServerProcess, round_trip, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SAFE = {"PYTHONSAFEPATH": "1"}
@@ -37,14 +37,7 @@ BOOM = (
 def exchange(port: int, payload: bytes, expect: int) -> bytes:
     """Send ``payload``; read until ``expect`` reply lines came back (or the peer closed)."""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(payload)
-        got = b""
-        while got.count(b"\n") < expect:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    return got
+        return round_trip(sock, payload, lines=expect)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from aecho.text import plural
-from tests.conftest import ServerProcess, closed_without_reply, wait_until
+from tests.conftest import ServerProcess, closed_without_reply, round_trip, wait_until
 
 TIMEOUT = 30.0
 
@@ -31,24 +31,13 @@ def test_plural(count: int, expected: str) -> None:
     )
 
 
-def echo(sock: socket.socket, payload: bytes = b"ping") -> bytes:
-    sock.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        got += chunk
-    return got
-
-
 @pytest.mark.asyncio
 async def test_refused_peer_is_written_as_an_address(
     serve_process: Callable[..., ServerProcess],
 ) -> None:
     server = serve_process("--host", "::1", "--max-connections-per-ip", "1", "--log-level", "debug")
     with socket.create_connection(("::1", server.port), timeout=TIMEOUT) as first:
-        assert echo(first) == b"ping"
+        assert round_trip(first, b"ping") == b"ping"
         assert await closed_without_reply(server.port, host="::1")
         assert wait_until(lambda: "refusing " in server.output, TIMEOUT)
     line = next(x for x in server.output.splitlines() if "refusing " in x)
@@ -60,7 +49,7 @@ def test_one_worker_and_one_connection_are_singular(
 ) -> None:
     server = serve_process("--offload", "process", "--pool-size", "1")
     with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
-        assert echo(sock) == b"ping"
+        assert round_trip(sock, b"ping") == b"ping"
         assert server.stop() == 0
     assert "offload: 1 worker process (forkserver)" in server.output
     assert "stopped: 1 connection open at stop, 0 cut at the grace deadline" in server.output
