@@ -54,7 +54,6 @@ from aecho.process.logs import LogLevel, more_verbose, setup_logging
 app = typer.Typer(
     cls=Group,
     name="aecho",
-    help="A concurrent TCP echo service, an interactive client and a verifying load tester.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
