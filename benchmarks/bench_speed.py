@@ -7,7 +7,7 @@ loadgen.  Two servers, one after the other: ``aecho serve`` (uvloop, inline echo
 benchmarks/echo_epoll.c, a C epoll echo server that leaves the load generator as the
 bottleneck.
 
-    python benchmarks/bench_speed.py [--server both|aecho|c] [--rounds 3] [--duration 5]
+    .venv/bin/python benchmarks/bench_speed.py [--server both|aecho|c] [--rounds 3] [--duration 5]
 """
 
 from __future__ import annotations

@@ -172,6 +172,18 @@ def serve_process() -> Iterator[Callable[..., ServerProcess]]:
         proc.kill()
 
 
+def round_trip(sock: socket.socket, payload: bytes, lines: int | None = None) -> bytes:
+    """Send ``payload``; read until as many bytes (or ``lines`` lines) came back, or EOF."""
+    sock.sendall(payload)
+    got = b""
+    while (got.count(b"\n") < lines) if lines is not None else (len(got) < len(payload)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 def wait_until(
     predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
 ) -> bool:

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
 from aecho.process.pidfile import lock_holder, parse_pid, pid_alive
-from tests.conftest import wait_until
+from tests.conftest import round_trip, wait_until
 
 SERVING = re.compile(r"^aecho serving on 127\.0\.0\.1:(\d+) \(pid (\d+), pidfile (\S+)\)$")
 CMD_TIMEOUT = 60.0
@@ -60,14 +62,7 @@ def zombie_children(parent: int) -> list[int]:
 
 def echo_once(port: int, payload: bytes = b"hello\x00\xff\n") -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    return got
+        return round_trip(sock, payload)
 
 
 def pidfile_holder(path: Path) -> int | None:
@@ -237,9 +232,11 @@ def test_failure_inside_the_daemon_comes_back_through_the_pipe(
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stdout == ""
+    # Looked for where the command ran, though the daemon had moved to / by then.
     assert result.stderr == (
-        "aecho: error: cannot import handler module 'no_such_module_xyz': "
-        "ModuleNotFoundError: No module named 'no_such_module_xyz'\n"
+        "aecho: error: cannot import handler module 'no_such_module_xyz': no module named "
+        f"'no_such_module_xyz' in {os.getcwd()} (the working directory), on PYTHONPATH or "
+        "among the installed packages\n"
     )
     assert wait_until(lambda: not pidfile.exists(), timeout=10)
 
@@ -295,9 +292,37 @@ def test_default_pidfile_in_xdg_runtime_dir(daemons: Daemons, tmp_path: Path) ->
         assert m.group(3) == str(expected)
         assert parse_pid(expected.read_text()) == pid
         started.append(expected)
+    # stop and status find a default pidfile from the port, as serve --daemon named it.
     for expected in started:
-        assert aecho("stop", "--pidfile", str(expected)).returncode == 0
+        port = int(expected.name.removeprefix("aecho-").removesuffix(".pid"))
+        status = aecho("status", "--port", str(port), env=env)
+        assert status.returncode == 0, status
+        assert f"serving on 127.0.0.1:{port}" in status.stdout
+        stop = aecho("stop", "-p", str(port), env=env)
+        assert stop.returncode == 0, stop
+        assert "stopped (pid " in stop.stdout
         assert not expected.exists()
+    gone = aecho("status", "--port", str(port), env=env)
+    assert gone.returncode == 3
+    assert gone.stdout == f"aecho: not running (no pidfile at {runtime}/aecho-{port}.pid)\n"
+
+
+def test_default_pidfile_of_a_unix_socket_daemon(daemons: Daemons, tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    path = tmp_path / "echo.sock"
+    result = aecho("serve", "--daemon", "--unix", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    expected = runtime / "aecho-unix-echo.sock.pid"
+    daemons.pidfiles.add(expected)
+    assert result.stdout.endswith(f", pidfile {expected})\n"), result.stdout
+    status = aecho("status", "--unix", str(path), env=env)
+    assert status.returncode == 0, status
+    assert f"serving on {path}" in status.stdout
+    assert aecho("stop", "--unix", str(path), env=env).returncode == 0
+    assert not expected.exists()
+    assert not path.exists()
 
 
 def test_stop_kills_past_the_timeout(daemons: Daemons) -> None:
@@ -478,3 +503,27 @@ def test_daemon_on_a_unix_socket(daemons: Daemons, tmp_path: Path) -> None:
     assert aecho("stop", "--pidfile", str(pidfile)).returncode == 0
     assert not path.exists()
     assert not pidfile.exists()
+
+
+def test_relative_tls_paths_work_in_a_daemon(daemons: Daemons, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "both.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    pidfile = tmp_path / "tls.pid"
+    daemons.pidfiles.add(pidfile)
+    result = subprocess.run(
+        [sys.executable, "-m", "aecho", "serve", "--daemon", "--port", "0", "--pidfile",
+         "tls.pid", "--tls-cert", "both.pem", "--tls-key", "both.pem"],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=CMD_TIMEOUT,
+    )  # fmt: skip
+    m = SERVING.match(result.stdout.strip())
+    assert m, (result.stdout, result.stderr)
+    daemons.track(int(m.group(2)))
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    with (
+        socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"over tls\n")
+        assert tls.recv(100) == b"over tls\n"

@@ -204,9 +204,8 @@ def test_a_handler_that_cannot_load_stops_the_supervisor_with_its_error() -> Non
     )  # fmt: skip
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
-    assert lines[-1] == (
-        "aecho: error: cannot import handler module 'no_such_module_xyz': "
-        "ModuleNotFoundError: No module named 'no_such_module_xyz'"
+    assert lines[-1].startswith(
+        "aecho: error: cannot import handler module 'no_such_module_xyz': no module named"
     ), out.stderr
     assert time.monotonic() - started < 20
 

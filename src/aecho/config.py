@@ -142,6 +142,10 @@ class ServerConfig:
     workers: int = 1
     # With workers > 1: one SO_REUSEPORT listener per serving process (else one shared).
     reuse_port: bool = True
+    # Where package.module:function handlers are imported from first (None: the working
+    # directory).  A daemon changes to / before it loads its handler, so the command
+    # fixes this beforehand.
+    handler_dir: str | None = None
     # Per-connection write buffer watermarks (see WRITE_HIGH_WATER).
     write_high: int = WRITE_HIGH_WATER
     write_low: int = WRITE_LOW_WATER

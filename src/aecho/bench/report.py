@@ -14,6 +14,7 @@ from rich.text import Text
 
 from aecho.bench.engine import TICK_NS, BenchError, Result
 from aecho.config import BenchConfig
+from aecho.text import needs
 
 ERROR_LABELS = {
     "connect": "connect failures",
@@ -156,7 +157,7 @@ def check_plot() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BenchError("--plot needs matplotlib: pip install 'aecho[plot]'") from None
+        raise BenchError(needs("--plot", "matplotlib", "plot")) from None
 
 
 def write_plot(result: Result, path: str) -> None:

@@ -21,6 +21,17 @@ class HandlerFailed(Exception):
     """
 
 
+class RemoteTraceback(Exception):
+    """The formatted traceback of a handler error in a worker, as the failure's cause.
+
+    Logged with ``exc_info``, the failure then shows where the handler raised, as
+    ``concurrent.futures`` shows a worker's traceback.
+    """
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0]}"""'
+
+
 class WorkerDied(Exception):
     """The worker process running this message's batch died."""
 
@@ -42,10 +53,17 @@ class PoolError(HandlerError):
 _failure_types: dict[str, type[HandlerFailed]] = {}
 
 
-def failure(name: str, text: str) -> HandlerFailed:
+def failure(name: str, text: str, trace: str = "") -> HandlerFailed:
+    """The exception standing in for a handler's ``name: text`` in a worker.
+
+    ``trace``, the worker's formatted traceback, becomes its cause when given.
+    """
     cls = _failure_types.get(name)
     if cls is None:
         cls = type(name, (HandlerFailed,), {"__module__": __name__})
         if len(_failure_types) < 1000:
             _failure_types[name] = cls
-    return cls(text)
+    exc = cls(text)
+    if trace:
+        exc.__cause__ = RemoteTraceback(trace)
+    return exc

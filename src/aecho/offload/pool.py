@@ -37,6 +37,7 @@ from aecho.offload.outcomes import (
     failure,
 )
 from aecho.offload.slots import Slot, Task, Worker, exited
+from aecho.text import plural
 
 log = logging.getLogger("aecho.offload")
 
@@ -72,8 +73,17 @@ class Pool:
     START_TIMEOUT_S = 60.0
     STOP_JOIN_S = 5.0
 
-    def __init__(self, handler_name: str, size: int, timeout: float, stats: Counters) -> None:
+    def __init__(
+        self,
+        handler_name: str,
+        size: int,
+        timeout: float,
+        stats: Counters,
+        directory: str | None = None,
+    ) -> None:
         self.handler_name = handler_name
+        # Workers import the handler from here first (None: the server's working directory).
+        self.directory = directory or os.getcwd()
         self.size = size
         self.timeout = timeout
         self.stats = stats
@@ -145,8 +155,8 @@ class Pool:
             assert slot.worker is not None
             slot.worker.known(pid)
         log.info(
-            "offload: %d worker processes (forkserver), handler %s, timeout %gs",
-            self.size,
+            "offload: %s (forkserver), handler %s, timeout %gs",
+            plural(self.size, "worker process", "worker processes"),
             self.handler_name,
             self.timeout,
         )
@@ -158,7 +168,8 @@ class Pool:
                 max_workers=1,
                 mp_context=self._ctx,
                 initializer=worker.init,
-                initargs=(os.getpid(),),
+                # Tracebacks of handler errors cost a formatting each: only when they are shown.
+                initargs=(os.getpid(), self.directory, log.isEnabledFor(logging.DEBUG)),
             )
         )
 
@@ -387,8 +398,8 @@ class Pool:
         stats.messages += len(replies)
         stats.offload_latency.observe(self._loop.time() - task.queued_at, len(replies))
         outcomes: list[Outcome] = replies  # type: ignore[assignment]
-        for index, (name, text) in failures.items():
-            outcomes[index] = failure(name, text)
+        for index, (name, text, trace) in failures.items():
+            outcomes[index] = failure(name, text, trace)
         self._deliver(task.entries, outcomes)
 
     def _resolve_all(self, task: Task, exc: BaseException) -> None:
@@ -424,10 +435,10 @@ class Pool:
         if culprit is not None:
             assert exc is not None
             log.warning(
-                "worker %s: %s; %d messages failed, replacing the worker",
+                "worker %s: %s; %s failed, replacing the worker",
                 pid,
                 exc,
-                len(culprit.messages),
+                plural(len(culprit.messages), "message"),
             )
             self._resolve_all(culprit, exc)
         else:

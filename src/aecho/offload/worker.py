@@ -4,8 +4,9 @@ A batch crosses the process boundary packed: one bytes object holding every mess
 back to back, and their lengths as a machine-int array.  Pickling one object instead
 of hundreds keeps the executor's threads, which share the server's GIL, off the event
 loop's back.  Replies come back the same way, with failures as
-``{index: (exception name, text)}``: never the exception object, since one that
-pickles but cannot be unpickled would break the executor.
+``{index: (exception name, text, traceback)}``: never the exception object, since one
+that pickles but cannot be unpickled would break the executor.  The traceback is
+formatted only when the server logs at debug level (else it is empty).
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import select
 import signal
 import threading
 import time
+import traceback
 
 from aecho.offload.handlers import Handler, load_handler
 
 WORKER_TITLE = "aecho: pool worker"
 
 Packed = tuple[bytes, bytes]
-Failures = dict[int, tuple[str, str]]
+Failures = dict[int, tuple[str, str, str]]
 
 _PR_SET_PDEATHSIG = 1
 _handlers: dict[str, Handler] = {}
+_directory: str | None = None  # where handlers are imported from first
+_tracebacks = False  # whether failures carry their formatted traceback
 
 
 def pack(messages: list[bytes]) -> Packed:
@@ -46,13 +50,20 @@ def unpack(packed: Packed) -> list[bytes]:
     return out
 
 
-def init(server_pid: int) -> None:
+def init(server_pid: int, directory: str | None = None, tracebacks: bool = False) -> None:
     """First thing in every worker: title, signals, and the watch on the server.
+
+    ``directory`` is where handlers are imported from first (the forkserver shares
+    neither the server's ``sys.path`` nor, for a daemon, its original working
+    directory); with ``tracebacks`` a failure carries its formatted traceback.
 
     Workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and
     the server turns it into a graceful stop and shuts its workers down itself.
     """
     from setproctitle import setproctitle
+
+    global _directory, _tracebacks
+    _directory, _tracebacks = directory, tracebacks
 
     setproctitle(WORKER_TITLE)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -106,7 +117,7 @@ def _resolve(name: str) -> Handler:
     """
     handler = _handlers.get(name)
     if handler is None:
-        handler = _handlers[name] = load_handler(name)
+        handler = _handlers[name] = load_handler(name, _directory)
     return handler
 
 
@@ -141,7 +152,8 @@ def run_batch(handler_name: str, packed: Packed) -> tuple[Packed, Failures, floa
                 reply = _as_bytes(reply)
             append(reply)
         except Exception as exc:
-            failures[i] = (type(exc).__name__, str(exc))
+            trace = traceback.format_exc() if _tracebacks else ""
+            failures[i] = (type(exc).__name__, str(exc), trace)
             append(b"")
     return pack(out), failures, time.perf_counter() - started
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import sys
@@ -10,6 +11,23 @@ import sys
 log = logging.getLogger("aecho.process")
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class LogLevel(enum.StrEnum):
+    """``--log-level``, most verbose first."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+    critical = "critical"
+
+
+def more_verbose(level: str, steps: int) -> str:
+    """``level`` lowered by ``steps`` (``-v`` each), stopping at debug."""
+    order = list(LogLevel)
+    index = order.index(LogLevel(level.lower()))
+    return order[max(0, index - steps)].value
 
 
 def setup_logging(level: str, log_file: str | None = None) -> None:

@@ -186,6 +186,21 @@ class Pidfile:
             self.fd = -1
 
 
+def default_pidfile(port: int | None = None, unix: str | None = None) -> str:
+    """The pidfile of a daemon started without ``--pidfile``: where it writes it and where
+    ``stop`` and ``status`` look for it.
+
+    ``aecho-PORT.pid``, or ``aecho-unix-NAME.pid`` for a Unix socket whose file is
+    named NAME, in ``$XDG_RUNTIME_DIR`` (when it is an absolute path to a directory),
+    else in ``/tmp``.
+    """
+    name = f"unix-{os.path.basename(unix)}" if unix else str(port)
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not (os.path.isabs(base) and os.path.isdir(base)):
+        base = "/tmp"
+    return os.path.join(base, f"aecho-{name}.pid")
+
+
 # -- looking from outside --------------------------------------------------------------------
 
 

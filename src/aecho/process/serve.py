@@ -20,7 +20,7 @@ from aecho.address import format_address
 from aecho.config import ServerConfig
 from aecho.loops import loop_factory
 from aecho.process.daemon import Readiness, detach
-from aecho.process.pidfile import Pidfile, check_free
+from aecho.process.pidfile import Pidfile, check_free, default_pidfile
 from aecho.process.serving import describe, run_server
 from aecho.process.titles import server_title, set_process_title
 from aecho.server.listeners import open_listeners
@@ -28,28 +28,17 @@ from aecho.server.listeners import open_listeners
 log = logging.getLogger("aecho.process")
 
 
-def default_pidfile(name: str) -> str:
-    """``$XDG_RUNTIME_DIR/aecho-NAME.pid``, else ``/tmp/aecho-NAME.pid``."""
-    base = os.environ.get("XDG_RUNTIME_DIR", "")
-    if not (os.path.isabs(base) and os.path.isdir(base)):
-        base = "/tmp"
-    return os.path.join(base, f"aecho-{name}.pid")
-
-
-def pidfile_name(sockets: list[socket.socket], config: ServerConfig) -> str:
-    """What names a daemon's default pidfile: the port it really bound (so two
-    ``--port 0`` daemons never share one), or the Unix socket's file name."""
-    if config.unix:
-        return f"unix-{os.path.basename(config.unix)}"
+def bound_port(sockets: list[socket.socket], config: ServerConfig) -> int:
+    """The TCP port really bound (so two ``--port 0`` daemons never share a pidfile)."""
     for sock in sockets:
         addr = sock.getsockname()
         if isinstance(addr, tuple):
-            return str(addr[1])
-    return str(config.port)
+            return int(addr[1])
+    return config.port
 
 
 def _absolute_paths(config: ServerConfig) -> ServerConfig:
-    """Paths made absolute: a daemon changes to /."""
+    """Paths made absolute, and handlers imported from here: a daemon changes to /."""
 
     def absolute(path: str | None) -> str | None:
         return os.path.abspath(path) if path else None
@@ -59,6 +48,9 @@ def _absolute_paths(config: ServerConfig) -> ServerConfig:
         pidfile=absolute(config.pidfile),
         log_file=absolute(config.log_file),
         unix=absolute(config.unix),
+        tls_cert=absolute(config.tls_cert),
+        tls_key=absolute(config.tls_key),
+        handler_dir=absolute(config.handler_dir or os.getcwd()),
     )
 
 
@@ -117,7 +109,7 @@ def serve(config: ServerConfig) -> int:
         if config.daemon:
             if not config.pidfile:
                 config = dataclasses.replace(
-                    config, pidfile=default_pidfile(pidfile_name(sockets, config))
+                    config, pidfile=default_pidfile(bound_port(sockets, config), config.unix)
                 )
                 check_free(config.pidfile or "")
             keep = [s.fileno() for s in sockets]

@@ -28,6 +28,7 @@ from aecho.process.systemd import LISTEN_FIELD, notify
 from aecho.server.limits import Limits
 from aecho.server.listeners import StartupError
 from aecho.server.server import Server
+from aecho.text import plural
 
 log = logging.getLogger("aecho.process")
 
@@ -44,11 +45,11 @@ def log_fd_limit(limit: tuple[int, int], max_connections: int) -> None:
     if now != resource.RLIM_INFINITY and max_connections + FD_SLACK > now:
         log.warning(
             "--max-connections %d does not fit in the file descriptor limit %d: at most "
-            "about %d connections can be served; raise the hard limit (ulimit -Hn, "
+            "about %s can be served; raise the hard limit (ulimit -Hn, "
             "LimitNOFILE=) or lower --max-connections",
             max_connections,
             now,
-            max(0, now - FD_SLACK),
+            plural(max(0, now - FD_SLACK), "connection"),
         )
 
 

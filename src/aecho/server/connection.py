@@ -22,7 +22,7 @@ from aecho.offload.handlers import Handler
 from aecho.server.framing import FrameError, Framer, LineFramer, RawFramer
 from aecho.server.stats import Stats
 
-log = logging.getLogger("aecho.server.proxy")
+log = logging.getLogger("aecho.server.connection")
 
 # Reasons for which reading is paused (a bit mask).
 PAUSE_WRITE = 1  # the transport's write buffer is above its high-water mark
@@ -209,10 +209,12 @@ class FramedConnection(Connection):
         """
         self.host.stats.handler_errors += 1
         log.warning(
-            "handler %s failed for %s: %r",
+            "handler %s failed for %s: %s: %s",
             self.host.config.handler,
             format_address(self.peer),
+            type(exc).__name__,
             exc,
+            exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
         )
         if isinstance(self._framer, LineFramer):
             out.append(error_line(exc))

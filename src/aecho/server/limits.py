@@ -40,6 +40,10 @@ class Limits:
     def counted(self, open_here: int) -> None:
         """This process now has ``open_here`` connections (admitted or held)."""
 
+    def ip_count(self, ip: str) -> int:
+        """Connections from ``ip`` now."""
+        return self._per_ip.get(ip, 0)
+
     def take_ip(self, ip: str) -> bool:
         """Count one more connection from ``ip``; False (and nothing counted) at its limit."""
         count = self._per_ip.get(ip, 0)
@@ -127,6 +131,9 @@ class SharedLimits(Limits):
 
     def counted(self, open_here: int) -> None:
         self.table.set_open(self.slot, open_here)
+
+    def ip_count(self, ip: str) -> int:
+        return self.table.ip_count(ip)
 
     def take_ip(self, ip: str) -> bool:
         if self.table.ip_count(ip) >= self.per_ip:

@@ -36,6 +36,7 @@ from aecho.server.listeners import StartupError, bind_error, bind_listeners
 from aecho.server.pooled import PooledConnection
 from aecho.server.proxy import ProxyPrelude
 from aecho.server.stats import Stats
+from aecho.text import needs, plural
 
 log = logging.getLogger("aecho.server")
 
@@ -101,7 +102,7 @@ class Server:
             aecho.offload.handlers.HandlerError: the handler cannot be loaded.
         """
         cfg = self._config
-        handler = load_handler(cfg.handler)
+        handler = load_handler(cfg.handler, cfg.handler_dir)
         factory: Callable[[], Connection]
         if self.pool is not None:
             pool = self.pool
@@ -157,7 +158,13 @@ class Server:
 
             self._ssl = server_context(cfg.tls_cert, cfg.tls_key)
         if cfg.offload is Offload.process:
-            self.pool = Pool(cfg.handler, cfg.effective_pool_size, cfg.handler_timeout, self._stats)
+            self.pool = Pool(
+                cfg.handler,
+                cfg.effective_pool_size,
+                cfg.handler_timeout,
+                self._stats,
+                directory=cfg.handler_dir,
+            )
         self._factory = self._choose_factory()
         if self._sockets is None:
             self._sockets = bind_listeners(cfg)
@@ -197,9 +204,7 @@ class Server:
             from aecho.server.metrics import MetricsServer
         except ImportError:
             self._close_sockets()
-            raise StartupError(
-                "--metrics-port needs prometheus_client: pip install 'aecho[metrics]'"
-            ) from None
+            raise StartupError(needs("--metrics-port", "prometheus_client", "metrics")) from None
         metrics = MetricsServer(lambda: [({}, self.snapshot())])
         try:
             await metrics.start(port)
@@ -324,8 +329,8 @@ class Server:
         if self._metrics is not None:
             await self._metrics.close()
         log.info(
-            "stopped: %d connections open at stop, %d cut %s",
-            open_at_stop,
+            "stopped: %s open at stop, %d cut %s",
+            plural(open_at_stop, "connection"),
             len(cut),
             "by a forced stop" if self._forced else "at the grace deadline",
         )
@@ -364,9 +369,9 @@ class Server:
             if now - self._emfile_logged_at > EMFILE_LOG_INTERVAL_S:
                 self._emfile_logged_at = now
                 log.warning(
-                    "out of file descriptors with %d connections open: accepting paused "
+                    "out of file descriptors with %s open: accepting paused "
                     "until some close (raise the limit with `ulimit -n`)",
-                    len(self.connections),
+                    plural(len(self.connections), "connection"),
                 )
             return
         log.error("%s%s", context.get("message", "event loop error"), f": {exc!r}" if exc else "")
@@ -387,16 +392,21 @@ class Server:
         """Register a new connection; False when it must be refused."""
         if self._full():
             log.debug(
-                "refusing %s: %d connections open",
+                "refusing %s: %s open",
                 format_address(conn.peer),
-                len(self.connections),
+                plural(len(self.connections), "connection"),
             )
             return False
         if self._config.max_connections_per_ip and isinstance(conn.peer, tuple):
             ip = conn.peer[0]
             if not self._limits.take_ip(ip):
                 self._stats.refused_per_ip += 1
-                log.debug("refusing %s: too many connections from %s", conn.peer, ip)
+                log.debug(
+                    "refusing %s: %s open from %s",
+                    format_address(conn.peer),
+                    plural(self._limits.ip_count(ip), "connection"),
+                    ip,
+                )
                 return False
         self._stats.accepted += 1
         self.connections.add(conn)
