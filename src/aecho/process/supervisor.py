@@ -35,7 +35,7 @@ from typing import Any
 
 from aecho.address import format_address
 from aecho.config import ServerConfig
-from aecho.process.children import ERROR_FIELD, Child, spawn
+from aecho.process.children import ERROR_FIELD, SUPERVISOR_SIGNALS, Child, spawn
 from aecho.process.daemon import Readiness, ready_timeout
 from aecho.process.logs import reopen_log_files
 from aecho.process.pidfile import Pidfile
@@ -55,15 +55,6 @@ START_FAILURES = 3
 # Past --graceful-timeout, how long serving processes get to clean up before SIGKILL.
 STOP_MARGIN_S = 5.0
 TICK_S = 0.5
-HANDLED = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGCHLD,
-)
 
 
 @dataclass(eq=False)
@@ -171,7 +162,7 @@ class Supervisor:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         signal.set_wakeup_fd(self.wake_w.fileno())
-        previous = {sig: signal.signal(sig, lambda *_: None) for sig in HANDLED}
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in SUPERVISOR_SIGNALS}
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._signalled)
         return previous
 

@@ -30,14 +30,18 @@ PAUSE_WINDOW = 2  # too much is queued in the worker pool (pooled only)
 PAUSE_CLOSING = 4  # never lifted: the connection ends once owed replies are out
 
 
-class Host(Protocol):
-    """What a connection needs from the server that owns it."""
+class Owner(Protocol):
+    """What every protocol of a connection reads from the server that owns it."""
 
     @property
     def config(self) -> ServerConfig: ...
 
     @property
     def stats(self) -> Stats: ...
+
+
+class Host(Owner, Protocol):
+    """What a connection needs from the server that owns it."""
 
     def admit(self, conn: Connection) -> bool:
         """Register a new connection; False when it must be refused."""

@@ -13,22 +13,15 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from aecho.address import format_address
-from aecho.config import PROXY_HEADER_TIMEOUT, ServerConfig
-from aecho.server.connection import Connection
+from aecho.config import PROXY_HEADER_TIMEOUT
+from aecho.server.connection import Connection, Owner
 from aecho.server.proxy_protocol import ProxyError, ProxyHeaderReader, could_be_header
-from aecho.server.stats import Stats
 
 log = logging.getLogger("aecho.server.proxy")
 
 
-class PreludeHost(Protocol):
+class PreludeHost(Owner, Protocol):
     """What a prelude needs from the server that owns it."""
-
-    @property
-    def config(self) -> ServerConfig: ...
-
-    @property
-    def stats(self) -> Stats: ...
 
     def hold(self, prelude: ProxyPrelude) -> bool:
         """Count a connection whose client is not known yet; False when it must be refused."""
