@@ -7,6 +7,7 @@ one run.  Every server here listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import resource
@@ -20,10 +21,32 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from aecho.process.systemd import NotifyReceiver
-
 HERE = Path(__file__).resolve().parent
 BIN = HERE / "bin"
+VENV = HERE.parent / ".venv"
+
+
+def _in_the_project_environment() -> None:
+    """Re-run the script with the project's ``.venv`` when aecho is not importable here.
+
+    Every server and load generator is started with ``sys.executable``, so a Python
+    without aecho (the system's, say) would only fail later, with a traceback.
+    """
+    if importlib.util.find_spec("aecho") is not None:
+        return
+    python = VENV / "bin" / "python"
+    if python.exists() and Path(sys.prefix).resolve() != VENV.resolve():
+        os.execv(python, [str(python), *sys.argv])
+    sys.exit(
+        f"{Path(sys.argv[0]).name}: aecho is not installed for {sys.executable}: set up "
+        "the project as README.md says, then run .venv/bin/python benchmarks/SCRIPT.py"
+    )
+
+
+_in_the_project_environment()
+
+# Only now: the line above may have had to re-run this script where aecho is installed.
+from aecho.process.systemd import NotifyReceiver  # noqa: E402
 
 
 def build_c(name: str) -> Path:

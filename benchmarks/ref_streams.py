@@ -1,6 +1,6 @@
 """Reference echo server: the textbook ``asyncio.start_server`` echo that awaits ``drain()``.
 
-    python benchmarks/ref_streams.py [PORT] [--loop asyncio|uvloop]
+    .venv/bin/python benchmarks/ref_streams.py [PORT] [--loop asyncio|uvloop]
 
 One task per connection, ``StreamReader.read`` / ``StreamWriter.write`` / ``drain``.  It runs
 on the stdlib event loop unless ``--loop uvloop`` is given.  Announces

@@ -1,6 +1,6 @@
 """Reference echo server: a minimal uvloop ``BufferedProtocol`` echo.
 
-    python benchmarks/ref_uvloop.py [PORT] [--plain]
+    .venv/bin/python benchmarks/ref_uvloop.py [PORT] [--plain]
 
 The loop reads straight into one preallocated buffer shared by every connection (safe: one
 thread, and ``buffer_updated`` copies the bytes out before the next read), and each read is

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
+import select
 import signal
+import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +24,7 @@ import uvloop
 
 from aecho.config import ServerConfig
 from aecho.process.systemd import Notification, NotifyReceiver
-from aecho.server import Server
+from aecho.server.server import Server
 
 
 def pytest_asyncio_loop_factories(
@@ -73,13 +78,13 @@ class ServerProcess:
     ) -> None:
         cmd = [sys.executable, "-m", "aecho", "serve", *args]
         own_notify = "NOTIFY_SOCKET" not in (env or {})
-        receiver = NotifyReceiver() if own_notify else None
+        self.notify = NotifyReceiver() if own_notify else None
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={**os.environ, **(receiver.env if receiver else {}), **(env or {})},
+            env={**os.environ, **(self.notify.env if self.notify else {}), **(env or {})},
             text=True,
             preexec_fn=preexec_fn,
         )
@@ -89,10 +94,9 @@ class ServerProcess:
         self.ready: Notification | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if receiver is None:
+        if self.notify is None:
             return
-        with receiver:
-            self.ready = receiver.wait_ready(ready_timeout, lambda: self.proc.poll() is not None)
+        self.ready = self.notify.wait_ready(ready_timeout, lambda: self.proc.poll() is not None)
         if self.ready is None:
             self.kill()
             raise RuntimeError(f"server did not become ready: {self.output}")
@@ -100,6 +104,16 @@ class ServerProcess:
             if isinstance(addr, tuple):
                 self.host, self.port = addr
                 break
+
+    def wait_stopping(self, timeout: float = 10.0) -> bool:
+        """Wait for the STOPPING=1 notification: a graceful stop has begun."""
+        assert self.notify is not None
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            note = self.notify.receive(remaining)
+            if note is not None and note.stopping:
+                return True
+        return False
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -135,6 +149,9 @@ class ServerProcess:
         self._close_pipe()
 
     def _close_pipe(self) -> None:
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
         self._reader.join(5)
         if self.proc.stderr is not None and not self._reader.is_alive():
             self.proc.stderr.close()
@@ -153,6 +170,18 @@ def serve_process() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for proc in started:
         proc.kill()
+
+
+def round_trip(sock: socket.socket, payload: bytes, lines: int | None = None) -> bytes:
+    """Send ``payload``; read until as many bytes (or ``lines`` lines) came back, or EOF."""
+    sock.sendall(payload)
+    got = b""
+    while (got.count(b"\n") < lines) if lines is not None else (len(got) < len(payload)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def wait_until(
@@ -248,3 +277,111 @@ class Silent(Echo):
 
     def data_received(self, data: bytes) -> None:
         pass
+
+
+# -- processes, as /proc sees them ------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
+                    parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        top = frontier.pop()
+        kids = [child for child, parent in parents.items() if parent == top]
+        found += kids
+        frontier += kids
+    return found
+
+
+def cmdline(pid: int) -> bytes:
+    """What ps shows for ``pid`` (NULs as spaces); b"" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").strip()
+    except OSError:
+        return b""
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a container's init may never reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for options that cannot take 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Terminal:
+    """``aecho client ARGS`` with a pseudo-terminal as its stdin, stdout and stderr.
+
+    ``state_home`` is its XDG_STATE_HOME, so its history stays out of the real home.
+    """
+
+    def __init__(self, state_home: Path, *args: str) -> None:
+        self.fd, child_end = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aecho", "client", *args],
+            stdin=child_end,
+            stdout=child_end,
+            stderr=child_end,
+            env={**os.environ, "XDG_STATE_HOME": str(state_home)},
+            start_new_session=True,
+        )
+        os.close(child_end)
+
+    def read_until(self, token: bytes, timeout: float = 15.0) -> bytes:
+        """What the client wrote, up to ``token`` (or all until ``timeout`` or its exit)."""
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while token not in buf and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+        return buf
+
+    def finish(self) -> int:
+        self.read_until(b"\x00", timeout=5)  # drain until the child closes the terminal
+        return self.proc.wait(10)
+
+    def line_mode(self) -> bool:
+        """Is the terminal in its normal line mode (not left raw by readline)?"""
+        lflag = termios.tcgetattr(self.fd)[3]
+        return bool(lflag & termios.ICANON and lflag & termios.ECHO)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self.fd)
+
+
+@contextlib.contextmanager
+def terminal(state_home: Path, *args: str) -> Iterator[Terminal]:
+    """A :class:`Terminal` whose client has shown its first prompt; killed at the end."""
+    term = Terminal(state_home, *args)
+    try:
+        assert b"client > " in term.read_until(b"client > ")
+        yield term
+    finally:
+        term.close()

@@ -9,7 +9,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ from tests.conftest import (
     Silent,
     SilentOnFirst,
     bench_cli,
+    free_port,
     run_bench,
     threaded_server,
 )
@@ -33,12 +33,6 @@ from tests.conftest import (
 JSON_KEYS = {"connections", "duration_s", "messages", "msgs_per_s", "mib_per_s", "errors"}
 JSON_KEYS |= {"mismatches", "latency_us"}
 LATENCY_KEYS = {"p50", "p90", "p99", "p999", "max"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bench_process(*args: str) -> subprocess.Popen[str]:

@@ -137,7 +137,8 @@ def test_merge_refuses_what_does_not_add_up(
     assert err.count("\n") == 1 and "not an 'aecho bench --json' result" in err
     code, _, err = bench_cli("merge")
     assert code == 2
-    assert err.startswith("aecho bench merge: error:") and err.count("\n") == 1
+    assert err.startswith("aecho: error:") and err.count("\n") == 1
+    assert "aecho bench merge --help" in err
 
 
 def test_merge_reports_errors_in_its_exit_status(

@@ -201,7 +201,12 @@ def test_cli_search_table_json_and_plot(
 def test_search_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps of 2 s after a 0.5 s warm-up unless -d / --warmup say otherwise."""
     seen: list[BenchConfig] = []
-    monkeypatch.setattr(runner, "main", lambda cfg: seen.append(cfg) or 0)
+
+    def capture(cfg: BenchConfig) -> int:
+        seen.append(cfg)
+        return 0
+
+    monkeypatch.setattr(runner, "main", capture)
     assert bench_cli("--find-max-rate", "--max-p99", "5")[0] == 0
     assert bench_cli("--find-max-rate", "--max-p99", "5", "-d", "1", "--warmup", "0")[0] == 0
     assert bench_cli("-n", "5")[0] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import resource
 import select
@@ -15,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess, running_server, wait_until
+from tests.conftest import (
+    ServerProcess,
+    alive,
+    cmdline,
+    descendants,
+    running_server,
+    wait_until,
+)
 
 MiB = 1024 * 1024
 
@@ -178,10 +186,37 @@ def test_second_sigint_forces_exit(serve_process: type[ServerProcess]) -> None:
             for _ in range(10_000):
                 sock.send(b"q" * 65536)
         server.signal(signal.SIGINT)
-        assert wait_until(lambda: "stopping" in server.output, 10)
+        assert server.wait_stopping()
         assert server.proc.poll() is None
         server.signal(signal.SIGINT)
         assert server.proc.wait(10) == 130
+
+
+def test_second_sigterm_forces_the_stop_and_still_cleans_up(
+    serve_process: type[ServerProcess], tmp_path: Path
+) -> None:
+    path, pidfile = tmp_path / "s.sock", tmp_path / "s.pid"
+    server = serve_process(
+        "--unix", str(path), "--pidfile", str(pidfile), "--graceful-timeout", "60",
+        "--offload", "process", "--pool-size", "1",
+    )  # fmt: skip
+    workers = [pid for pid in descendants(server.pid) if cmdline(pid).startswith(b"aecho: pool")]
+    assert workers
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(path))
+        sock.setblocking(False)
+        # A peer that sends and never reads keeps the graceful stop waiting.
+        with pytest.raises(BlockingIOError):
+            for _ in range(10_000):
+                sock.send(b"q" * 65536)
+        server.signal(signal.SIGTERM)
+        assert server.wait_stopping()
+        assert server.proc.poll() is None
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(20) == 128 + signal.SIGTERM
+    assert not path.exists()
+    assert not pidfile.exists()
+    assert wait_until(lambda: not any(map(alive, workers)), 10)
 
 
 def _limit_fds() -> None:
@@ -220,3 +255,27 @@ def _echoes_quietly(port: int) -> bool:
         return echoes(port, timeout=2)
     except OSError:
         return False
+
+
+@pytest.mark.parametrize(
+    "args", [["--loop", "uvloop"], ["--loop", "asyncio"], ["--workers", "2"]], ids=str
+)
+def test_connections_waiting_in_the_accept_queue_are_served_at_stop(
+    serve_process: type[ServerProcess], args: list[str]
+) -> None:
+    """A stopping server takes what its listeners' queues hold instead of resetting it."""
+    server = serve_process(*args)
+    stopped = [server.pid, *descendants(server.pid)]
+    for pid in stopped:  # the kernel completes the handshakes; nobody accepts them
+        os.kill(pid, signal.SIGSTOP)
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(100)]
+    server.signal(signal.SIGTERM)
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    served = 0
+    for sock in socks:
+        with sock:
+            sock.sendall(b"q")
+            served += sock.recv(1) == b"q"
+    assert served == 100
+    assert server.proc.wait(30) == 0

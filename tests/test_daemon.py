@@ -6,11 +6,11 @@ Every daemon a test starts is killed by pid at teardown, whatever the test did.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
-from aecho.daemon import parse_pidfile, pid_alive
-from tests.conftest import wait_until
+from aecho.process.pidfile import lock_holder, parse_pid, pid_alive
+from tests.conftest import round_trip, wait_until
 
-SERVING = re.compile(r"^aecho serving on 127\.0\.0\.1:(\d+) \(pid (\d+)\)$")
+SERVING = re.compile(r"^aecho serving on 127\.0\.0\.1:(\d+) \(pid (\d+), pidfile (\S+)\)$")
 CMD_TIMEOUT = 60.0
 
 
@@ -61,24 +62,13 @@ def zombie_children(parent: int) -> list[int]:
 
 def echo_once(port: int, payload: bytes = b"hello\x00\xff\n") -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    return got
+        return round_trip(sock, payload)
 
 
-def pidfile_locked(path: Path) -> bool:
+def pidfile_holder(path: Path) -> int | None:
+    """The pid holding the pidfile's lock (POSIX record locks report it), or None."""
     with open(path, "rb") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return False
+        return lock_holder(f.fileno())
 
 
 @dataclass
@@ -117,9 +107,9 @@ class Daemons:
     def cleanup(self) -> None:
         for path in self.pidfiles:
             with contextlib.suppress(OSError):
-                info = parse_pidfile(path.read_text())
-                if info.pid is not None and info.pid != os.getpid():
-                    self.pids.add(info.pid)
+                pid = parse_pid(path.read_text())
+                if pid is not None and pid != os.getpid():
+                    self.pids.add(pid)
         for pid in self.pids:
             if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
@@ -168,10 +158,10 @@ def test_daemon_detaches_and_echoes(daemons: Daemons, tmp_path: Path) -> None:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert f.read().startswith(f"aecho: server 127.0.0.1:{port}".encode())
 
-        info = parse_pidfile(pidfile.read_text())
-        assert info.pid == pid
-        assert info.address == f"127.0.0.1:{port}"
-        assert pidfile_locked(pidfile)
+        # The pid and a newline, nothing else: `kill $(cat aecho.pid)` works.
+        assert pidfile.read_text() == f"{pid}\n"
+        assert pidfile_holder(pidfile) == pid
+        assert m.group(3) == str(pidfile)
     finally:
         os.close(leak_r)
         os.close(leak_w)
@@ -193,9 +183,10 @@ def test_status_stop_and_stop_again(daemons: Daemons) -> None:
     assert not pid_alive(d.pid)
     assert not d.pidfile.exists()
 
+    # Stopping a stopped service succeeds (LSB).
     again = aecho("stop", "--pidfile", str(d.pidfile))
-    assert again.returncode == 1
-    assert "not running" in again.stderr
+    assert again.returncode == 0
+    assert "not running" in again.stdout
     status = aecho("status", "--pidfile", str(d.pidfile))
     assert status.returncode == 3
     assert "not running" in status.stdout
@@ -206,11 +197,11 @@ def test_second_daemon_on_same_pidfile_is_refused(daemons: Daemons) -> None:
     result = aecho("serve", "--daemon", "--port", "0", "--pidfile", str(first.pidfile))
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr.startswith(f"aecho: error: already running (pid {first.pid} on ")
+    assert result.stderr.startswith(f"aecho: error: already running (pid {first.pid}, ")
     assert result.stderr.count("\n") == 1
     assert echo_once(first.port) == b"hello\x00\xff\n"
-    assert parse_pidfile(first.pidfile.read_text()).pid == first.pid
-    assert pidfile_locked(first.pidfile)
+    assert parse_pid(first.pidfile.read_text()) == first.pid
+    assert pidfile_holder(first.pidfile) == first.pid
 
 
 def test_port_in_use_is_reported_on_the_terminal(daemons: Daemons, tmp_path: Path) -> None:
@@ -241,9 +232,11 @@ def test_failure_inside_the_daemon_comes_back_through_the_pipe(
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stdout == ""
+    # Looked for where the command ran, though the daemon had moved to / by then.
     assert result.stderr == (
-        "aecho: error: cannot import handler module 'no_such_module_xyz': "
-        "ModuleNotFoundError: No module named 'no_such_module_xyz'\n"
+        "aecho: error: cannot import handler module 'no_such_module_xyz': no module named "
+        f"'no_such_module_xyz' in {os.getcwd()} (the working directory), on PYTHONPATH or "
+        "among the installed packages\n"
     )
     assert wait_until(lambda: not pidfile.exists(), timeout=10)
 
@@ -273,27 +266,63 @@ def test_readiness_timeout_stops_the_daemon(daemons: Daemons, tmp_path: Path) ->
 def test_stale_pidfile_is_taken_over(daemons: Daemons, tmp_path: Path) -> None:
     pidfile = tmp_path / "stale.pid"
     # A live pid that does not hold the lock is as stale as a dead one.
-    pidfile.write_text(f"{os.getpid()}\naddress=127.0.0.1:1\nstarted=0\n")
+    pidfile.write_text(f"{os.getpid()}\n")
     status = aecho("status", "--pidfile", str(pidfile))
     assert status.returncode == 3
     assert "stale pidfile" in status.stdout
     d = daemons.start(pidfile=pidfile)
-    assert parse_pidfile(pidfile.read_text()).pid == d.pid
+    assert parse_pid(pidfile.read_text()) == d.pid
     assert echo_once(d.port) == b"hello\x00\xff\n"
 
 
 def test_default_pidfile_in_xdg_runtime_dir(daemons: Daemons, tmp_path: Path) -> None:
     runtime = tmp_path / "run"
     runtime.mkdir()
-    expected = runtime / "aecho-0.pid"
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    started = []
+    # Two --port 0 daemons: each pidfile is named by the port it really bound.
+    for _ in range(2):
+        result = aecho("serve", "--daemon", "--port", "0", env=env)
+        m = SERVING.match(result.stdout.strip())
+        assert m, result.stderr
+        port, pid = int(m.group(1)), int(m.group(2))
+        daemons.track(pid)
+        expected = runtime / f"aecho-{port}.pid"
+        daemons.pidfiles.add(expected)
+        assert m.group(3) == str(expected)
+        assert parse_pid(expected.read_text()) == pid
+        started.append(expected)
+    # stop and status find a default pidfile from the port, as serve --daemon named it.
+    for expected in started:
+        port = int(expected.name.removeprefix("aecho-").removesuffix(".pid"))
+        status = aecho("status", "--port", str(port), env=env)
+        assert status.returncode == 0, status
+        assert f"serving on 127.0.0.1:{port}" in status.stdout
+        stop = aecho("stop", "-p", str(port), env=env)
+        assert stop.returncode == 0, stop
+        assert "stopped (pid " in stop.stdout
+        assert not expected.exists()
+    gone = aecho("status", "--port", str(port), env=env)
+    assert gone.returncode == 3
+    assert gone.stdout == f"aecho: not running (no pidfile at {runtime}/aecho-{port}.pid)\n"
+
+
+def test_default_pidfile_of_a_unix_socket_daemon(daemons: Daemons, tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    path = tmp_path / "echo.sock"
+    result = aecho("serve", "--daemon", "--unix", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    expected = runtime / "aecho-unix-echo.sock.pid"
     daemons.pidfiles.add(expected)
-    result = aecho("serve", "--daemon", "--port", "0", env={"XDG_RUNTIME_DIR": str(runtime)})
-    m = SERVING.match(result.stdout.strip())
-    assert m, result.stderr
-    daemons.track(int(m.group(2)))
-    assert parse_pidfile(expected.read_text()).pid == int(m.group(2))
-    assert aecho("stop", "--pidfile", str(expected)).returncode == 0
+    assert result.stdout.endswith(f", pidfile {expected})\n"), result.stdout
+    status = aecho("status", "--unix", str(path), env=env)
+    assert status.returncode == 0, status
+    assert f"serving on {path}" in status.stdout
+    assert aecho("stop", "--unix", str(path), env=env).returncode == 0
     assert not expected.exists()
+    assert not path.exists()
 
 
 def test_stop_kills_past_the_timeout(daemons: Daemons) -> None:
@@ -308,16 +337,16 @@ def test_stop_kills_past_the_timeout(daemons: Daemons) -> None:
     assert not d.pidfile.exists()
 
 
-def test_sighup_reopens_the_log_file(daemons: Daemons, tmp_path: Path) -> None:
+def test_sigusr1_reopens_the_log_file(daemons: Daemons, tmp_path: Path) -> None:
     log = tmp_path / "aecho.log"
     d = daemons.start("--log-file", str(log))
     assert wait_until(lambda: "listening on" in log.read_text())
     rotated = tmp_path / "aecho.log.1"
     log.rename(rotated)
-    os.kill(d.pid, signal.SIGHUP)
-    assert wait_until(lambda: log.exists() and "SIGHUP: reopened log file" in log.read_text())
+    os.kill(d.pid, signal.SIGUSR1)
+    assert wait_until(lambda: log.exists() and "SIGUSR1: reopened log file" in log.read_text())
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", log.read_text())
-    assert "SIGHUP" not in rotated.read_text()
+    assert "SIGUSR1" not in rotated.read_text()
     assert echo_once(d.port) == b"hello\x00\xff\n"
     assert aecho("stop", "--pidfile", str(d.pidfile)).returncode == 0
     assert "stopped:" in log.read_text()
@@ -344,9 +373,157 @@ def test_no_zombies_after_1000_short_connections(daemons: Daemons) -> None:
 def test_foreground_server_with_pidfile(serve_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pidfile = tmp_path / "fg.pid"
     srv = serve_process("--pidfile", str(pidfile))
-    assert parse_pidfile(pidfile.read_text()).pid == srv.pid
+    assert parse_pid(pidfile.read_text()) == srv.pid
     status = aecho("status", "--pidfile", str(pidfile))
     assert status.returncode == 0
     assert f"running, pid {srv.pid}, serving on 127.0.0.1:{srv.port}" in status.stdout
     assert srv.stop() == 0
     assert not pidfile.exists()
+
+
+# -- a pidfile that lies, and links planted for it ---------------------------------------------
+
+
+def test_stop_never_signals_a_pid_written_into_a_live_pidfile(daemons: Daemons) -> None:
+    d = daemons.start()
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        # Rewritten in place: the daemon still holds the lock, the file names a stranger.
+        with open(d.pidfile, "r+") as f:
+            f.write(f"{bystander.pid}\n")
+            f.truncate()
+        for command in ("stop", "status"):
+            result = aecho(command, "--pidfile", str(d.pidfile))
+            assert result.returncode == 1, result
+            out = result.stdout + result.stderr
+            assert f"names pid {bystander.pid}, but pid {d.pid} holds its lock" in out
+            assert out.count("\n") == 1
+        assert bystander.poll() is None
+        assert echo_once(d.port) == b"hello\x00\xff\n"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_stop_never_signals_a_lock_holder_that_is_not_aecho(tmp_path: Path) -> None:
+    pidfile = tmp_path / "other.pid"
+    # Another program holds the lock and wrote its own pid: a reused pid, say.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, b'%d\\n' % os.getpid())\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(60)\n",
+            str(pidfile),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        result = aecho("stop", "--pidfile", str(pidfile))
+        assert result.returncode == 1
+        assert f"pid {holder.pid} is not an aecho server" in result.stderr
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def test_pidfile_symlink_is_refused_and_its_target_never_created(tmp_path: Path) -> None:
+    target = tmp_path / "would-be-created"
+    link = tmp_path / "aecho.pid"
+    link.symlink_to(target)  # dangling
+    for args in (["--daemon"], []):
+        result = aecho("serve", "--port", "0", "--pidfile", str(link), *args)
+        assert result.returncode == 1
+        assert "symbolic link" in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1
+        assert not target.exists()
+        assert link.is_symlink()
+
+
+def test_temporary_pidfile_names_cannot_be_planted(daemons: Daemons, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    pidfile = tmp_path / "aecho.pid"
+    # Links for the predictable `PIDFILE.<pid>.tmp` names the daemon's pid could take.
+    base = os.getpid()
+    for pid in range(base, base + 400):
+        (tmp_path / f"aecho.pid.{pid}.tmp").symlink_to(victim)
+    d = daemons.start(pidfile=pidfile)
+    assert victim.read_text() == "precious\n"
+    assert pidfile.read_text() == f"{d.pid}\n"
+    assert not pidfile.is_symlink()
+
+
+def test_status_of_an_unreadable_or_starting_pidfile(tmp_path: Path) -> None:
+    folder = tmp_path / "a-directory.pid"
+    folder.mkdir()
+    result = aecho("status", "--pidfile", str(folder))
+    assert result.returncode == 4
+    assert "status unknown" in result.stdout
+    # Locked, nothing written yet: a server between taking the lock and writing its pid.
+    starting = tmp_path / "starting.pid"
+    fd = os.open(starting, os.O_RDWR | os.O_CREAT)
+    try:
+        import fcntl
+
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        result = aecho("status", "--pidfile", str(starting))
+        assert result.returncode == 0
+        assert "starting" in result.stdout
+        stop = aecho("stop", "--pidfile", str(starting))
+        assert stop.returncode == 1
+        assert "still starting" in stop.stderr
+    finally:
+        os.close(fd)
+
+
+def test_daemon_on_a_unix_socket(daemons: Daemons, tmp_path: Path) -> None:
+    path = tmp_path / "aecho.sock"
+    pidfile = tmp_path / "unix.pid"
+    daemons.pidfiles.add(pidfile)
+    result = aecho("serve", "--daemon", "--unix", str(path), "--pidfile", str(pidfile))
+    assert result.returncode == 0, result.stderr
+    m = re.match(rf"aecho serving on {re.escape(str(path))} \(pid (\d+), pidfile ", result.stdout)
+    assert m, result.stdout
+    daemons.track(int(m.group(1)))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(b"over unix\n")
+        assert sock.recv(100) == b"over unix\n"
+    assert aecho("stop", "--pidfile", str(pidfile)).returncode == 0
+    assert not path.exists()
+    assert not pidfile.exists()
+
+
+def test_relative_tls_paths_work_in_a_daemon(daemons: Daemons, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "both.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    pidfile = tmp_path / "tls.pid"
+    daemons.pidfiles.add(pidfile)
+    result = subprocess.run(
+        [sys.executable, "-m", "aecho", "serve", "--daemon", "--port", "0", "--pidfile",
+         "tls.pid", "--tls-cert", "both.pem", "--tls-key", "both.pem"],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=CMD_TIMEOUT,
+    )  # fmt: skip
+    m = SERVING.match(result.stdout.strip())
+    assert m, (result.stdout, result.stderr)
+    daemons.track(int(m.group(2)))
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    with (
+        socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"over tls\n")
+        assert tls.recv(100) == b"over tls\n"

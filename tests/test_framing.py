@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aecho.framing import FrameError, LineFramer, RawFramer
+from aecho.server.framing import FrameError, LineFramer, RawFramer
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -69,3 +69,14 @@ def test_lines_before_an_overlong_one_travel_with_the_error() -> None:
     with pytest.raises(FrameError) as info:
         framer.feed(b"a\nbc\ntoolong\nz\n")
     assert info.value.messages == [b"a", b"bc"]
+
+
+def test_a_long_line_in_small_pieces() -> None:
+    framer = LineFramer(max_line=4 << 20)
+    piece = bytes(range(256)).replace(b"\n", b"") * 4
+    for _ in range(4000):
+        assert framer.feed(piece) == []
+    assert framer.pending == 4000 * len(piece)
+    [line] = framer.feed(b"\n")
+    assert line == piece * 4000
+    assert framer.pending == 0

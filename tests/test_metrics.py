@@ -45,7 +45,7 @@ async def _client(port: int, rounds: int, payload: bytes) -> None:
 @pytest.mark.parametrize("framing", [Framing.raw, Framing.line])
 async def test_counters_move_under_load(framing: Framing) -> None:
     async with running_server(metrics_port=0, framing=framing) as server:
-        port = server.metrics.port
+        port = server.metrics_port
         status, before = await scrape(port)
         assert status == 200
         assert before["aecho_connections_open"] == 0
@@ -102,7 +102,7 @@ async def test_refusals_and_udp_counted() -> None:
                 return s.recv(100)
 
         assert await asyncio.get_running_loop().run_in_executor(None, udp) == b"dgram"
-        _, values = await scrape(server.metrics.port)
+        _, values = await scrape(server.metrics_port)
         assert values["aecho_connections_refused_total{reason=max_connections}"] == 1
         assert values["aecho_udp_datagrams_total"] == 1
         assert values["aecho_udp_bytes_total"] == 5
@@ -114,15 +114,15 @@ async def test_refusals_and_udp_counted() -> None:
 @pytest.mark.asyncio
 async def test_other_paths_and_methods() -> None:
     async with running_server(metrics_port=0) as server:
-        assert (await scrape(server.metrics.port, "/nope"))[0] == 404
+        assert (await scrape(server.metrics_port, "/nope"))[0] == 404
         # Garbage on the metrics port closes that request only.
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.metrics.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.metrics_port)
         writer.write(b"\x00" * 100)
         writer.write_eof()
         assert await asyncio.wait_for(reader.read(), 10) == b""
         writer.close()
         await writer.wait_closed()
-        assert (await scrape(server.metrics.port))[0] == 200
+        assert (await scrape(server.metrics_port))[0] == 200
 
 
 def test_metrics_port_in_use_one_line() -> None:

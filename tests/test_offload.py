@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from aecho.cli import app
 from aecho.config import Framing, Offload
-from aecho.handlers import BUILTINS
-from aecho.offload import PoolProcessor
-from tests.conftest import running_server, wait_until
+from aecho.offload.handlers import BUILTINS
+from aecho.offload.pool import Pool
+from tests.conftest import alive, cmdline, descendants, running_server, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 T = "tests.handlers_for_tests:"
@@ -194,9 +194,9 @@ async def test_worker_sigkilled_mid_load(tmp_path: Path) -> None:
     async with running_server(
         offload=Offload.process, pool_size=2, framing=Framing.line, handler=T + "stall"
     ) as server:
-        processor = server.processor
-        assert isinstance(processor, PoolProcessor)
-        before = set(processor.pids)
+        pool = server.pool
+        assert isinstance(pool, Pool)
+        before = set(pool.pids)
         pidfile = tmp_path / "stalled.pid"
         victim_r, victim_w = await _open(server.port)
         victim_w.write(b"stall %s\n" % str(pidfile).encode())
@@ -232,8 +232,8 @@ async def test_worker_sigkilled_mid_load(tmp_path: Path) -> None:
         victim_w.write(b"after\n")
         assert await asyncio.wait_for(victim_r.readline(), TIMEOUT) == b"after\n"
         await _close(victim_w)
-        await _until(lambda: len(processor.pids) == 2, "the replacement worker")
-        assert victim not in processor.pids
+        await _until(lambda: len(pool.pids) == 2, "the replacement worker")
+        assert victim not in pool.pids
 
 
 @pytest.mark.asyncio
@@ -245,9 +245,9 @@ async def test_handler_timeout_fails_the_batch_and_replaces_the_worker() -> None
         handler=T + "hang",
         handler_timeout=0.5,
     ) as server:
-        processor = server.processor
-        assert isinstance(processor, PoolProcessor)
-        [old] = processor.pids
+        pool = server.pool
+        assert isinstance(pool, Pool)
+        [old] = pool.pids
         reader, writer = await _open(server.port)
         started = time.monotonic()
         writer.write(b"hang\n")
@@ -257,8 +257,8 @@ async def test_handler_timeout_fails_the_batch_and_replaces_the_worker() -> None
         writer.write(b"ok\n")
         assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"ok\n"
         assert server.stats.pool_restarts == 1
-        assert processor.pids and old not in processor.pids
-        assert await asyncio.to_thread(wait_until, lambda: not _alive(old), 30.0)
+        assert pool.pids and old not in pool.pids
+        assert await asyncio.to_thread(wait_until, lambda: not alive(old), 30.0)
         await _close(writer)
 
 
@@ -267,27 +267,27 @@ async def test_graceful_stop_waits_for_running_batches() -> None:
     async with running_server(
         offload=Offload.process, pool_size=1, framing=Framing.line, handler=T + "nap"
     ) as server:
-        processor = server.processor
-        assert isinstance(processor, PoolProcessor)
-        pids = processor.pids
+        pool = server.pool
+        assert isinstance(pool, Pool)
+        pids = pool.pids
         reader, writer = await _open(server.port)
         writer.write(b"late\n")
-        await _until(lambda: processor._slots[0].tasks, "the batch to be running")
+        await _until(lambda: pool.running, "the batch to be running")
         stop = asyncio.create_task(server.shutdown())
         assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"late\n"
         await asyncio.wait_for(stop, TIMEOUT)
         await _close(writer)
-        assert await asyncio.to_thread(wait_until, lambda: not any(map(_alive, pids)), 30.0)
+        assert await asyncio.to_thread(wait_until, lambda: not any(map(alive, pids)), 30.0)
 
 
 @pytest.mark.asyncio
 async def test_workers_carry_the_process_title() -> None:
     async with running_server(offload=Offload.process, pool_size=2) as server:
-        processor = server.processor
-        assert isinstance(processor, PoolProcessor)
-        assert len(processor.pids) == 2
-        for pid in processor.pids:
-            assert _cmdline(pid).startswith(b"aecho: worker")
+        pool = server.pool
+        assert isinstance(pool, Pool)
+        assert len(pool.pids) == 2
+        for pid in pool.pids:
+            assert cmdline(pid).startswith(b"aecho: pool worker")
 
 
 BAD_HANDLERS = [
@@ -333,51 +333,14 @@ def test_handler_timeout_must_be_positive() -> None:
     assert "--handler-timeout must be a positive number" in result.output
 
 
-def _cmdline(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/cmdline").read_bytes()
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (a container's init may never reap orphans)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _descendants(root: int) -> dict[int, bytes]:
-    """pid -> cmdline of every live process below ``root``."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: dict[int, bytes] = {}
-    todo = [root]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            if _alive(pid):
-                try:
-                    found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                todo.append(pid)
-    return found
-
-
 def test_no_orphan_workers_after_server_sigkill(serve_process) -> None:  # type: ignore[no-untyped-def]
     srv = serve_process("--offload", "process", "--pool-size", "2", env={"PYTHONPATH": str(ROOT)})
-    family = _descendants(srv.pid)
-    workers = [pid for pid, cmd in family.items() if cmd.startswith(b"aecho: worker")]
+    family = descendants(srv.pid)
+    workers = [pid for pid in family if cmdline(pid).startswith(b"aecho: pool worker")]
     assert len(workers) == 2, family
     srv.kill()  # SIGKILL: no chance to clean up
-    assert wait_until(lambda: not any(_alive(pid) for pid in family), 20.0), [
-        pid for pid in family if _alive(pid)
+    assert wait_until(lambda: not any(alive(pid) for pid in family), 20.0), [
+        pid for pid in family if alive(pid)
     ]
 
 
@@ -391,4 +354,18 @@ async def test_half_close_flushes_pooled_replies_then_closes() -> None:
         writer.write_eof()
         got = await asyncio.wait_for(reader.read(), TIMEOUT)  # until the server closes
         assert got == b"first\nlast without newline\n"
+        await _close(writer)
+
+
+@pytest.mark.asyncio
+async def test_pooled_line_too_long_answers_the_earlier_lines_first() -> None:
+    async with running_server(
+        offload=Offload.process, pool_size=1, framing=Framing.line, max_line=16, handler=T + "nap"
+    ) as server:
+        reader, writer = await _open(server.port)
+        # Two good lines still in the pool when the third breaks the limit: their
+        # replies come first, then the one error line, then the close.
+        writer.write(b"first\nsecond\n" + b"x" * 40)
+        got = await asyncio.wait_for(reader.read(), TIMEOUT)
+        assert got == b"first\nsecond\nERR line too long: limit is 16 bytes\n"
         await _close(writer)

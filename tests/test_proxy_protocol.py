@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aecho.config import Framing, ProxyMode
-from aecho.connection import ProxyPrelude
-from aecho.proxy_protocol import (
+from aecho.server.proxy_protocol import (
     V1_MAX_LENGTH,
     V2_MAX_PAYLOAD,
     V2_SIGNATURE,
@@ -202,7 +201,7 @@ async def test_header_byte_by_byte_and_real_client_address() -> None:
             await writer.drain()
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
-        peers = [c.peer for c in server.connections if not isinstance(c, ProxyPrelude)]
+        peers = [c.peer for c in server.connections]
         assert peers == [("198.51.100.9", 4242)]
         writer.close()
         await writer.wait_closed()
@@ -212,7 +211,7 @@ async def test_header_byte_by_byte_and_real_client_address() -> None:
 async def test_garbage_truncated_and_missing_headers_close_one_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("aecho.connection.PROXY_HEADER_TIMEOUT", 0.3)
+    monkeypatch.setattr("aecho.server.proxy.PROXY_HEADER_TIMEOUT", 0.3)
     async with running_server(proxy_protocol=ProxyMode.auto) as server:
         bystander_r, bystander_w = await asyncio.open_connection("127.0.0.1", server.port)
         bystander_w.write(encode_v1(("192.0.2.1", 1), ("192.0.2.2", 2)))
@@ -233,7 +232,7 @@ async def test_garbage_truncated_and_missing_headers_close_one_connection(
 async def test_untrusted_peer_served_plain_but_header_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("aecho.connection.PROXY_HEADER_TIMEOUT", 0.3)
+    monkeypatch.setattr("aecho.server.proxy.PROXY_HEADER_TIMEOUT", 0.3)
     async with running_server(
         proxy_protocol=ProxyMode.auto, proxy_allow_from=("10.0.0.0/8",)
     ) as server:

@@ -10,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import trustme
 
 from aecho.config import ConfigError
 from aecho.tls import client_context, server_context
-from tests.conftest import running_server
+from tests.conftest import ServerProcess, running_server, terminal
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,9 @@ async def test_tls_1_1_refused_and_plaintext_peer_harmless(pems: dict[str, str])
         await writer.wait_closed()
 
 
-def test_openssl_s_client(pems: dict[str, str], serve_process) -> None:
+def test_openssl_s_client(
+    pems: dict[str, str], serve_process: Callable[..., ServerProcess]
+) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.fail("openssl is not installed (apt-get install openssl)")
@@ -123,7 +126,9 @@ def _client(*args: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def test_client_pipe_over_tls(pems: dict[str, str], serve_process) -> None:
+def test_client_pipe_over_tls(
+    pems: dict[str, str], serve_process: Callable[..., ServerProcess]
+) -> None:
     srv = serve_process("--tls-cert", pems["cert"], "--tls-key", pems["key"])
     data = os.urandom(300_000) + b"\x00end"
     res = _client("127.0.0.1", str(srv.port), "--tls", "--cafile", pems["ca"], stdin=data)
@@ -133,12 +138,47 @@ def test_client_pipe_over_tls(pems: dict[str, str], serve_process) -> None:
     assert (res.returncode, res.stdout) == (0, b"x\n")
 
 
-def test_client_untrusted_certificate_one_line(pems: dict[str, str], serve_process) -> None:
+def test_client_untrusted_certificate_one_line(
+    pems: dict[str, str], serve_process: Callable[..., ServerProcess]
+) -> None:
     srv = serve_process("--tls-cert", pems["cert"], "--tls-key", pems["key"])
     res = _client("127.0.0.1", str(srv.port), "--tls", stdin=b"x")
     assert res.returncode == 1
     err = res.stderr.decode()
     assert err.count("\n") == 1 and "certificate not trusted" in err and "--cafile" in err
+
+
+def test_client_pipe_over_tls_gives_up_on_a_silent_server(
+    pems: dict[str, str], serve_process: Callable[..., ServerProcess]
+) -> None:
+    srv = serve_process(
+        "--tls-cert", pems["cert"], "--tls-key", pems["key"],
+        "--handler", "tests.handlers_for_tests:hang",
+    )  # fmt: skip
+    args = ("--tls", "--cafile", pems["ca"], "--timeout", "500ms")
+    res = _client("127.0.0.1", str(srv.port), *args, stdin=b"hang")
+    assert res.returncode == 1
+    assert res.stderr.decode().splitlines() == [
+        f"aecho: error: no reply from 127.0.0.1:{srv.port} within 0.5s of the last byte sent "
+        "(--timeout sets how long; 0 waits forever)"
+    ]
+
+
+def test_client_interactive_over_tls_reports_a_close_at_once(
+    pems: dict[str, str], serve_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """At the prompt the client reads TLS records that carry no data (resumption tickets) and
+    still sees the server's close as soon as it comes."""
+    srv = serve_process(
+        "--tls-cert", pems["cert"], "--tls-key", pems["key"], "--idle-timeout", "1s"
+    )
+    with terminal(tmp_path, "127.0.0.1", str(srv.port), "--tls", "--cafile", pems["ca"]) as term:
+        os.write(term.fd, b"over tls\n")
+        assert term.read_until(b"client > ").count(b"over tls") == 2
+        screen = term.read_until(b"server closed the connection", timeout=20)
+        assert f"server closed the connection (127.0.0.1:{srv.port})".encode() in screen
+        assert term.finish() == 1
+        assert term.line_mode()
 
 
 def test_bad_tls_files_one_line(pems: dict[str, str], tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from aecho.udp import MAX_DATAGRAM
+from aecho.server.udp import MAX_DATAGRAM
 from tests.conftest import running_server
 
 

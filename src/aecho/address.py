@@ -35,3 +35,22 @@ def split_host_port(text: str) -> tuple[str, int | None]:
     if not port_text.isdigit() or int(port_text) > 65535:
         raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
     return host, int(port_text)
+
+
+def host_and_port(
+    host: str, port: int | None, default_host: str, default_port: int
+) -> tuple[str, int]:
+    """A command's HOST and PORT arguments, where HOST may carry the port itself.
+
+    ``example.org:7007``, ``[::1]:7007`` and ``::1`` with PORT ``7007`` all work; an empty
+    host (``:7007``) is the default host, as in Go's ``net.Dial``.
+
+    Raises:
+        ValueError: the port is given twice, or is not a number from 0 to 65535.
+    """
+    name, own_port = split_host_port(host)
+    if own_port is not None and port is not None:
+        raise ValueError(f"{host!r} already names the port: leave out PORT ({port})")
+    if own_port is None:
+        own_port = default_port if port is None else port
+    return name or default_host, own_port

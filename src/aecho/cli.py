@@ -2,26 +2,40 @@
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit:
 1 for runtime failures, 2 for usage errors.  Tracebacks go to the log at
-debug level only.
+debug level only.  How errors, help and ``--version`` look is
+:mod:`aecho.commandline`'s business; the options of ``serve`` live in
+:mod:`aecho.serve_options`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
-from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
 
 import typer
-import typer.core
 
+from aecho import serve_options as opt
 from aecho.address import split_host_port
+from aecho.commandline import (
+    DURATION,
+    PREFIX,
+    RATE,
+    SIZE,
+    Command,
+    Group,
+    fail,
+    show_version,
+)
 from aecho.config import (
     DEFAULT_BACKLOG,
     DEFAULT_BENCH_CONNECTIONS,
     DEFAULT_BENCH_DURATION,
     DEFAULT_BENCH_SIZE,
     DEFAULT_BENCH_TIMEOUT,
+    DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HANDLER_TIMEOUT,
     DEFAULT_HOST,
@@ -42,48 +56,22 @@ from aecho.config import (
     ServerConfig,
     check_plot_file,
 )
-from aecho.units import parse_duration, parse_rate, parse_size
+from aecho.process.logs import LogLevel, more_verbose, setup_logging
 
 
-class _OneLineErrors(typer.core.TyperGroup):
-    """Usage errors as one line (``aecho serve: error: ...``) and exit 2, not a panel."""
-
-    def main(  # type: ignore[override]
-        self,
-        args: list[str] | None = None,
-        prog_name: str | None = None,
-        complete_var: str | None = None,
-        standalone_mode: bool = True,
-        **extra: Any,
-    ) -> Any:
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except typer.TyperException as exc:
-            ctx = getattr(exc, "ctx", None)
-            where = ctx.command_path if ctx is not None else (prog_name or "aecho")
-            code = getattr(exc, "exit_code", 1)
-            hint = f" (see '{where} --help')" if code == 2 else ""
-            typer.echo(f"{where}: error: {exc.format_message()}{hint}", err=True)
-            rv = code
-        except typer.Abort:
-            rv = 130
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
+class _Aecho(Group):
+    """The ``aecho`` group, and ``aecho bench merge FILE...``: a command of two words beside
+    ``aecho bench [HOST] [PORT]``, so bench keeps its positional HOST and PORT."""
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
-        # ``aecho bench merge FILE...`` beside ``aecho bench [HOST] [PORT]``: a command of
-        # two words, so bench itself keeps its positional HOST and PORT.
         if args[:2] == ["bench", "merge"]:
             return "bench merge", typer.main.get_command(bench_merge_app), args[2:]
         return super().resolve_command(ctx, args)
 
 
 app = typer.Typer(
-    cls=_OneLineErrors,
+    cls=_Aecho,
     name="aecho",
-    help="A concurrent TCP echo service, an interactive client and a verifying load tester.",
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -92,23 +80,20 @@ app = typer.Typer(
 log = logging.getLogger("aecho")
 
 
-def _units(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A typer ``parser`` from a units parser: its ValueError becomes a usage error."""
-
-    def parser(value: str) -> Any:
-        if not isinstance(value, str):  # a default, already parsed
-            return value
-        try:
-            return parse(value)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from None
-
-    return parser
-
-
-DURATION = {"parser": _units(parse_duration), "metavar": "DURATION"}
-SIZE = {"parser": _units(parse_size), "metavar": "SIZE"}
-RATE = {"parser": _units(parse_rate), "metavar": "RATE"}
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            is_eager=True,
+            callback=show_version,
+            help="Print the version (and Python's, uvloop's, the system's) and exit.",
+        ),
+    ] = False,
+) -> None:
+    """A concurrent TCP echo service, an interactive client and a verifying load tester."""
 
 
 JSON_OUT = Annotated[
@@ -120,128 +105,40 @@ PLOT_FILE = Annotated[
 ]
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one line on stderr and exit."""
-    typer.echo(f"aecho: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def setup_logging(level: str, log_file: str | None = None) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler: logging.Handler
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 # -- serve ---------------------------------------------------------------------------------------
 
 
-def run_server(config: ServerConfig) -> None:
-    """Run the server in the foreground until it is stopped.
-
-    Raises:
-        aecho.server.StartupError, aecho.handlers.HandlerError: start-up failed.
-    """
-    from aecho.daemon import Lifecycle
-    from aecho.loops import run
-    from aecho.server import Server
-
-    # Bind (or inherit systemd's sockets), lock the pidfile and, with --daemon, detach,
-    # all before the loop exists; only the serving process returns from begin().
-    life = Lifecycle.begin(config)
-    server = Server(life.config, sockets=life.sockets)
-    with life:
-        run(server.run(life.on_ready), life.config.loop)
-
-
-@app.command()
+@app.command(cls=Command)
 def serve(
-    host: Annotated[str, typer.Option(help="Address or name to listen on (IPv4, IPv6).")] = (
-        DEFAULT_HOST
-    ),
-    port: Annotated[
-        int, typer.Option(min=0, max=65535, help="TCP port; 0 picks a free one (logged).")
-    ] = DEFAULT_PORT,
-    unix: Annotated[
-        str | None, typer.Option(help="Listen on this Unix socket path instead of TCP.")
-    ] = None,
-    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.auto,
-    offload: Annotated[
-        Offload, typer.Option(help="Run the handler on the loop or in worker processes.")
-    ] = Offload.inline,
-    pool_size: Annotated[
-        int | None, typer.Option(min=1, help="Worker processes (default: CPU count).")
-    ] = None,
-    handler: Annotated[
-        str,
-        typer.Option(help="echo, upper, reverse, sha256, burn, or package.module:function."),
-    ] = "echo",
-    handler_timeout: Annotated[
-        float,
-        typer.Option(
-            help="Process offload: a batch running longer (s) fails; its worker is replaced.",
-            **DURATION,
-        ),
-    ] = DEFAULT_HANDLER_TIMEOUT,
-    framing: Annotated[
-        Framing, typer.Option(help="raw: bytes as they come; line: one message per line.")
-    ] = Framing.raw,
-    max_line: Annotated[
-        int, typer.Option(help="Longest line in bytes (line framing).", **SIZE)
-    ] = DEFAULT_MAX_LINE,
-    max_connections: Annotated[
-        int, typer.Option(min=1, help="Connections beyond this are closed at once.")
-    ] = DEFAULT_MAX_CONNECTIONS,
-    idle_timeout: Annotated[
-        float, typer.Option(help="Close connections idle this long (s); 0 = never.", **DURATION)
-    ] = DEFAULT_IDLE_TIMEOUT,
-    graceful_timeout: Annotated[
-        float, typer.Option(help="On SIGTERM/SIGINT, wait this long (s) for replies.", **DURATION)
-    ] = DEFAULT_GRACEFUL_TIMEOUT,
-    backlog: Annotated[
-        int, typer.Option(min=1, help="Listen backlog (capped by net.core.somaxconn).")
-    ] = DEFAULT_BACKLOG,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    daemon: Annotated[
-        bool, typer.Option("--daemon", help="Detach once serving; the command reports the outcome.")
-    ] = False,
-    pidfile: Annotated[
-        str | None,
-        typer.Option(help="Pidfile, locked while serving (--daemon default: aecho-PORT.pid)."),
-    ] = None,
-    log_file: Annotated[
-        str | None, typer.Option(help="Append the log here (reopened on SIGHUP).")
-    ] = None,
-    tls_cert: Annotated[
-        str | None, typer.Option(help="PEM certificate chain: serve TLS (1.2+) on the listeners.")
-    ] = None,
-    tls_key: Annotated[str | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
-    unix_mode: Annotated[
-        str, typer.Option(help="Octal permissions of the --unix socket file.")
-    ] = "0660",
-    udp: Annotated[
-        bool, typer.Option("--udp", help="Also echo UDP datagrams on the same port.")
-    ] = False,
-    proxy_protocol: Annotated[
-        ProxyMode, typer.Option(help="Expect a PROXY protocol header (HAProxy) from trusted peers.")
-    ] = ProxyMode.off,
-    proxy_allow_from: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Network (CIDR) whose peers must send a PROXY header; repeatable "
-            "[default: 127.0.0.1/32 and ::1/128]."
-        ),
-    ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(min=0, max=65535, help="Serve Prometheus metrics on 127.0.0.1:PORT."),
-    ] = None,
-    max_connections_per_ip: Annotated[
-        int, typer.Option(min=0, help="Connections per client address (after PROXY); 0 = any.")
-    ] = 0,
+    host: opt.Host = DEFAULT_HOST,
+    port: opt.Port = DEFAULT_PORT,
+    unix: opt.Unix = None,
+    loop: opt.Loop = LoopKind.auto,
+    offload: opt.OffloadMode = Offload.inline,
+    pool_size: opt.PoolSize = None,
+    handler: opt.Handler = "echo",
+    handler_timeout: opt.HandlerTimeout = DEFAULT_HANDLER_TIMEOUT,
+    framing: opt.FramingMode = Framing.raw,
+    max_line: opt.MaxLine = DEFAULT_MAX_LINE,
+    max_connections: opt.MaxConnections = DEFAULT_MAX_CONNECTIONS,
+    idle_timeout: opt.IdleTimeout = DEFAULT_IDLE_TIMEOUT,
+    graceful_timeout: opt.GracefulTimeout = DEFAULT_GRACEFUL_TIMEOUT,
+    backlog: opt.Backlog = DEFAULT_BACKLOG,
+    log_level: opt.Level = LogLevel.info,
+    verbose: opt.Verbose = 0,
+    daemon: opt.Daemon = False,
+    pidfile: opt.Pidfile = None,
+    log_file: opt.LogFile = None,
+    tls_cert: opt.TlsCert = None,
+    tls_key: opt.TlsKey = None,
+    unix_mode: opt.UnixMode = "0660",
+    udp: opt.Udp = False,
+    proxy_protocol: opt.Proxy = ProxyMode.off,
+    proxy_allow_from: opt.ProxyAllowFrom = list(DEFAULT_PROXY_ALLOW_FROM),  # noqa: B006 (shown)
+    metrics_port: opt.MetricsPort = None,
+    max_connections_per_ip: opt.MaxPerIp = 0,
+    workers: opt.Workers = 1,
+    reuse_port: opt.ReusePort = True,
 ) -> None:
     """Run the echo server (SIGTERM or Ctrl-C stops it gracefully; --daemon detaches)."""
     try:
@@ -264,7 +161,7 @@ def serve(
             idle_timeout=idle_timeout,
             graceful_timeout=graceful_timeout,
             backlog=backlog,
-            log_level=log_level,
+            log_level=more_verbose(log_level, verbose),
             daemon=daemon,
             pidfile=pidfile,
             log_file=log_file,
@@ -273,54 +170,107 @@ def serve(
             unix_mode=mode,
             udp=udp,
             proxy_protocol=proxy_protocol,
-            proxy_allow_from=tuple(proxy_allow_from or DEFAULT_PROXY_ALLOW_FROM),
+            proxy_allow_from=tuple(proxy_allow_from),
             metrics_port=metrics_port,
             max_connections_per_ip=max_connections_per_ip,
+            workers=workers,
+            reuse_port=reuse_port,
         ).validate()
     except ConfigError as exc:
         fail(str(exc), 2)
+    from aecho.offload.handlers import HandlerError
+    from aecho.process.daemon import DaemonStarted
+    from aecho.server.listeners import StartupError
+
     try:
         setup_logging(config.log_level, config.log_file)
     except OSError as exc:
         fail(f"cannot open --log-file {config.log_file}: {exc.strerror}")
-    _run_or_fail(run_server, config)
-
-
-def _run_or_fail(func: Callable[[Any], None], config: object) -> None:
-    from aecho.handlers import HandlerError
-    from aecho.server import StartupError
-
     try:
-        func(config)
+        code = run_server(config)
+    except DaemonStarted as started:
+        where = f", pidfile {started.pidfile}" if started.pidfile else ""
+        typer.echo(f"aecho serving on {started.address} (pid {started.pid}{where})")
+        raise typer.Exit(0) from None
     except (StartupError, HandlerError, ConfigError) as exc:
         log.debug("start-up failed", exc_info=True)
         fail(str(exc))
+    raise typer.Exit(code or 0)
 
 
-@app.command()
+def run_server(config: ServerConfig) -> int:
+    """Serve until stopped; the exit status (see :func:`aecho.process.serve.serve`)."""
+    from aecho.process.serve import serve as serve_main
+
+    return serve_main(config)
+
+
+def _print(outcome: Any) -> None:
+    """Print a control outcome (``aecho: ...``) where it belongs and exit with its code."""
+    prefix = PREFIX if outcome.error and outcome.code else "aecho: "
+    typer.echo(prefix + outcome.message, err=outcome.error)
+    raise typer.Exit(outcome.code)
+
+
+PIDFILE_HELP = "The pidfile the server was started with."
+PORT_HELP = "Or the port a daemon serves on: its default pidfile, aecho-PORT.pid."
+UNIX_HELP = "Or the Unix socket a daemon serves on: its default pidfile, aecho-unix-NAME.pid."
+
+
+def _which_pidfile(pidfile: str | None, port: int | None, unix: str | None) -> str:
+    """The pidfile ``stop`` or ``status`` reads, named or found as ``serve --daemon`` names it.
+
+    Raises:
+        typer.BadParameter: none or more than one of the three was given.
+    """
+    given = [name for name, v in (("--pidfile", pidfile), ("--port", port), ("--unix", unix)) if v]
+    if not given:
+        fail("which server? give --pidfile PATH, or the --port N (or --unix PATH) it serves on", 2)
+    if len(given) > 1:
+        fail(f"give one of {' and '.join(given)}: each names a pidfile", 2)
+    if pidfile:
+        return pidfile
+    from aecho.process.pidfile import default_pidfile
+
+    return default_pidfile(port, unix)
+
+
+@app.command(cls=Command)
 def stop(
-    pidfile: Annotated[str, typer.Option(help="The pidfile the server was started with.")],
+    pidfile: Annotated[str | None, typer.Option(metavar="PATH", help=PIDFILE_HELP)] = None,
+    port: Annotated[
+        int | None, typer.Option("-p", "--port", min=1, max=65535, metavar="PORT", help=PORT_HELP)
+    ] = None,
+    unix: Annotated[str | None, typer.Option(metavar="PATH", help=UNIX_HELP)] = None,
     timeout: Annotated[
-        float, typer.Option(min=0, help="Seconds to wait after SIGTERM before SIGKILL.")
+        float, typer.Option(min=0, help="Wait this long after SIGTERM before SIGKILL.", **DURATION)
     ] = 15.0,
 ) -> None:
     """Stop a server gracefully (SIGTERM), killing it past --timeout."""
-    from aecho.daemon import stop_server
+    from aecho.process.control import stop as stop_main
 
-    raise typer.Exit(stop_server(pidfile, timeout))
+    _print(stop_main(_which_pidfile(pidfile, port, unix), timeout))
 
 
-@app.command()
+@app.command(cls=Command)
 def status(
-    pidfile: Annotated[str, typer.Option(help="The pidfile the server was started with.")],
+    pidfile: Annotated[str | None, typer.Option(metavar="PATH", help=PIDFILE_HELP)] = None,
+    port: Annotated[
+        int | None, typer.Option("-p", "--port", min=1, max=65535, metavar="PORT", help=PORT_HELP)
+    ] = None,
+    unix: Annotated[str | None, typer.Option(metavar="PATH", help=UNIX_HELP)] = None,
 ) -> None:
-    """Is the server running? Exit 0 if so, 3 if not."""
-    from aecho.daemon import server_status
+    """Is the server running? Exit 0 if so, 3 if not, 4 if its pidfile cannot be read."""
+    from aecho.process.control import status as status_main
 
-    raise typer.Exit(server_status(pidfile))
+    _print(status_main(_which_pidfile(pidfile, port, unix)))
 
 
 # -- client --------------------------------------------------------------------------------------
+
+
+# One declaration for the client and bench, so the flag is spelled the same on both.
+TlsFlag = Annotated[bool, typer.Option("--tls/--no-tls", help="Connect with TLS.")]
 
 
 def run_client(config: ClientConfig) -> None:
@@ -329,40 +279,80 @@ def run_client(config: ClientConfig) -> None:
     run(config)
 
 
-@app.command()
+def _die_of_sigpipe() -> NoReturn:
+    """End as cat or grep end when their reader quits early: killed by SIGPIPE, silently.
+
+    The shell then reports 141, so ``set -o pipefail`` still sees that the output was cut
+    short, and nothing is printed.  Python ignores SIGPIPE, so restore it first.
+    """
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    raise typer.Exit(128 + signal.SIGPIPE)  # not reached unless the signal is blocked
+
+
+@app.command(cls=Command)
 def client(
-    host: Annotated[str, typer.Argument(help="Server address or name.")] = DEFAULT_HOST,
-    port: Annotated[int, typer.Argument(min=0, max=65535, help="Server port.")] = DEFAULT_PORT,
-    unix: Annotated[str | None, typer.Option(help="Connect to this Unix socket instead.")] = None,
+    host: Annotated[
+        str,
+        typer.Argument(
+            metavar="HOST", help="Server address or name; HOST:PORT and [v6]:PORT work too."
+        ),
+    ] = DEFAULT_HOST,
+    port: Annotated[
+        int | None,
+        typer.Argument(
+            min=0, max=65535, metavar="PORT", show_default=str(DEFAULT_PORT), help="Server port."
+        ),
+    ] = None,
+    unix: Annotated[
+        str | None, typer.Option(metavar="PATH", help="Connect to this Unix socket instead.")
+    ] = None,
     connect_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the connection.", **DURATION)
     ] = 5.0,
-    tls: Annotated[bool, typer.Option("--tls", help="Connect with TLS.")] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Give up when the server sends nothing this long after the last byte sent; "
+            "0 = wait forever.",
+            **DURATION,
+        ),
+    ] = DEFAULT_CLIENT_TIMEOUT,
+    tls: TlsFlag = False,
     cafile: Annotated[
-        str | None, typer.Option(help="PEM CA bundle to verify the server (with --tls).")
+        str | None,
+        typer.Option(metavar="PEM", help="PEM CA bundle to verify the server (with --tls)."),
     ] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Do not verify the server certificate (--tls).")
     ] = False,
 ) -> None:
     """Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise."""
-    from aecho.client import ClientError
+    from aecho.address import host_and_port
+    from aecho.client import ClientError, OutputClosed
 
-    config = ClientConfig(
-        host=host,
-        port=port,
-        unix=unix,
-        connect_timeout=connect_timeout,
-        tls=tls,
-        cafile=cafile,
-        insecure=insecure,
-    )
     try:
-        run_client(config.validate())
+        host, port = host_and_port(host, port, DEFAULT_HOST, DEFAULT_PORT)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    try:
+        config = ClientConfig(
+            host=host,
+            port=port,
+            unix=unix,
+            connect_timeout=connect_timeout,
+            timeout=timeout,
+            tls=tls,
+            cafile=cafile,
+            insecure=insecure,
+        )
+        run_client(config)
     except ConfigError as exc:
         fail(str(exc), 2)
     except ClientError as exc:
         fail(str(exc))
+    except OutputClosed:
+        _die_of_sigpipe()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -370,8 +360,9 @@ def client(
 # -- bench ---------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 def bench(
+    ctx: typer.Context,
     host: Annotated[
         str | None,
         typer.Argument(
@@ -385,15 +376,15 @@ def bench(
         int, typer.Option("-c", "--connections", min=1, help="Concurrent connections.")
     ] = DEFAULT_BENCH_CONNECTIONS,
     duration: Annotated[
-        float | None,
+        float,
         typer.Option(
             "-d",
             "--duration",
-            help=f"Seconds to measure (default {DEFAULT_BENCH_DURATION:g}; "
-            f"{DEFAULT_SEARCH_STEP:g} per --find-max-rate step).",
+            help="How long to measure (unless -n); each step's, with --find-max-rate "
+            f"(default {DEFAULT_SEARCH_STEP:g} s there).",
             **DURATION,
         ),
-    ] = None,
+    ] = DEFAULT_BENCH_DURATION,
     messages: Annotated[
         int | None, typer.Option("-n", "--messages", help="Messages in total, then stop.")
     ] = None,
@@ -410,13 +401,13 @@ def bench(
         ),
     ] = None,
     warmup: Annotated[
-        float | None,
+        float,
         typer.Option(
-            help="Seconds of load left out of the results (default 0; "
-            f"{DEFAULT_SEARCH_WARMUP:g} per --find-max-rate step).",
+            help="Seconds of load left out of the results; before each --find-max-rate "
+            f"step, {DEFAULT_SEARCH_WARMUP:g} s unless given.",
             **DURATION,
         ),
-    ] = None,
+    ] = 0.0,
     connect_rate: Annotated[
         float | None, typer.Option(help="Open connections at most this fast (per second).", **RATE)
     ] = None,
@@ -454,7 +445,7 @@ def bench(
     handler: Annotated[
         str, typer.Option(help="The server's handler (embedded: passed on; replies checked).")
     ] = "echo",
-    tls: Annotated[bool, typer.Option(help="Connect with TLS.")] = False,
+    tls: TlsFlag = False,
     cafile: Annotated[str | None, typer.Option(help="TLS: trust the CAs in this PEM file.")] = None,
     insecure: Annotated[
         bool, typer.Option(help="TLS: do not verify the server's certificate.")
@@ -467,12 +458,15 @@ def bench(
     """
     from aecho.bench import BenchError
     from aecho.bench.runner import main as bench_main
-    from aecho.handlers import HandlerError
+    from aecho.offload.handlers import HandlerError
 
-    if duration is None and messages is None:
-        duration = DEFAULT_SEARCH_STEP if find_max_rate else DEFAULT_BENCH_DURATION
-    if warmup is None:
-        warmup = DEFAULT_SEARCH_WARMUP if find_max_rate else 0.0
+    # -n alone measures messages, not the default duration; -n with -d is refused below.
+    # --find-max-rate steps are shorter than a run, with a warm-up, unless -d/--warmup say.
+    until: float | None = duration
+    if _defaulted(ctx, "duration"):
+        until = None if messages is not None else (DEFAULT_SEARCH_STEP if find_max_rate else until)
+    if _defaulted(ctx, "warmup") and find_max_rate:
+        warmup = DEFAULT_SEARCH_WARMUP
     if host is not None:
         host, port = _host_and_port(host, port)
     try:
@@ -481,7 +475,7 @@ def bench(
             port=port,
             unix=unix,
             connections=connections,
-            duration=duration,
+            duration=until,
             messages=messages,
             size=size,
             pipeline=pipeline,
@@ -517,6 +511,11 @@ def bench(
     raise typer.Exit(code)
 
 
+def _defaulted(ctx: typer.Context, name: str) -> bool:
+    """Was option ``name`` left at its default (not given on the command line)?"""
+    return getattr(ctx.get_parameter_source(name), "name", "") == "DEFAULT"
+
+
 def _host_and_port(host: str, port: int | None) -> tuple[str, int | None]:
     """HOST and PORT from ``HOST PORT``, ``HOST:PORT`` or ``[V6]:PORT``; a usage error
     (exit 2) when the text is malformed or names the port twice."""
@@ -536,7 +535,7 @@ bench_merge_app = typer.Typer(
 )
 
 
-@bench_merge_app.command()
+@bench_merge_app.command(cls=Command)
 def bench_merge(
     results: Annotated[
         list[str],

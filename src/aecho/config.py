@@ -1,7 +1,10 @@
 """Frozen configuration objects: the one place that knows defaults and limits.
 
-The CLI builds these; everything else reads them.  ``validate()`` raises
-:class:`ConfigError` with a one-line message fit to show a user.
+The CLI builds these; everything else reads them.  Server and client configs are
+checked when they are made: enum fields given as plain strings are converted, and
+an inconsistent value raises :class:`ConfigError` with a one-line message fit to
+show a user, so an invalid configuration cannot exist.  ``validate()`` stays for
+callers that want the checked config back in one expression.
 """
 
 from __future__ import annotations
@@ -88,6 +91,20 @@ def somaxconn() -> int:
         return 4096
 
 
+def _convert(obj: object, name: str, kind: type[enum.StrEnum], option: str) -> None:
+    """Make ``obj.name`` a member of ``kind``.
+
+    Raises:
+        ConfigError: the value is not one of the members.
+    """
+    value = getattr(obj, name)
+    try:
+        object.__setattr__(obj, name, kind(value))
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ConfigError(f"unknown {option} {value!r}: use one of {choices}") from None
+
+
 def _check_port(port: int) -> None:
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range: use 0 (any free port) to 65535")
@@ -121,13 +138,27 @@ class ServerConfig:
     proxy_allow_from: tuple[str, ...] = DEFAULT_PROXY_ALLOW_FROM
     metrics_port: int | None = None
     max_connections_per_ip: int = 0
+    # Serving processes: 1 is a single process; more run under a supervisor.
+    workers: int = 1
+    # With workers > 1: one SO_REUSEPORT listener per serving process (else one shared).
+    reuse_port: bool = True
+    # Where package.module:function handlers are imported from first (None: the working
+    # directory).  A daemon changes to / before it loads its handler, so the command
+    # fixes this beforehand.
+    handler_dir: str | None = None
+    # Per-connection write buffer watermarks (see WRITE_HIGH_WATER).
+    write_high: int = WRITE_HIGH_WATER
+    write_low: int = WRITE_LOW_WATER
 
     def __post_init__(self) -> None:
-        # Accept plain strings for the enum fields (tests, embedding code).
-        object.__setattr__(self, "loop", LoopKind(self.loop))
-        object.__setattr__(self, "offload", Offload(self.offload))
-        object.__setattr__(self, "framing", Framing(self.framing))
+        # Plain strings for the enum fields (tests, embedding code) become members,
+        # so `proxy_protocol="off"` means ProxyMode.off and not "some mode".
+        _convert(self, "loop", LoopKind, "--loop")
+        _convert(self, "offload", Offload, "--offload")
+        _convert(self, "framing", Framing, "--framing")
+        _convert(self, "proxy_protocol", ProxyMode, "--proxy-protocol")
         object.__setattr__(self, "log_level", self.log_level.upper())
+        self._check()
 
     @property
     def effective_backlog(self) -> int:
@@ -135,14 +166,15 @@ class ServerConfig:
 
     @property
     def effective_pool_size(self) -> int:
-        return self.pool_size or os.cpu_count() or 1
+        """--pool-size, else the CPUs shared out among the serving processes."""
+        return self.pool_size or max(1, (os.cpu_count() or 1) // self.workers)
 
     def validate(self) -> ServerConfig:
-        """Return self when consistent.
+        """Return self (checked when made)."""
+        return self
 
-        Raises:
-            ConfigError: a value is out of range or options contradict each other.
-        """
+    def _check(self) -> None:
+        """Raises: ConfigError: a value is out of range or options contradict each other."""
         _check_port(self.port)
         if not self.host:
             raise ConfigError("--host must not be empty")
@@ -156,6 +188,8 @@ class ServerConfig:
             raise ConfigError("--graceful-timeout must be 0 or more seconds")
         if self.backlog < 1:
             raise ConfigError("--backlog must be at least 1")
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1 (or auto)")
         if self.pool_size is not None and self.pool_size < 1:
             raise ConfigError("--pool-size must be at least 1")
         if not self.handler_timeout > 0:
@@ -164,8 +198,9 @@ class ServerConfig:
             raise ConfigError(
                 f"unknown --log-level {self.log_level!r}: use debug, info, warning, error"
             )
+        if not 0 < self.write_low <= self.write_high:
+            raise ConfigError("write buffer watermarks must satisfy 0 < low <= high")
         self._validate_edge()
-        return self
 
     def _validate_edge(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -185,30 +220,41 @@ class ServerConfig:
             raise ConfigError("--max-connections-per-ip must be 0 (no limit) or more")
 
 
+DEFAULT_CLIENT_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
+    """``aecho client``.  ``timeout``: seconds of silence from the server, once something was
+    sent, before giving up; 0 waits forever."""
+
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     unix: str | None = None
     connect_timeout: float = 5.0
+    timeout: float = DEFAULT_CLIENT_TIMEOUT
     tls: bool = False
     cafile: str | None = None
     insecure: bool = False
 
-    def validate(self) -> ClientConfig:
-        """Return self when consistent.
+    def __post_init__(self) -> None:
+        self._check()
 
-        Raises:
-            ConfigError: a value is out of range.
-        """
+    def validate(self) -> ClientConfig:
+        """Return self (checked when made)."""
+        return self
+
+    def _check(self) -> None:
+        """Raises: ConfigError: a value is out of range."""
         _check_port(self.port)
         if self.connect_timeout <= 0:
             raise ConfigError("--connect-timeout must be positive")
+        if self.timeout < 0:
+            raise ConfigError("--timeout must be 0 (wait forever) or positive")
         if (self.cafile or self.insecure) and not self.tls:
             raise ConfigError("--cafile and --insecure only apply with --tls")
         if self.cafile and self.insecure:
             raise ConfigError("--cafile and --insecure contradict each other: choose one")
-        return self
 
 
 # -- bench ---------------------------------------------------------------------------------------
@@ -260,6 +306,11 @@ class BenchConfig:
     insecure: bool = False
     loop: LoopKind = LoopKind.auto
     find_max_rate: bool = False  # search open-loop rates for the highest within --max-p99
+
+    def __post_init__(self) -> None:
+        _convert(self, "framing", Framing, "--framing")
+        _convert(self, "offload", Offload, "--offload")
+        _convert(self, "loop", LoopKind, "--loop")
 
     @property
     def embedded(self) -> bool:

@@ -8,6 +8,7 @@ whose text names the accepted forms, fit to show a user.
 from __future__ import annotations
 
 import math
+import os
 import re
 
 _NUMBER = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z/]*)\s*")
@@ -83,3 +84,16 @@ def parse_rate(text: str) -> float:
     if parts is None or unit is None:
         raise ValueError(f"{text!r} is not a rate: use {RATE_FORMS}")
     return parts[0] * unit
+
+
+def parse_workers(text: str) -> int:
+    """``"4"`` -> 4; ``"auto"`` -> one per CPU.
+
+    Raises:
+        ValueError: neither a whole number nor auto.
+    """
+    if text == "auto":
+        return os.cpu_count() or 1
+    if not text.strip().isdigit():
+        raise ValueError(f"{text!r} is not a number of processes: use a whole number or auto")
+    return int(text)

@@ -31,11 +31,11 @@ def reply_function(cfg: BenchConfig) -> Callable[[bytes], bytes] | None:
 
     Raises:
         ConfigError: the handler's replies cannot be predicted with this framing.
-        aecho.handlers.HandlerError: the handler cannot be loaded.
+        aecho.offload.handlers.HandlerError: the handler cannot be loaded.
     """
     if cfg.handler in ("echo", "burn"):
         return None
-    from aecho.handlers import load_handler
+    from aecho.offload.handlers import load_handler
 
     handler = load_handler(cfg.handler)
     if cfg.framing is Framing.line:
@@ -65,7 +65,7 @@ def reply_size(cfg: BenchConfig) -> int:
     """Bytes in the reply to one message, as bench predicts it.
 
     Raises:
-        ConfigError, aecho.handlers.HandlerError: as :func:`reply_function`.
+        ConfigError, aecho.offload.handlers.HandlerError: as :func:`reply_function`.
     """
     expect = reply_function(cfg)
     if expect is None:

@@ -11,6 +11,7 @@ from aecho.bench import BenchError
 from aecho.bench.histogram import Histogram, format_ns
 from aecho.bench.results import SECOND_NS, TICK_NS, Result, Setup
 from aecho.bench.search import Search, Step
+from aecho.text import needs
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,10 +31,7 @@ def check_plot(path: str) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BenchError(
-            f"--plot {path} needs matplotlib: pip install matplotlib "
-            "(from a clone of aecho: pip install -e '.[plot]')"
-        ) from None
+        raise BenchError(needs(f"--plot {path}", "matplotlib", "plot")) from None
 
 
 def _pyplot() -> Any:

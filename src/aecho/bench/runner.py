@@ -29,7 +29,7 @@ def main(cfg: BenchConfig) -> int:
     Raises:
         BenchError: nothing could be measured (one-line reason).
         aecho.config.ConfigError: the options cannot be honoured.
-        aecho.handlers.HandlerError: --handler cannot be loaded.
+        aecho.offload.handlers.HandlerError: --handler cannot be loaded.
     """
     from aecho.bench import plot, report
 

@@ -1,10 +1,10 @@
-"""Prometheus metrics on 127.0.0.1:--metrics-port, read from the server at scrape time.
+"""Prometheus metrics: exposition text built from counter snapshots when scraped.
 
-Nothing here runs per message: the server keeps plain integer counters
-(:class:`aecho.stats.Stats` and each connection's ``rx``/``tx``) and the
-collector turns them into metric families only when a scrape arrives.  The
-HTTP endpoint runs on the server's own event loop, so a scrape sees one
-consistent moment and needs no locks or threads.
+Nothing here runs per message: servers keep plain integer counters
+(:class:`aecho.server.stats.Stats`) and a scrape turns snapshots of them into metric
+families.  A snapshot source returns ``(labels, stats)`` pairs: one for a single
+server, one per serving process under ``--workers`` (summed here, with a
+per-process series where it helps).  Reads Stats, never the Server class.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -24,38 +23,41 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from aecho.connection import ProxyPrelude
+from aecho.server.stats import Stats
 
-if TYPE_CHECKING:
-    from aecho.server import Server
-
-log = logging.getLogger("aecho.metrics")
+log = logging.getLogger("aecho.server.metrics")
 
 REQUEST_TIMEOUT_S = 10.0
 
+# (labels, stats) pairs; labels None: counted in the totals only (processes that exited).
+Snapshots = Callable[[], list[tuple[dict[str, str] | None, Stats]]]
 
-class ServerCollector(Collector):
-    """Builds every aecho metric from the server's counters when scraped."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+class StatsCollector(Collector):
+    """Builds every aecho metric from counter snapshots when scraped."""
+
+    def __init__(self, snapshots: Snapshots) -> None:
+        self.snapshots = snapshots
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        stats = server.stats
-        open_now = 0
-        rx, tx = stats.bytes_in, stats.bytes_out
-        for conn in list(server.connections):
-            if isinstance(conn, ProxyPrelude):
-                continue
-            open_now += 1
-            rx += conn.rx
-            tx += conn.bytes_out
-        yield GaugeMetricFamily(
+        parts = self.snapshots()
+        stats = Stats()
+        for _, part in parts:
+            stats.add(part)
+        labelled = [(labels, part) for labels, part in parts if labels]
+        keys = sorted({key for labels, _ in labelled for key in labels})
+        open_now = GaugeMetricFamily(
             "aecho_connections_open",
-            "Connections open now (those still sending a PROXY header excluded).",
-            value=open_now,
+            "Connections open now (those still sending a PROXY header excluded)"
+            + (", per serving process." if keys else "."),
+            labels=keys or None,
         )
+        if keys:
+            for labels, part in labelled:
+                open_now.add_metric([labels.get(k, "") for k in keys], part.connections_open)
+        else:
+            open_now.add_metric([], stats.connections_open)
+        yield open_now
         yield CounterMetricFamily(
             "aecho_connections_accepted", "Connections admitted.", value=stats.accepted
         )
@@ -67,10 +69,10 @@ class ServerCollector(Collector):
         refused.add_metric(["proxy_header"], stats.proxy_errors)
         yield refused
         yield CounterMetricFamily(
-            "aecho_bytes_received", "Bytes read from stream connections.", value=rx
+            "aecho_bytes_received", "Bytes read from stream connections.", value=stats.bytes_in
         )
         yield CounterMetricFamily(
-            "aecho_bytes_sent", "Bytes written to stream connections.", value=tx
+            "aecho_bytes_sent", "Bytes written to stream connections.", value=stats.bytes_out
         )
         yield CounterMetricFamily(
             "aecho_messages",
@@ -105,12 +107,38 @@ class ServerCollector(Collector):
         )
 
 
-class MetricsServer:
-    """A minimal HTTP/1.0 endpoint: GET /metrics (or /) returns the exposition text."""
+def make_registry(snapshots: Snapshots) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(snapshots))
+    return registry
 
-    def __init__(self, server: Server) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ServerCollector(server))
+
+def respond(registry: CollectorRegistry, head: bytes) -> bytes:
+    """The whole HTTP/1.0 response to a request whose head (up to the blank line) is ``head``."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    method = parts[0] if parts else b""
+    path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+    if method not in (b"GET", b"HEAD"):
+        status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
+    elif path in (b"/metrics", b"/"):
+        status, body, ctype = "200 OK", generate_latest(registry), CONTENT_TYPE_LATEST
+    else:
+        status, body, ctype = "404 Not Found", b"try /metrics\n", "text/plain"
+    header = (
+        f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return header if method == b"HEAD" else header + body
+
+
+class MetricsServer:
+    """A minimal HTTP/1.0 endpoint on the server's own loop: GET /metrics (or /).
+
+    A scrape runs on the loop, so it sees one consistent moment and needs no locks.
+    """
+
+    def __init__(self, snapshots: Snapshots) -> None:
+        self.registry = make_registry(snapshots)
         self.port = 0
         self._srv: asyncio.Server | None = None
 
@@ -123,27 +151,10 @@ class MetricsServer:
         self._srv = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.port = self._srv.sockets[0].getsockname()[1]
 
-    def render(self) -> bytes:
-        """The current exposition text."""
-        return generate_latest(self.registry)
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
-            parts = head.split(b"\r\n", 1)[0].split(b" ")
-            method = parts[0] if parts else b""
-            path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
-            if method not in (b"GET", b"HEAD"):
-                status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
-            elif path in (b"/metrics", b"/"):
-                status, body, ctype = "200 OK", self.render(), CONTENT_TYPE_LATEST
-            else:
-                status, body, ctype = "404 Not Found", b"try /metrics\n", "text/plain"
-            header = (
-                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            ).encode()
-            writer.write(header if method == b"HEAD" else header + body)
+            writer.write(respond(self.registry, head))
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             log.debug("metrics request failed", exc_info=True)

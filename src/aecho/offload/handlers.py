@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -56,8 +58,13 @@ BUILTINS: dict[str, Handler] = {
 }
 
 
-def load_handler(name: str) -> Handler:
+def load_handler(name: str, directory: str | None = None) -> Handler:
     """Resolve a built-in name or ``package.module:function``.
+
+    A module is looked for in ``directory`` (default: the working directory) first,
+    then on the rest of ``sys.path`` (PYTHONPATH, the installed packages), as
+    ``python -m``, uvicorn and gunicorn do: ``directory`` stays at the front of
+    ``sys.path``, so the handler's own imports of its neighbours work too.
 
     Raises:
         HandlerError: unknown name, import failure, missing attribute, or not callable.
@@ -72,8 +79,18 @@ def load_handler(name: str) -> Handler:
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise HandlerError(f"bad handler {name!r}: expected package.module:function")
+    where = _search_first(directory)
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not _is_part_of(exc.name, module_name):
+            raise HandlerError(
+                f"cannot import handler module {module_name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        raise HandlerError(
+            f"cannot import handler module {module_name!r}: no module named {exc.name!r} "
+            f"in {where} (the working directory), on PYTHONPATH or among the installed packages"
+        ) from exc
     except Exception as exc:  # any import-time failure is the user's handler's fault
         raise HandlerError(
             f"cannot import handler module {module_name!r}: {type(exc).__name__}: {exc}"
@@ -89,3 +106,19 @@ def load_handler(name: str) -> Handler:
     if not callable(obj):
         raise HandlerError(f"handler {name!r} is not callable")
     return obj
+
+
+def _search_first(directory: str | None) -> str:
+    """Put ``directory`` (default: the working directory) at the front of ``sys.path``."""
+    try:
+        where = os.path.abspath(directory or os.getcwd())
+    except OSError:  # the working directory was removed
+        return directory or "."
+    if where not in sys.path:
+        sys.path.insert(0, where)
+    return where
+
+
+def _is_part_of(missing: str, module_name: str) -> bool:
+    """Whether the module found missing is ``module_name`` or a package on its way."""
+    return module_name == missing or module_name.startswith(missing + ".")

@@ -49,31 +49,41 @@ class RawFramer:
 
 
 class LineFramer:
-    """``\\n``-terminated lines of at most ``max_line`` bytes (terminator excluded)."""
+    """``\\n``-terminated lines of at most ``max_line`` bytes (terminator excluded).
+
+    An unfinished line waits in a ``bytearray``: a long line arriving in small
+    pieces costs linear time, not a new bytes object per piece.
+    """
 
     __slots__ = ("_buf", "max_line")
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
-        self._buf = b""
+        self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf + data if self._buf else data
         if b"\n" not in data:
-            self._buf = buf
-            self._check(buf, [])
+            self._buf += data
+            if len(self._buf) > self.max_line:
+                self._refuse([])
             return []
-        *lines, rest = buf.split(b"\n")
-        self._buf = rest
+        if self._buf:
+            self._buf += data
+            *lines, rest = bytes(self._buf).split(b"\n")
+            self._buf.clear()
+        else:
+            *lines, rest = data.split(b"\n")
+        self._buf += rest
         for i, line in enumerate(lines):
-            self._check(line, lines[:i])
-        self._check(rest, lines)
+            if len(line) > self.max_line:
+                self._refuse(lines[:i])
+        if len(rest) > self.max_line:
+            self._refuse(lines)
         return lines
 
-    def _check(self, line: bytes, before: list[bytes]) -> None:
-        if len(line) > self.max_line:
-            self._buf = b""
-            raise FrameError(f"line too long: limit is {self.max_line} bytes", before)
+    def _refuse(self, before: list[bytes]) -> None:
+        self._buf.clear()
+        raise FrameError(f"line too long: limit is {self.max_line} bytes", before)
 
     def encode(self, reply: bytes) -> bytes:
         return reply + b"\n"

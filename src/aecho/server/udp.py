@@ -7,9 +7,9 @@ import contextlib
 import logging
 import socket
 
-from aecho.stats import Stats
+from aecho.server.stats import Stats
 
-log = logging.getLogger("aecho.udp")
+log = logging.getLogger("aecho.server.udp")
 
 # The largest UDP payload over IPv4 (65,535 - 8 byte UDP header - 20 byte IP header).
 MAX_DATAGRAM = 65_507

@@ -1,0 +1,62 @@
+"""How the pool cuts its queue into tasks: pure functions of counts, costs and times.
+
+Per-task IPC costs about as much as 80 us of handler work here, so cheap handlers
+need large batches while costly ones should be spread over every worker.  The pool
+measures a message's cost in the worker (a moving average) and asks these functions
+what to do; they know nothing of processes or event loops, so they are tested on
+plain numbers and a fake clock.  docs/architecture.md tells the measurements behind
+the constants.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+# Tasks a worker may hold: one running, one ready to start the moment it finishes.
+TASKS_PER_WORKER = 2
+MAX_BATCH = 1024
+# A task's round trip costs the server about this much beyond its messages; a batch
+# should carry at least that much work, up to MAX_MIN_BATCH messages.
+TASK_OVERHEAD_S = 0.0002
+MAX_MIN_BATCH = 512
+# A task is due back this long after it started, plus twice its expected work.
+DUE_GRACE_S = 0.005
+
+
+def min_batch(cost: float) -> int:
+    """The smallest batch worth a task of its own, for messages costing ``cost`` seconds.
+
+    Before anything was measured (cost 0) a task waits for the largest minimum.
+    """
+    if cost <= 0:
+        return MAX_MIN_BATCH
+    return max(1, min(MAX_MIN_BATCH, math.ceil(TASK_OVERHEAD_S / cost)))
+
+
+def task_count(queued: int, free_positions: int, smallest: int) -> int:
+    """How many tasks to cut ``queued`` messages into, given free worker positions."""
+    return min(free_positions, max(1, math.ceil(queued / smallest)))
+
+
+def task_size(queued: int, tasks_left: int) -> int:
+    """Messages for the next of ``tasks_left`` tasks: an even share, at most MAX_BATCH."""
+    return min(MAX_BATCH, math.ceil(queued / tasks_left))
+
+
+def due_at(started: float, cost: float, messages: int) -> float:
+    """When a task that started at ``started`` should be back."""
+    return started + DUE_GRACE_S + 2 * cost * messages
+
+
+def next_return(due: Iterable[float], now: float) -> float | None:
+    """The earliest time a running task is still due back after ``now``, or None.
+
+    Like Nagle's algorithm: a queue too small for a task of its own waits while a
+    task is out and due back, since its return flushes again; so a handler cheaper
+    than a task's overhead keeps to one task at a time, and its batches grow with
+    the load.  A task out longer than it should take (a stuck or slow handler) does
+    not hold the queue up beyond its due time: then an idle worker takes the queue.
+    """
+    upcoming = [t for t in due if t > now]
+    return min(upcoming) if upcoming else None

@@ -1,0 +1,496 @@
+"""The worker pool: slots, batched dispatch, recovery from crashes, timeouts.
+
+Knows nothing of sockets.  A connection submits messages with a callback; the pool
+gathers every connection's messages once per loop iteration, ships them to worker
+processes in batches (sizes from :mod:`aecho.offload.batching`) and reports one
+outcome per message: the reply bytes, or the exception that stands in for it.
+
+Each worker sits behind its own single-worker ``ProcessPoolExecutor`` (a "slot"), so
+a crash or a timeout touches only that worker's tasks; the workers come from
+multiprocessing's forkserver, never from a fork of the process running the event
+loop.  docs/architecture.md says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import Future as ConcurrentFuture
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Protocol
+
+from aecho.offload import batching, worker
+from aecho.offload.handlers import HandlerError
+from aecho.offload.outcomes import (
+    Callback,
+    HandlerTimeout,
+    Outcome,
+    PoolClosed,
+    PoolError,
+    WorkerDied,
+    failure,
+)
+from aecho.offload.slots import Slot, Task, Worker, exited
+from aecho.text import plural
+
+log = logging.getLogger("aecho.offload")
+
+
+class Latency(Protocol):
+    def observe(self, seconds: float, n: int = 1) -> None: ...
+
+
+class Counters(Protocol):
+    """The counters the pool keeps (the server hands over its own)."""
+
+    messages: int
+    pool_restarts: int
+
+    @property
+    def offload_latency(self) -> Latency: ...
+
+
+def _tell(callback: Callback, token: Any, outcomes: list[Outcome], start: int, stop: int) -> None:
+    # One connection's failing callback must not keep the others of a batch waiting.
+    try:
+        callback(token, outcomes, start, stop)
+    except Exception:
+        log.exception("delivering offload results failed")
+
+
+# -- the pool --------------------------------------------------------------------------------
+
+
+class Pool:
+    """Runs a handler in worker processes, in batches."""
+
+    START_TIMEOUT_S = 60.0
+    STOP_JOIN_S = 5.0
+
+    def __init__(
+        self,
+        handler_name: str,
+        size: int,
+        timeout: float,
+        stats: Counters,
+        directory: str | None = None,
+    ) -> None:
+        self.handler_name = handler_name
+        # Workers import the handler from here first (None: the server's working directory).
+        self.directory = directory or os.getcwd()
+        self.size = size
+        self.timeout = timeout
+        self.stats = stats
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._slots: list[Slot] = []
+        self._retired: list[Worker] = []
+        # The queue: messages flat, and callback, token, count per submission, flat.
+        self._messages: list[bytes] = []
+        self._entries: list[Any] = []
+        self._since = 0.0  # when the oldest queued message was queued
+        self._flush_pending = False
+        self._closing = False
+        self._cost = 0.0  # moving average of worker seconds per message
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._due_timer: asyncio.TimerHandle | None = None
+        self._drained: asyncio.Event | None = None  # set once no task is left, while closing
+
+    @property
+    def pids(self) -> list[int]:
+        """Worker pids known to be running (for logs and tests)."""
+        return [s.worker.pid for s in self._slots if s.worker is not None and s.worker.pid]
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for a task."""
+        return len(self._messages)
+
+    @property
+    def running(self) -> int:
+        """Tasks shipped to workers and not back yet."""
+        return sum(len(slot.tasks) for slot in self._slots)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the workers and resolve the handler in each of them.
+
+        Raises:
+            HandlerError: the handler cannot be loaded in a worker.
+            PoolError: the worker processes could not be started.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._ctx.set_forkserver_preload(["aecho.offload.handlers", "aecho.offload.worker"])
+        self._slots = [Slot(i) for i in range(self.size)]
+        try:
+            for slot in self._slots:
+                slot.worker = self._new_worker()
+            pids = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        asyncio.wrap_future(
+                            s.worker.executor.submit(worker.ready, self.handler_name)
+                        )
+                        for s in self._slots
+                        if s.worker is not None
+                    )
+                ),
+                self.START_TIMEOUT_S,
+            )
+        except BaseException as exc:
+            await self._stop_workers(kill=True)
+            if isinstance(exc, HandlerError):
+                raise
+            if isinstance(exc, BrokenProcessPool | OSError | TimeoutError):
+                raise PoolError(f"cannot start worker processes: {exc or 'timed out'}") from exc
+            raise
+        for slot, pid in zip(self._slots, pids, strict=True):
+            assert slot.worker is not None
+            slot.worker.known(pid)
+        log.info(
+            "offload: %s (forkserver), handler %s, timeout %gs",
+            plural(self.size, "worker process", "worker processes"),
+            self.handler_name,
+            self.timeout,
+        )
+        self._watchdog = self._loop.call_later(self._tick_interval, self._tick)
+
+    def _new_worker(self) -> Worker:
+        return Worker(
+            ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=self._ctx,
+                initializer=worker.init,
+                # Tracebacks of handler errors cost a formatting each: only when they are shown.
+                initargs=(os.getpid(), self.directory, log.isEnabledFor(logging.DEBUG)),
+            )
+        )
+
+    async def close(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for running batches, then stop every worker.
+
+        Queued messages not yet shipped, and batches still running at the
+        deadline, resolve with :class:`PoolClosed`.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        for timer in (self._watchdog, self._due_timer):
+            if timer is not None:
+                timer.cancel()
+        closed = PoolClosed("the server is stopping")
+        self._resolve_all(self._take(len(self._entries), len(self._messages)), closed)
+        if timeout > 0 and any(s.tasks for s in self._slots):
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout)
+        busy = False
+        for slot in self._slots:
+            busy = busy or bool(slot.tasks)
+            while slot.tasks:
+                self._resolve_all(slot.tasks.popleft(), closed)
+        await self._stop_workers(kill=busy)
+
+    async def _stop_workers(self, kill: bool) -> None:
+        workers = [s.worker for s in self._slots if s.worker is not None] + self._retired
+        self._retired = []
+        for slot in self._slots:
+            slot.worker = None
+        if kill:
+            for w in workers:
+                w.kill()
+
+        def join() -> None:
+            for w in workers:
+                w.executor.shutdown(wait=True, cancel_futures=True)
+
+        try:
+            await asyncio.wait_for(asyncio.to_thread(join), self.STOP_JOIN_S)
+        except TimeoutError:
+            log.warning("worker processes did not exit in %gs; killing them", self.STOP_JOIN_S)
+            for w in workers:
+                w.kill()
+        for w in workers:
+            w.release()
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def submit_to(self, messages: list[bytes], callback: Callback, token: Any) -> None:
+        """Queue ``messages``; later call ``callback(token, outcomes, start, stop)`` on the loop.
+
+        ``outcomes[start:stop]`` are this submission's outcomes, one per message
+        and in order: the reply bytes, or the exception that stands in for it.
+        """
+        if not self._flush_pending and not self._schedule_flush(callback, token, len(messages)):
+            return
+        self._messages += messages
+        self._entries += (callback, token, len(messages))
+
+    def submit_one(self, message: bytes, callback: Callback, token: Any) -> None:
+        """:meth:`submit_to` for one message: the raw hot path, no list kept."""
+        if not self._flush_pending and not self._schedule_flush(callback, token, 1):
+            return
+        self._messages.append(message)
+        self._entries += (callback, token, 1)
+
+    def _schedule_flush(self, callback: Callback, token: Any, count: int) -> bool:
+        """Schedule the flush for this loop iteration; False if the pool is closing.
+
+        One flush per loop iteration gathers every connection's messages.  A
+        submission refused because the pool is closing is told so soon, by the loop.
+        """
+        loop = self._loop
+        assert loop is not None, "pool not started"
+        if self._closing:
+            closed: list[Outcome] = [PoolClosed("the server is stopping")] * count
+            loop.call_soon(_tell, callback, token, closed, 0, count)
+            return False
+        if not self._messages:
+            self._since = loop.time()
+        self._flush_pending = True
+        loop.call_soon(self._flush)
+        return True
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        queued = len(self._messages)
+        if not queued:
+            return
+        if self._closing:
+            closed = PoolClosed("the server is stopping")
+            self._resolve_all(self._take(len(self._entries), queued), closed)
+            return
+        # Free task positions, idle workers first, then those with one task running.
+        positions = [
+            slot
+            for depth in range(batching.TASKS_PER_WORKER)
+            for slot in self._slots
+            if len(slot.tasks) <= depth and slot.worker is not None
+        ]
+        if not positions:
+            return
+        smallest = batching.min_batch(self._cost)
+        if queued < smallest and self._wait_for_a_return(positions[0]):
+            return
+        n_tasks = batching.task_count(queued, len(positions), smallest)
+        for i in range(n_tasks):
+            queued = len(self._messages)
+            if i == n_tasks - 1 and queued <= batching.MAX_BATCH:
+                # The rest of the queue; under load, usually the whole of it.
+                task = self._take(len(self._entries), queued)
+            else:
+                target = batching.task_size(queued, n_tasks - i)
+                entries = self._entries
+                n_entries = n_messages = 0
+                while n_entries < len(entries) and n_messages < target:
+                    n_messages += entries[n_entries + 2]
+                    n_entries += 3
+                task = self._take(n_entries, n_messages)
+            self._dispatch(positions[i], task)
+            if not self._messages:
+                break
+
+    def _wait_for_a_return(self, first: Slot) -> bool:
+        """Whether a queue too small for a task of its own should wait (see batching)."""
+        if first.tasks:
+            return True  # every worker is busy
+        loop = self._loop
+        assert loop is not None
+        wake = batching.next_return(
+            (
+                batching.due_at(slot.head_since, self._cost, len(slot.tasks[0].messages))
+                for slot in self._slots
+                if slot.tasks
+            ),
+            loop.time(),
+        )
+        if wake is None:
+            return False
+        if self._due_timer is None:
+            self._due_timer = loop.call_at(wake, self._due)
+        return True
+
+    def _due(self) -> None:
+        self._due_timer = None
+        self._flush()
+
+    def _take(self, n_entries: int, n_messages: int) -> Task:
+        """The queue's first ``n_entries`` entries (of ``n_messages`` messages), as a task."""
+        if n_entries == len(self._entries):
+            task = Task(self._entries, self._messages, self._since)
+            self._entries = []
+            self._messages = []
+        else:
+            task = Task(self._entries[:n_entries], self._messages[:n_messages], self._since)
+            del self._entries[:n_entries]
+            del self._messages[:n_messages]
+        return task
+
+    def _dispatch(self, slot: Slot, task: Task) -> None:
+        assert self._loop is not None
+        for attempt in range(2):
+            executor = slot.executor
+            assert executor is not None
+            try:
+                cfuture = executor.submit(
+                    worker.run_batch, self.handler_name, worker.pack(task.messages)
+                )
+                break
+            except (BrokenProcessPool, RuntimeError) as exc:
+                # The worker died after its last result and before this submit.
+                if attempt:
+                    self._resolve_all(task, WorkerDied(f"cannot start a worker: {exc}"))
+                    return
+                self._evict(slot, None)
+        task.executor = executor
+        if not slot.tasks:
+            slot.head_since = self._loop.time()
+        slot.tasks.append(task)
+        cfuture.add_done_callback(functools.partial(self._from_thread, self._task_done, slot, task))
+
+    def _from_thread(self, then: Callable[..., None], *args: Any) -> None:
+        # Runs in an executor's thread: hand the future over to the loop.
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(then, *args)
+
+    def _task_done(self, slot: Slot, task: Task, cfuture: ConcurrentFuture[Any]) -> None:
+        if task.executor is not slot.executor or task not in slot.tasks:
+            return  # settled already: its worker timed out or was replaced
+        exc: BaseException | None = PoolClosed("cancelled") if cfuture.cancelled() else None
+        if exc is None:
+            exc = cfuture.exception()
+        if isinstance(exc, BrokenProcessPool):
+            self._evict(slot, WorkerDied("worker process died while handling this message"))
+            self._flush()
+            self._check_drained()
+            return
+        slot.tasks.remove(task)
+        if slot.tasks:
+            assert self._loop is not None
+            slot.head_since = self._loop.time()
+        if exc is not None:
+            self._resolve_all(task, exc)
+        else:
+            packed, failures, seconds = cfuture.result()
+            if task.messages:
+                self._cost = 0.8 * self._cost + 0.2 * seconds / len(task.messages)
+            self._resolve(task, worker.unpack(packed), failures)
+        if self._messages:
+            self._flush()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not any(s.tasks for s in self._slots):
+            self._drained.set()
+
+    def _resolve(self, task: Task, replies: list[bytes], failures: worker.Failures) -> None:
+        assert self._loop is not None
+        stats = self.stats
+        stats.messages += len(replies)
+        stats.offload_latency.observe(self._loop.time() - task.queued_at, len(replies))
+        outcomes: list[Outcome] = replies  # type: ignore[assignment]
+        for index, (name, text, trace) in failures.items():
+            outcomes[index] = failure(name, text, trace)
+        self._deliver(task.entries, outcomes)
+
+    def _resolve_all(self, task: Task, exc: BaseException) -> None:
+        self.stats.messages += len(task.messages)
+        self._deliver(task.entries, [exc] * len(task.messages))
+
+    @staticmethod
+    def _deliver(entries: list[Any], outcomes: list[Outcome]) -> None:
+        """Tell every submission of a batch where its outcomes are."""
+        start = 0
+        triples = iter(entries)
+        for callback, token, count in zip(triples, triples, triples, strict=True):
+            stop = start + count
+            _tell(callback, token, outcomes, start, stop)
+            start = stop
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def _evict(self, slot: Slot, exc: BaseException | None) -> None:
+        """Replace the slot's worker.  Its running task fails with ``exc``; the
+        tasks queued behind it go back to the front of the queue."""
+        culprit = slot.tasks.popleft() if slot.tasks and exc is not None else None
+        innocent = list(slot.tasks)
+        slot.tasks.clear()
+        old = slot.worker
+        slot.worker = None
+        pid = old.pid if old is not None else None
+        if old is not None:
+            old.kill()
+            old.executor.shutdown(wait=False, cancel_futures=True)
+            self._retired.append(old)
+        self.stats.pool_restarts += 1
+        if culprit is not None:
+            assert exc is not None
+            log.warning(
+                "worker %s: %s; %s failed, replacing the worker",
+                pid,
+                exc,
+                plural(len(culprit.messages), "message"),
+            )
+            self._resolve_all(culprit, exc)
+        else:
+            log.warning("worker %s died between tasks; replacing it", pid)
+        if not self._closing:
+            fresh = slot.worker = self._new_worker()
+            warm = fresh.executor.submit(worker.ready, self.handler_name)
+            warm.add_done_callback(functools.partial(self._from_thread, self._warmed, slot, fresh))
+        for task in reversed(innocent):
+            if self._closing:
+                self._resolve_all(task, PoolClosed("the server is stopping"))
+                continue
+            if not self._messages or task.queued_at < self._since:
+                self._since = task.queued_at
+            self._entries[:0] = task.entries
+            self._messages[:0] = task.messages
+
+    def _warmed(self, slot: Slot, fresh: Worker, cfuture: ConcurrentFuture[int]) -> None:
+        if cfuture.cancelled() or cfuture.exception() is not None:
+            return
+        fresh.known(cfuture.result())
+        if slot.worker is not fresh:  # replaced again before it said its pid
+            fresh.kill()
+        self._reap_retired()
+
+    def _reap_retired(self) -> None:
+        """Release the pidfds of replaced workers whose processes have gone."""
+        keep = []
+        for w in self._retired:
+            if w.pidfd >= 0 and exited(w.pidfd):
+                w.release()
+            elif w.pidfd >= 0:
+                keep.append(w)
+        self._retired = keep
+
+    @property
+    def _tick_interval(self) -> float:
+        return max(0.05, min(1.0, self.timeout / 10))
+
+    def _tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        evicted = False
+        for slot in self._slots:
+            if slot.tasks and now - slot.head_since > self.timeout:
+                self._evict(
+                    slot,
+                    HandlerTimeout(f"handler ran longer than --handler-timeout {self.timeout:g}s"),
+                )
+                evicted = True
+        if evicted:
+            self._flush()
+        if not self._closing:
+            self._watchdog = loop.call_later(self._tick_interval, self._tick)

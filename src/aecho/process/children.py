@@ -1,0 +1,220 @@
+"""Serving processes of ``--workers``: how the supervisor forks one, and what runs in it.
+
+The supervisor runs no event loop and no threads, so a fork of it is clean: the
+child starts its own loop (and its own offload pool) from scratch.  A child lives
+in a process group of its own, so a terminal's Ctrl-C reaches only the supervisor,
+which then stops every child exactly once; it dies with the supervisor (a death
+signal, SIGTERM: a graceful stop); it tells the supervisor that it serves through
+``NOTIFY_SOCKET`` (READY=1, as it would tell systemd), or why it could not
+(``X_AECHO_ERROR``); and it answers ``stats`` requests on a socketpair with a JSON
+snapshot of its counters, which the supervisor sums for ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from aecho.address import format_address
+from aecho.config import ServerConfig
+from aecho.process.logs import FORMAT, log_file_fds
+from aecho.process.serving import describe, run_server
+from aecho.process.systemd import notify
+from aecho.process.titles import server_title, set_process_title
+from aecho.server.limits import SharedLimits, SharedTable
+from aecho.server.server import Server
+from aecho.server.stats import Stats
+
+log = logging.getLogger("aecho.supervisor")
+
+ERROR_FIELD = "X_AECHO_ERROR"
+_PR_SET_PDEATHSIG = 1
+# Signals the supervisor handles; a child starts with their defaults.
+SUPERVISOR_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGCHLD,
+)
+
+
+@dataclass(eq=False)
+class Child:
+    """One serving process, as the supervisor sees it."""
+
+    pid: int
+    index: int  # the worker number, 1-based
+    row: int  # its row in the shared limits table
+    control: socket.socket  # the supervisor's end of the stats channel
+    born: float = field(default_factory=time.monotonic)
+    state: str = "starting"  # starting, ready, stopping
+    error: str = ""
+    stats: Stats | None = None  # the last snapshot it sent
+    _buf: bytes = b""
+
+    def ask_stats(self) -> bool:
+        """Ask for a snapshot (the answer arrives on :attr:`control`); False if gone."""
+        try:
+            self.control.send(b"stats\n")
+        except OSError:
+            return False
+        return True
+
+    def read_stats(self) -> bool:
+        """Take what arrived on :attr:`control`; True when a whole snapshot came."""
+        got = False
+        while True:
+            try:
+                chunk = self.control.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            self._buf += chunk
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            try:
+                self.stats = Stats.from_dict(json.loads(line))
+                got = True
+            except (ValueError, TypeError, KeyError):
+                log.debug("worker %d sent unreadable stats", self.index)
+        return got
+
+
+def spawn(
+    config: ServerConfig,
+    sockets: list[socket.socket],
+    index: int,
+    workers: int,
+    row: int,
+    table: SharedTable,
+    notify_path: str,
+) -> Child:
+    """Fork serving process number ``index`` on ``sockets``; the supervisor gets its Child.
+
+    Raises:
+        OSError: the fork or the socketpair failed.
+    """
+    ours, theirs = socket.socketpair()
+    supervisor = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        ours.detach()
+        _serve_in_child(
+            config, sockets, table, theirs, (index, workers, row, notify_path, supervisor)
+        )
+    theirs.close()
+    ours.setblocking(False)
+    return Child(pid=pid, index=index, row=row, control=ours)
+
+
+def _serve_in_child(
+    config: ServerConfig,
+    sockets: list[socket.socket],
+    table: SharedTable,
+    control: socket.socket,
+    where: tuple[int, int, int, str, int],
+) -> None:
+    index, workers, row, notify_path, supervisor = where
+    code = 1
+    try:
+        _become_child(sockets, control, supervisor)
+        os.environ["NOTIFY_SOCKET"] = notify_path
+        address = " ".join(format_address(s.getsockname()) for s in sockets)
+        set_process_title(server_title(address, index, workers))
+        tagged = logging.Formatter(FORMAT.replace("%(name)s", f"%(name)s[{index}]"))
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(tagged)
+        limits = SharedLimits(config.max_connections, config.max_connections_per_ip, table, row)
+        # The supervisor owns what outlives one serving process: the metrics port, the
+        # pidfile, the Unix socket's file (a retiring process must not unlink it).
+        child_config = dataclasses.replace(
+            config, metrics_port=None, daemon=False, pidfile=None, unix=None
+        )
+        channel = StatsChannel(control)
+        code = run_server(
+            child_config, sockets, limits=limits, on_ready=channel.attach, supervised=True
+        )
+        channel.send()  # the last word: the supervisor's totals stay exact
+    except BaseException as exc:  # whatever it is, it must not unwind into the supervisor
+        with contextlib.suppress(BaseException):
+            log.debug("serving process failed", exc_info=exc)
+            line = describe(exc, config).replace("\n", " ")
+            notify(f"{ERROR_FIELD}={line}")
+    finally:
+        with contextlib.suppress(BaseException):
+            logging.shutdown()
+        os._exit(code)
+
+
+def _become_child(sockets: list[socket.socket], control: socket.socket, supervisor: int) -> None:
+    """Leave the supervisor's world: signals, process group, descriptors, its death."""
+    signal.set_wakeup_fd(-1)
+    for sig in SUPERVISOR_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    os.setpgid(0, 0)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor:  # it died before the death signal was armed
+        os._exit(0)
+    keep = {0, 1, 2, control.fileno(), *(s.fileno() for s in sockets), *log_file_fds()}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class StatsChannel:
+    """The child's end of the stats channel: a JSON snapshot line per ``stats`` request."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.server: Server | None = None
+
+    def attach(self, server: Server) -> None:
+        """Serve requests on the server's loop (called once it serves)."""
+        import asyncio
+
+        self.server = server
+        self.control.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            try:
+                data = self.control.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(self.control.fileno())
+                return
+            for _ in range(data.count(b"\n")):
+                self.send()
+
+        loop.add_reader(self.control.fileno(), readable)
+
+    def send(self) -> None:
+        """One snapshot line now (blocking briefly: it is a few hundred bytes)."""
+        if self.server is None:
+            return
+        line = json.dumps(self.server.snapshot().to_dict()).encode() + b"\n"
+        with contextlib.suppress(OSError):
+            self.control.settimeout(1.0)
+            self.control.sendall(line)
+            self.control.setblocking(False)

@@ -1,0 +1,1 @@
+"""One serving process: listeners, the event loop's server, its connection protocols."""

@@ -1,0 +1,161 @@
+"""The PROXY protocol prelude: a connection's first phase with ``--proxy-protocol``.
+
+A protocol of its own: it learns who the real client is, then hands the transport
+over to the connection that serves it (``set_protocol``), so it costs nothing
+afterwards.  The header itself is parsed by the sans-IO ``server.proxy_protocol``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from aecho.address import format_address
+from aecho.config import PROXY_HEADER_TIMEOUT
+from aecho.server.connection import Connection, Owner
+from aecho.server.proxy_protocol import ProxyError, ProxyHeaderReader, could_be_header
+
+log = logging.getLogger("aecho.server.proxy")
+
+
+class PreludeHost(Owner, Protocol):
+    """What a prelude needs from the server that owns it."""
+
+    def hold(self, prelude: ProxyPrelude) -> bool:
+        """Count a connection whose client is not known yet; False when it must be refused."""
+        ...
+
+    def release(self, prelude: ProxyPrelude) -> None:
+        """The prelude is over: handed over, refused or gone."""
+        ...
+
+    def proxy_trusted(self, peer: object) -> bool:
+        """Whether ``peer`` may (and must) speak for someone else."""
+        ...
+
+
+class ProxyPrelude(asyncio.Protocol):
+    """From a peer in ``--proxy-allow-from`` a PROXY header is required within
+    PROXY_HEADER_TIMEOUT; from any other peer a header is refused (the connection
+    is closed) and anything else is served as sent.  Once decided, the real
+    connection is created with the client's address, takes over the transport and
+    gets the bytes that followed the header.  One timer per connection, and only
+    during the prelude.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_factory",
+        "_reader",
+        "_timer",
+        "_trusted",
+        "active",
+        "host",
+        "idle_ticks",
+        "peer",
+        "transport",
+    )
+
+    def __init__(self, host: PreludeHost, factory: Callable[[], Connection]) -> None:
+        self.host = host
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.active = False
+        self.idle_ticks = 0
+        self._factory = factory
+        self._reader = ProxyHeaderReader(host.config.proxy_protocol)
+        self._timer: asyncio.TimerHandle | None = None
+        self._trusted = False
+        self._buf = b""
+
+    # The same face as a Connection toward the server's sweeps.
+    quiet = True
+    rx = 0
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        self.transport = t
+        self.active = True  # see Connection.connection_made
+        self.peer = t.get_extra_info("peername")
+        if not self.host.hold(self):
+            t.abort()
+            return
+        self._trusted = self.host.proxy_trusted(self.peer)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.host.release(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.active = True
+        if self._trusted:
+            try:
+                header = self._reader.feed(data)
+            except ProxyError as exc:
+                self._reject(str(exc))
+                return
+            if header is not None:
+                self._hand_over(header.source, self._reader.remainder)
+            return
+        self._buf += data
+        verdict = could_be_header(self._buf, self.host.config.proxy_protocol)
+        if verdict:
+            self._reject("PROXY header from a peer not in --proxy-allow-from")
+        elif verdict is not None:
+            self._hand_over(None, self._buf)
+
+    def eof_received(self) -> bool:
+        if self._trusted or not self._buf:
+            return False
+        # The start of a signature, then EOF: it was data after all.
+        inner = self._hand_over(None, self._buf)
+        return inner is not None and bool(inner.eof_received())
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._trusted:
+            self._reject(f"no PROXY header within {PROXY_HEADER_TIMEOUT:g}s")
+        else:
+            self._hand_over(None, self._buf)
+
+    def _reject(self, reason: str) -> None:
+        self.host.stats.proxy_errors += 1
+        log.info("closing %s: %s", format_address(self.peer), reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _hand_over(self, client: Any, data: bytes) -> Connection | None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.host.release(self)
+        t = self.transport
+        if t is None or t.is_closing():
+            return None
+        inner = self._factory()
+        if client is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "proxied connection from %s via %s",
+                format_address(client),
+                format_address(self.peer),
+            )
+        inner.peer = client if client is not None else self.peer
+        t.set_protocol(inner)
+        inner.connection_made(t)
+        if data and not t.is_closing():
+            inner.data_received(data)
+        return inner

@@ -1,0 +1,471 @@
+"""The server: one event loop serving every connection (start -> serve -> graceful stop).
+
+It takes listening sockets made beforehand (``server.listeners``), chooses one
+connection class for its configuration, keeps the connection registry and its
+limits, sweeps idle connections, and stops gracefully.  It announces what the
+process around it needs to know (ready, stopping) through callbacks and imports
+nothing above it: signals, pidfiles and daemons are ``aecho.process``'s business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aecho.address import format_address
+from aecho.config import Framing, Offload, ProxyMode, ServerConfig, parse_networks
+from aecho.offload.handlers import load_handler
+from aecho.offload.pool import Pool
+from aecho.server.connection import (
+    Connection,
+    InlineConnection,
+    RawEchoConnection,
+)
+from aecho.server.limits import Limits
+from aecho.server.listeners import StartupError, bind_error, bind_listeners
+from aecho.server.pooled import PooledConnection
+from aecho.server.proxy import ProxyPrelude
+from aecho.server.stats import Stats
+from aecho.text import needs, plural
+
+log = logging.getLogger("aecho.server")
+
+# While stopping, connections are swept this often and closed once quiet.
+SHUTDOWN_SWEEP_S = 0.05
+# ... and a connection that has sent nothing at all is closed after this many quiet sweeps.
+SILENT_SWEEPS = 20
+# Out-of-descriptor warnings are repeated at most this often.
+EMFILE_LOG_INTERVAL_S = 10.0
+
+Tracked = Connection | ProxyPrelude
+
+
+class Server:
+    """Serves every connection on one event loop.
+
+    Lifecycle: ``await start()`` (listeners serving), then ``await serve()`` which
+    returns after :meth:`request_stop` and a graceful shutdown.  ``on_stopping`` is
+    called once when a graceful stop begins.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        sockets: list[socket.socket] | None = None,
+        on_stopping: Callable[[], None] | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self._config = config
+        self._stats = Stats()
+        self.connections: set[Connection] = set()
+        # Connections still reading a PROXY header: counted, not yet admitted.
+        self.preludes: set[ProxyPrelude] = set()
+        self.pool: Pool | None = None
+        self._on_stopping = on_stopping
+        self._sockets = sockets
+        self._servers: list[asyncio.Server] = []
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._forced = False
+        self._sweeper: asyncio.Task[None] | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
+        self._factory: Callable[[], Any] = lambda: None
+        self._emfile_logged_at = -EMFILE_LOG_INTERVAL_S
+        self._proxy_networks = parse_networks(config.proxy_allow_from)
+        self._limits = limits or Limits(config.max_connections, config.max_connections_per_ip)
+        self._ssl: ssl.SSLContext | None = None
+        self._udp: list[asyncio.BaseTransport] = []
+        self._metrics: Any = None
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._config
+
+    @property
+    def stats(self) -> Stats:
+        return self._stats
+
+    def _choose_factory(self) -> Callable[[], Any]:
+        """The connection class for this configuration, chosen once.
+
+        Raises:
+            aecho.offload.handlers.HandlerError: the handler cannot be loaded.
+        """
+        cfg = self._config
+        handler = load_handler(cfg.handler, cfg.handler_dir)
+        factory: Callable[[], Connection]
+        if self.pool is not None:
+            pool = self.pool
+            factory = lambda: PooledConnection(self, pool)  # noqa: E731
+        elif cfg.framing is Framing.raw and cfg.handler == "echo":
+            factory = lambda: RawEchoConnection(self)  # noqa: E731
+        else:
+            factory = lambda: InlineConnection(self, handler)  # noqa: E731
+        if cfg.proxy_protocol is not ProxyMode.off:
+            return lambda: ProxyPrelude(self, factory)
+        return factory
+
+    @property
+    def addresses(self) -> list[object]:
+        """The bound addresses (``(host, port, ...)`` tuples or Unix paths)."""
+        return [sock.getsockname() for srv in self._servers for sock in srv.sockets]
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (meaningful with ``--port 0``)."""
+        for addr in self.addresses:
+            if isinstance(addr, tuple):
+                return int(addr[1])
+        raise RuntimeError("no TCP listener")
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint really bound, or None without one."""
+        return self._metrics.port if self._metrics is not None else None
+
+    def snapshot(self) -> Stats:
+        """The counters now, open connections' bytes included (what metrics show)."""
+        snap = self._stats.copy()
+        snap.connections_open = len(self.connections)
+        for conn in list(self.connections):
+            snap.bytes_in += conn.rx
+            snap.bytes_out += conn.bytes_out
+        return snap
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind (unless sockets were given), start the pool and begin accepting.
+
+        Raises:
+            StartupError: binding failed.
+            aecho.handlers.HandlerError: the handler cannot be loaded.
+            aecho.config.ConfigError: the TLS files cannot be used.
+        """
+        cfg = self._config
+        if cfg.tls_cert and cfg.tls_key and self._ssl is None:
+            from aecho.tls import server_context
+
+            self._ssl = server_context(cfg.tls_cert, cfg.tls_key)
+        if cfg.offload is Offload.process:
+            self.pool = Pool(
+                cfg.handler,
+                cfg.effective_pool_size,
+                cfg.handler_timeout,
+                self._stats,
+                directory=cfg.handler_dir,
+            )
+        self._factory = self._choose_factory()
+        if self._sockets is None:
+            self._sockets = bind_listeners(cfg)
+        if cfg.metrics_port is not None:
+            await self._start_metrics(cfg.metrics_port)
+        if self.pool is not None:
+            await self.pool.start()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        for sock in self._sockets:
+            if sock.type == socket.SOCK_DGRAM:
+                from aecho.server.udp import UdpEcho
+
+                transport, _ = await loop.create_datagram_endpoint(
+                    functools.partial(UdpEcho, self._stats, sock), sock=sock
+                )
+                self._udp.append(transport)
+                log.info("answering UDP on %s", format_address(sock.getsockname()))
+                continue
+            srv = await loop.create_server(
+                self._factory, sock=sock, backlog=cfg.effective_backlog, ssl=self._ssl
+            )
+            self._servers.append(srv)
+        for addr in self.addresses:
+            log.info("listening on %s", format_address(addr))
+        if self._ssl is not None:
+            log.info("TLS on, certificate %s", cfg.tls_cert)
+        self._sweeper = asyncio.create_task(self._sweep_idle(), name="aecho-idle-sweeper")
+
+    async def _start_metrics(self, port: int) -> None:
+        """Serve Prometheus metrics on 127.0.0.1:``port``.
+
+        Raises:
+            StartupError: the port cannot be bound or prometheus_client is missing.
+        """
+        try:
+            from aecho.server.metrics import MetricsServer
+        except ImportError:
+            self._close_sockets()
+            raise StartupError(needs("--metrics-port", "prometheus_client", "metrics")) from None
+        metrics = MetricsServer(lambda: [({}, self.snapshot())])
+        try:
+            await metrics.start(port)
+        except OSError as exc:
+            self._close_sockets()
+            raise bind_error(f"metrics port 127.0.0.1:{port}", exc) from exc
+        self._metrics = metrics
+        log.info("metrics on http://127.0.0.1:%d/metrics", metrics.port)
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets or ():
+            sock.close()
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (idempotent; safe from signal handlers)."""
+        self._stop.set()
+
+    def force_stop(self) -> None:
+        """Cut every connection now and end the graceful stop; cleanup still runs."""
+        self._forced = True
+        self._stop.set()
+        for conn in self._tracked():
+            conn.abort()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def serve(self) -> None:
+        """Serve until :meth:`request_stop`, then stop gracefully."""
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def _stop_accepting(self) -> None:
+        """Close the listeners, taking first every connection already in their queues.
+
+        The kernel completes handshakes before anyone accepts: closing a listener
+        would reset the connections waiting in its queue, connections whose peers
+        (or a load balancer, which cannot retry them) believe established.  They are
+        accepted here and served like the rest; only the few microseconds between
+        the last accept and the close are left.
+        """
+        queued: list[socket.socket] = []
+        for sock in self._sockets or ():
+            if sock.type != socket.SOCK_STREAM or sock.fileno() < 0:
+                continue
+            while len(queued) < self._config.effective_backlog * 4:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # out of descriptors, say: the rest are lost
+                    log.warning("cannot take queued connections while stopping: %s", exc)
+                    break
+                queued.append(conn)
+        for srv in self._servers:
+            srv.close()
+        for conn in queued:
+            # Not awaited one by one: a TLS handshake must not hold up the others.
+            adopt = asyncio.create_task(self._adopt(conn))
+            self._adopting.add(adopt)
+            adopt.add_done_callback(self._adopting.discard)
+        if queued:
+            log.info("took %d queued connections before closing the listeners", len(queued))
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("queued connection lost while stopping: %r", exc)
+            conn.close()
+
+    def _tracked(self) -> list[Tracked]:
+        return [*self.connections, *self.preludes]
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let owed replies go out within the grace period, close the rest."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stop.set()
+        if self._on_stopping is not None:
+            self._on_stopping()
+        await self._stop_accepting()
+        for transport in self._udp:
+            transport.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        open_at_stop = len(self.connections) + len(self.preludes)
+        deadline = time.monotonic() + self._config.graceful_timeout
+        # A connection is closed once it has been quiet for a whole sweep: nothing
+        # arrived, nothing is owed.  Peers mid-exchange get their replies first.
+        while self._tracked() and time.monotonic() < deadline and not self._forced:
+            for conn in self._tracked():
+                if conn.active:
+                    conn.active = False
+                    conn.idle_ticks = 0
+                elif conn.quiet:
+                    # One that has sent nothing yet may have been accepted a moment ago,
+                    # its first bytes on their way: it gets longer to say something.
+                    conn.idle_ticks += 1
+                    if conn.rx or conn.idle_ticks >= SILENT_SWEEPS:
+                        conn.close()
+            await asyncio.sleep(SHUTDOWN_SWEEP_S)
+        for adopt in list(self._adopting):
+            adopt.cancel()
+        cut = self._tracked()
+        for conn in cut:
+            conn.abort()
+        if self.pool is not None:
+            remaining = 0.0 if self._forced else max(0.0, deadline - time.monotonic())
+            await self.pool.close(remaining)
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+        if self._config.unix:
+            with contextlib.suppress(OSError):
+                os.unlink(self._config.unix)
+        if self._metrics is not None:
+            await self._metrics.close()
+        log.info(
+            "stopped: %s open at stop, %d cut %s",
+            plural(open_at_stop, "connection"),
+            len(cut),
+            "by a forced stop" if self._forced else "at the grace deadline",
+        )
+
+    async def run(self, on_ready: Callable[[Server], None] | None = None) -> None:
+        """Start, tell ``on_ready``, serve until told to stop.
+
+        Raises:
+            StartupError: binding failed.
+            aecho.handlers.HandlerError: the handler cannot be loaded.
+        """
+        try:
+            await self.start()
+        except BaseException:
+            await self._abandon()
+            raise
+        if on_ready is not None:
+            on_ready(self)
+        await self.serve()
+
+    async def _abandon(self) -> None:
+        """Start-up failed half-way: release what it took (listeners, workers)."""
+        for srv in self._servers:
+            srv.close()
+        self._close_sockets()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.pool is not None:
+            await self.pool.close(0.0)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        """One line per loop-level error; the traceback only at debug level."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            now = time.monotonic()
+            if now - self._emfile_logged_at > EMFILE_LOG_INTERVAL_S:
+                self._emfile_logged_at = now
+                log.warning(
+                    "out of file descriptors with %s open: accepting paused "
+                    "until some close (raise the limit with `ulimit -n`)",
+                    plural(len(self.connections), "connection"),
+                )
+            return
+        log.error("%s%s", context.get("message", "event loop error"), f": {exc!r}" if exc else "")
+        if isinstance(exc, BaseException):
+            log.debug("traceback", exc_info=exc)
+
+    # -- connection registry -----------------------------------------------------------------
+
+    def _full(self) -> bool:
+        # Not refused for stopping: a connection the listener accepted just before it
+        # closed reaches us a moment later, and it is owed service like the others.
+        if self._limits.full(len(self.connections) + len(self.preludes)):
+            self._stats.refused += 1
+            return True
+        return False
+
+    def admit(self, conn: Connection) -> bool:
+        """Register a new connection; False when it must be refused."""
+        if self._full():
+            log.debug(
+                "refusing %s: %s open",
+                format_address(conn.peer),
+                plural(len(self.connections), "connection"),
+            )
+            return False
+        if self._config.max_connections_per_ip and isinstance(conn.peer, tuple):
+            ip = conn.peer[0]
+            if not self._limits.take_ip(ip):
+                self._stats.refused_per_ip += 1
+                log.debug(
+                    "refusing %s: %s open from %s",
+                    format_address(conn.peer),
+                    plural(self._limits.ip_count(ip), "connection"),
+                    ip,
+                )
+                return False
+        self._stats.accepted += 1
+        self.connections.add(conn)
+        self._limits.counted(len(self.connections) + len(self.preludes))
+        return True
+
+    def forget(self, conn: Connection) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.remove(conn)
+        self._limits.counted(len(self.connections) + len(self.preludes))
+        if self._config.max_connections_per_ip and isinstance(conn.peer, tuple):
+            self._limits.give_ip(conn.peer[0])
+
+    def hold(self, prelude: ProxyPrelude) -> bool:
+        """Count a connection still reading its PROXY header; False when refused.
+
+        It counts toward ``--max-connections`` (and is swept at shutdown) but is
+        only admitted, per-IP limit included, once its real client is known.
+        """
+        if self._full():
+            return False
+        self.preludes.add(prelude)
+        self._limits.counted(len(self.connections) + len(self.preludes))
+        return True
+
+    def release(self, prelude: ProxyPrelude) -> None:
+        self.preludes.discard(prelude)
+        self._limits.counted(len(self.connections) + len(self.preludes))
+
+    def proxy_trusted(self, peer: object) -> bool:
+        """Whether ``peer`` may (and must) send a PROXY header: in --proxy-allow-from.
+
+        Unix socket peers are local processes and always trusted.
+        """
+        if not isinstance(peer, tuple):
+            return True
+        try:
+            ip = ipaddress.ip_address(peer[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in self._proxy_networks)
+
+    async def _sweep_idle(self) -> None:
+        timeout = self._config.idle_timeout
+        if timeout <= 0:
+            return
+        # Four sweeps per timeout: a connection is closed between 1x and 1.25x the
+        # timeout after its last read, with no per-message timer work.
+        interval = max(timeout / 4, 0.01)
+        limit = 4
+        while True:
+            await asyncio.sleep(interval)
+            for conn in self._tracked():
+                if conn.active:
+                    conn.active = False
+                    conn.idle_ticks = 0
+                else:
+                    conn.idle_ticks += 1
+                    if conn.idle_ticks >= limit:
+                        log.debug("closing idle connection %s", format_address(conn.peer))
+                        conn.close()

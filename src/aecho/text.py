@@ -1,0 +1,20 @@
+"""How counts and install hints are written in logs and messages.  Pure: no I/O."""
+
+from __future__ import annotations
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """``1 connection``, ``2 connections``; ``words`` for a plural not made with ``s``."""
+    return f"{count} {word if count == 1 else (words or word + 's')}"
+
+
+def needs(what: str, package: str, extra: str) -> str:
+    """The one line for an option whose optional dependency is missing.
+
+    aecho is installed from a clone, not a package index: the extra is named as a
+    clone installs it, and the package for any other environment.
+    """
+    return (
+        f"{what} needs {package}: run pip install -e '.[{extra}]' in aecho's directory "
+        f"(or pip install {package})"
+    )
