@@ -29,6 +29,13 @@ DEFAULT_HANDLER_TIMEOUT = 30.0
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
+# Offload: bytes a connection may hold in the pool and in replies not yet written, and
+# bytes every connection of a server together may hold there.  Each message is charged
+# MESSAGE_COST beyond its length for the objects that carry it (message, reply, slots).
+POOL_WINDOW = 256 * 1024
+POOL_BUDGET = 8 * 1024 * 1024
+MESSAGE_COST = 128
+
 DEFAULT_UNIX_MODE = 0o660
 DEFAULT_PROXY_ALLOW_FROM = ("127.0.0.1/32", "::1/128")
 # Seconds a PROXY protocol header may take to arrive after the connection opens.
@@ -141,6 +148,9 @@ class ServerConfig:
     # Per-connection write buffer watermarks (see WRITE_HIGH_WATER).
     write_high: int = WRITE_HIGH_WATER
     write_low: int = WRITE_LOW_WATER
+    # Offload memory bounds (see POOL_WINDOW).
+    pool_window: int = POOL_WINDOW
+    pool_budget: int = POOL_BUDGET
 
     def __post_init__(self) -> None:
         # Plain strings for the enum fields (tests, embedding code) become members,
@@ -189,6 +199,8 @@ class ServerConfig:
             )
         if not 0 < self.write_low <= self.write_high:
             raise ConfigError("write buffer watermarks must satisfy 0 < low <= high")
+        if not 0 < self.pool_window <= self.pool_budget // 2:
+            raise ConfigError("the pool window must be positive and at most half the budget")
         self._validate_edge()
 
     def _validate_edge(self) -> None:

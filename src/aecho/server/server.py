@@ -26,6 +26,7 @@ from aecho.address import format_address
 from aecho.config import Framing, Offload, ProxyMode, ServerConfig, parse_networks
 from aecho.offload.handlers import load_handler
 from aecho.offload.pool import Pool
+from aecho.server.budget import Budget
 from aecho.server.connection import (
     Connection,
     InlineConnection,
@@ -66,6 +67,8 @@ class Server:
         # Connections still reading a PROXY header: counted, not yet admitted.
         self.preludes: set[ProxyPrelude] = set()
         self.pool: Pool | None = None
+        # Bytes every pooled connection together holds for the pool.
+        self.budget = Budget(config.pool_budget)
         self._on_stopping = on_stopping
         self._sockets = sockets
         self._servers: list[asyncio.Server] = []
@@ -99,8 +102,8 @@ class Server:
         handler = load_handler(cfg.handler)
         factory: Callable[[], Connection]
         if self.pool is not None:
-            pool = self.pool
-            factory = lambda: PooledConnection(self, pool)  # noqa: E731
+            pool, budget = self.pool, self.budget
+            factory = lambda: PooledConnection(self, pool, budget)  # noqa: E731
         elif cfg.framing is Framing.raw and cfg.handler == "echo":
             factory = lambda: RawEchoConnection(self)  # noqa: E731
         else:
@@ -248,6 +251,8 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         open_at_stop = len(self.connections) + len(self.preludes)
+        for member in list(self.connections):
+            member.drain()
         deadline = time.monotonic() + self._config.graceful_timeout
         # A connection is closed once it has been quiet for a whole sweep: nothing
         # arrived, nothing is owed.  Peers mid-exchange get their replies first.
