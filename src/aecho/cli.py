@@ -29,6 +29,7 @@ from aecho.config import (
     DEFAULT_MAX_LINE,
     DEFAULT_PORT,
     DEFAULT_PROXY_ALLOW_FROM,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     BenchConfig,
     ClientConfig,
     ConfigError,
@@ -172,6 +173,10 @@ def serve(
         str | None, typer.Option(help="PEM certificate chain: serve TLS (1.2+) on the listeners.")
     ] = None,
     tls_key: Annotated[str | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    tls_handshake_timeout: Annotated[
+        float,
+        typer.Option(help="Close a TLS connection whose handshake takes longer (s).", **DURATION),
+    ] = DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     unix_mode: Annotated[
         str, typer.Option(help="Octal permissions of the --unix socket file.")
     ] = "0660",
@@ -223,6 +228,7 @@ def serve(
             log_file=log_file,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            tls_handshake_timeout=tls_handshake_timeout,
             unix_mode=mode,
             udp=udp,
             proxy_protocol=proxy_protocol,

@@ -22,6 +22,7 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_GRACEFUL_TIMEOUT = 10.0
 DEFAULT_HANDLER_TIMEOUT = 30.0
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
 
 # Per-connection write buffer watermarks.  Reading pauses above HIGH and resumes
 # below LOW, so a peer that never reads costs at most about HIGH bytes of server
@@ -139,6 +140,7 @@ class ServerConfig:
     log_level: str = "INFO"
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
     unix_mode: int = DEFAULT_UNIX_MODE
     udp: bool = False
     proxy_protocol: ProxyMode = ProxyMode.off
@@ -206,6 +208,8 @@ class ServerConfig:
     def _validate_edge(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if not self.tls_handshake_timeout > 0:
+            raise ConfigError("--tls-handshake-timeout must be a positive number of seconds")
         if not 0 <= self.unix_mode <= 0o777:
             raise ConfigError(f"--unix-mode {self.unix_mode:o} is not a permission mode (0-777)")
         if self.udp and self.unix:

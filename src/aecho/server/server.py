@@ -32,8 +32,10 @@ from aecho.server.connection import (
     InlineConnection,
     RawEchoConnection,
 )
+from aecho.server.handshake import TlsListener
 from aecho.server.listeners import StartupError, bind_error, bind_listeners
 from aecho.server.pooled import PooledConnection
+from aecho.server.prelude import Prelude
 from aecho.server.proxy import ProxyPrelude
 from aecho.server.stats import Stats
 
@@ -43,8 +45,10 @@ log = logging.getLogger("aecho.server")
 SHUTDOWN_SWEEP_S = 0.05
 # Out-of-descriptor warnings are repeated at most this often.
 EMFILE_LOG_INTERVAL_S = 10.0
+# How often a uvloop server checks whether it is out of descriptors.
+FD_WATCH_INTERVAL_S = 0.5
 
-Tracked = Connection | ProxyPrelude
+Tracked = Connection | Prelude
 
 
 class Server:
@@ -64,8 +68,9 @@ class Server:
         self._config = config
         self._stats = Stats()
         self.connections: set[Connection] = set()
-        # Connections still reading a PROXY header: counted, not yet admitted.
-        self.preludes: set[ProxyPrelude] = set()
+        # Connections still in their prelude (PROXY header, TLS handshake): counted,
+        # not yet served.  The value: the address counted against the per-IP limit.
+        self.preludes: dict[Prelude, str | None] = {}
         self.pool: Pool | None = None
         # Bytes every pooled connection together holds for the pool.
         self.budget = Budget(config.pool_budget)
@@ -82,6 +87,8 @@ class Server:
         self._per_ip: dict[str, int] = {}
         self._ssl: ssl.SSLContext | None = None
         self._udp: list[asyncio.BaseTransport] = []
+        self._tls: list[TlsListener] = []
+        self._fd_watch: asyncio.Task[None] | None = None
         self._metrics: Any = None
 
     @property
@@ -115,7 +122,8 @@ class Server:
     @property
     def addresses(self) -> list[object]:
         """The bound addresses (``(host, port, ...)`` tuples or Unix paths)."""
-        return [sock.getsockname() for srv in self._servers for sock in srv.sockets]
+        socks = [sock for srv in self._servers for sock in srv.sockets]
+        return [sock.getsockname() for sock in [*socks, *(t.sock for t in self._tls)]]
 
     @property
     def port(self) -> int:
@@ -175,15 +183,21 @@ class Server:
                 self._udp.append(transport)
                 log.info("answering UDP on %s", format_address(sock.getsockname()))
                 continue
-            srv = await loop.create_server(
-                self._factory, sock=sock, backlog=cfg.effective_backlog, ssl=self._ssl
-            )
+            if self._ssl is not None:
+                # TLS starts after the peer is counted (server.handshake).
+                tls = TlsListener(sock, self, self._factory, self._ssl, self._out_of_descriptors)
+                tls.start()
+                self._tls.append(tls)
+                continue
+            srv = await loop.create_server(self._factory, sock=sock, backlog=cfg.effective_backlog)
             self._servers.append(srv)
         for addr in self.addresses:
             log.info("listening on %s", format_address(addr))
         if self._ssl is not None:
             log.info("TLS on, certificate %s", cfg.tls_cert)
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="aecho-idle-sweeper")
+        if self._servers and type(loop).__module__.startswith("uvloop"):
+            self._fd_watch = asyncio.create_task(self._watch_descriptors(), name="aecho-fd-watch")
 
     async def _start_metrics(self, port: int) -> None:
         """Serve Prometheus metrics on 127.0.0.1:``port``.
@@ -242,14 +256,12 @@ class Server:
         self._stop.set()
         if self._on_stopping is not None:
             self._on_stopping()
-        for srv in self._servers:
-            srv.close()
-        for transport in self._udp:
-            transport.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        self._stop_listening()
+        for task in (self._sweeper, self._fd_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         open_at_stop = len(self.connections) + len(self.preludes)
         for member in list(self.connections):
             member.drain()
@@ -300,13 +312,21 @@ class Server:
             on_ready(self)
         await self.serve()
 
-    async def _abandon(self) -> None:
-        """Start-up failed half-way: release what it took (listeners, workers)."""
+    def _stop_listening(self) -> None:
         for srv in self._servers:
             srv.close()
+        for tls in self._tls:
+            tls.close()
+        for transport in self._udp:
+            transport.close()
+
+    async def _abandon(self) -> None:
+        """Start-up failed half-way: release what it took (listeners, workers)."""
+        self._stop_listening()
         self._close_sockets()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._fd_watch):
+            if task is not None:
+                task.cancel()
         if self.pool is not None:
             await self.pool.close(0.0)
 
@@ -314,18 +334,34 @@ class Server:
         """One line per loop-level error; the traceback only at debug level."""
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-            now = time.monotonic()
-            if now - self._emfile_logged_at > EMFILE_LOG_INTERVAL_S:
-                self._emfile_logged_at = now
-                log.warning(
-                    "out of file descriptors with %d connections open: accepting paused "
-                    "until some close (raise the limit with `ulimit -n`)",
-                    len(self.connections),
-                )
+            self._out_of_descriptors()
             return
         log.error("%s%s", context.get("message", "event loop error"), f": {exc!r}" if exc else "")
         if isinstance(exc, BaseException):
             log.debug("traceback", exc_info=exc)
+
+    async def _watch_descriptors(self) -> None:
+        """uvloop (libuv) meets EMFILE on accept by accepting and closing at once, and
+        tells no one: look for the condition itself, twice a second, with one dup()."""
+        fd = self._servers[0].sockets[0].fileno()
+        while True:
+            await asyncio.sleep(FD_WATCH_INTERVAL_S)
+            try:
+                os.close(os.dup(fd))
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._out_of_descriptors()
+
+    def _out_of_descriptors(self) -> None:
+        """Say so, at most once per EMFILE_LOG_INTERVAL_S."""
+        now = time.monotonic()
+        if now - self._emfile_logged_at > EMFILE_LOG_INTERVAL_S:
+            self._emfile_logged_at = now
+            log.warning(
+                "out of file descriptors with %d connections open: new connections "
+                "wait or are refused until some close (raise the limit with `ulimit -n`)",
+                len(self.connections),
+            )
 
     # -- connection registry -----------------------------------------------------------------
 
@@ -346,15 +382,8 @@ class Server:
                 len(self.connections),
             )
             return False
-        per_ip = self._config.max_connections_per_ip
-        if per_ip and isinstance(conn.peer, tuple):
-            ip = conn.peer[0]
-            count = self._per_ip.get(ip, 0)
-            if count >= per_ip:
-                self._stats.refused_per_ip += 1
-                log.debug("refusing %s: %d connections open from %s", conn.peer, count, ip)
-                return False
-            self._per_ip[ip] = count + 1
+        if not self._count_ip(conn.peer)[0]:
+            return False
         self._stats.accepted += 1
         self.connections.add(conn)
         return True
@@ -364,26 +393,51 @@ class Server:
             return
         self.connections.remove(conn)
         if self._config.max_connections_per_ip and isinstance(conn.peer, tuple):
-            ip = conn.peer[0]
-            count = self._per_ip.get(ip, 0) - 1
-            if count > 0:
-                self._per_ip[ip] = count
-            else:
-                self._per_ip.pop(ip, None)
+            self._uncount_ip(conn.peer[0])
 
-    def hold(self, prelude: ProxyPrelude) -> bool:
-        """Count a connection still reading its PROXY header; False when refused.
+    def _count_ip(self, peer: object) -> tuple[bool, str | None]:
+        """Count ``peer`` against the per-IP limit: whether it is admitted, and the
+        address counted (None without a limit to count against)."""
+        per_ip = self._config.max_connections_per_ip
+        if not per_ip or not isinstance(peer, tuple):
+            return True, None
+        ip = str(peer[0])
+        count = self._per_ip.get(ip, 0)
+        if count >= per_ip:
+            self._stats.refused_per_ip += 1
+            log.debug("refusing %s: %d connections open from %s", format_address(peer), count, ip)
+            return False, None
+        self._per_ip[ip] = count + 1
+        return True, ip
 
-        It counts toward ``--max-connections`` (and is swept at shutdown) but is
-        only admitted, per-IP limit included, once its real client is known.
+    def _uncount_ip(self, ip: str) -> None:
+        count = self._per_ip.get(ip, 0) - 1
+        if count > 0:
+            self._per_ip[ip] = count
+        else:
+            self._per_ip.pop(ip, None)
+
+    def hold(self, prelude: Prelude, per_ip: bool = False) -> bool:
+        """Count a connection still in its prelude; False when refused.
+
+        It counts toward ``--max-connections`` (and is swept at shutdown) from
+        accept.  The per-IP limit applies now with ``per_ip`` (TLS: the peer is the
+        client), else once the real client is known (PROXY: after the header).
         """
         if self._full():
             return False
-        self.preludes.add(prelude)
-        return True
+        admitted, ip = self._count_ip(prelude.peer) if per_ip else (True, None)
+        if admitted:
+            self.preludes[prelude] = ip
+        return admitted
 
-    def release(self, prelude: ProxyPrelude) -> None:
-        self.preludes.discard(prelude)
+    def release(self, prelude: Prelude) -> None:
+        """The prelude is over; idempotent (a handshake may end after its transport)."""
+        if prelude not in self.preludes:
+            return
+        ip = self.preludes.pop(prelude)
+        if ip:
+            self._uncount_ip(ip)
 
     def proxy_trusted(self, peer: object) -> bool:
         """Whether ``peer`` may (and must) send a PROXY header: in --proxy-allow-from.
