@@ -18,10 +18,16 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import settings
 
 from aecho.config import ServerConfig
 from aecho.process.systemd import Notification, NotifyReceiver
 from aecho.server.server import Server
+
+# CI machines are shared and slow at times: no per-example deadline there, and the
+# failing example printed so it can be replayed.
+settings.register_profile("ci", deadline=None, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 def pytest_asyncio_loop_factories(
