@@ -27,40 +27,46 @@ class Budget:
     """Bytes held for the pool by every connection of one server, and the connections
     waiting for room.
 
-    The hot paths touch ``held`` and ``limit`` directly (two integer operations per
-    submission); :meth:`release` is called once per written submission.
+    The hot paths touch ``held``, ``limit`` and ``waiters`` directly: a few integer
+    operations per submission and per written reply, a call only when someone waits.
     """
 
-    __slots__ = ("_step", "_waiters", "held", "limit")
+    __slots__ = ("_step", "held", "limit", "waiters")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-        self._waiters: deque[Waiter] = deque()
+        # Connections queued for room, first come first served.
+        self.waiters: deque[Waiter] = deque()
         # Room a woken connection is expected to take; a small limit (tests) still wakes.
         self._step = max(1, min(READ_ESTIMATE, limit // 4))
 
     @property
     def waiting(self) -> int:
         """Connections queued for room (for tests and metrics)."""
-        return len(self._waiters)
+        return len(self.waiters)
 
     def wait(self, conn: Waiter) -> None:
         """Queue ``conn``, which has stopped reading, until there is room."""
-        self._waiters.append(conn)
+        self.waiters.append(conn)
 
     def release(self, n: int) -> None:
-        """``n`` bytes are no longer held: wake waiters the room left can take."""
-        self.held -= n
-        if self._waiters and self.held + self._step <= self.limit:
-            self._wake()
+        """``n`` bytes are no longer held: wake waiters the room left can take.
 
-    def _wake(self) -> None:
+        The raw pooled path does the same inline: ``held -= n``, then :meth:`wake`
+        only when someone waits.
+        """
+        self.held -= n
+        if self.waiters:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake waiters, first come first served, as many as the room left could take."""
         # Each woken connection may read about READ_ESTIMATE before it sees the limit
         # again, so the limit is overshot by at most one read per connection woken or
         # reading at that moment.  Connections gone meanwhile are skipped at no cost.
         room = self.limit - self.held
-        waiters = self._waiters
+        waiters = self.waiters
         while waiters and room >= self._step:
             if waiters.popleft().wake():
                 room -= self._step

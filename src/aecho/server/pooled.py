@@ -157,7 +157,10 @@ class PooledConnection(FramedConnection):
             if type(reply) is bytes:
                 self._next_out = seq + 1
                 self._held -= charge
-                self._budget.release(charge)
+                budget = self._budget
+                budget.held -= charge
+                if budget.waiters:
+                    budget.wake()
                 self.tx += len(reply)
                 transport.write(reply)
                 if self._paused or self._eof:
