@@ -299,3 +299,41 @@ def _read_line(sock: socket.socket) -> bytes:
             break
         got += data
     return got
+
+
+def _stock_shell_limits() -> None:
+    """What a login shell gives: soft 1024, the hard limit left as it is."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+
+@pytest.mark.slow
+def test_started_under_soft_1024_the_server_holds_10000_connections(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    wanted = 10_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 20_000:
+        pytest.skip(f"needs a hard descriptor limit of 20,000 or more (have {hard})")
+    server = serve_process("--max-connections", str(wanted), preexec_fn=_stock_shell_limits)
+    socks: list[socket.socket] = []
+    # This client needs its own 10,000 descriptors.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2 * wanted + 1024), hard))
+    try:
+        deadline = time.monotonic() + 120
+        for _ in range(wanted):
+            socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        for sock in socks:
+            sock.sendall(b"!")
+        served = 0
+        for sock in socks:
+            if time.monotonic() > deadline:
+                break
+            served += sock.recv(1) == b"!"
+        assert served == wanted, f"{served} of {wanted} connections served"
+        assert "file descriptor limit" in server.output and "raised from 1024" in server.output
+    finally:
+        for sock in socks:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert server.stop() == 0

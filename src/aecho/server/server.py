@@ -123,7 +123,8 @@ class Server:
     def addresses(self) -> list[object]:
         """The bound addresses (``(host, port, ...)`` tuples or Unix paths)."""
         socks = [sock for srv in self._servers for sock in srv.sockets]
-        return [sock.getsockname() for sock in [*socks, *(t.sock for t in self._tls)]]
+        socks += [t.sock for t in self._tls if t.sock.fileno() >= 0]
+        return [sock.getsockname() for sock in socks]
 
     @property
     def port(self) -> int:
