@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 from typer.testing import CliRunner
@@ -96,7 +97,7 @@ def _aecho(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_port_in_use_is_one_line_and_exit_1(serve_process: type[ServerProcess]) -> None:
+def test_port_in_use_is_one_line_and_exit_1(serve_process: Callable[..., ServerProcess]) -> None:
     server = serve_process()
     out = _aecho("serve", "--port", str(server.port))
     assert out.returncode == 1
@@ -136,7 +137,9 @@ def test_python_dash_m_and_help_work() -> None:
     assert "client" in out.stdout
 
 
-def test_listening_line_reports_the_real_port_for_ipv6(serve_process: type[ServerProcess]) -> None:
+def test_listening_line_reports_the_real_port_for_ipv6(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
     server = serve_process("--host", "::1")
     assert server.host == "::1"
     assert server.port > 0

@@ -9,6 +9,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import ServerProcess
@@ -19,7 +20,7 @@ def aecho(*args: str) -> list[str]:
 
 
 def test_pipe_mode_round_trips_a_binary_file(
-    serve_process: type[ServerProcess], tmp_path: Path
+    serve_process: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     server = serve_process()
     data = random.Random(7).randbytes(10 * 1024 * 1024) + b"\x00\xff\n\r"
@@ -38,7 +39,7 @@ def test_pipe_mode_round_trips_a_binary_file(
 
 
 def test_refused_connection_is_one_line_and_exit_1(
-    serve_process: type[ServerProcess],
+    serve_process: Callable[..., ServerProcess],
 ) -> None:
     server = serve_process()
     port = server.port
@@ -110,7 +111,9 @@ class Terminal:
         os.close(self.fd)
 
 
-def test_interactive_mode_prompts_echoes_and_quits(serve_process: type[ServerProcess]) -> None:
+def test_interactive_mode_prompts_echoes_and_quits(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
     term = Terminal(serve_process().port)
     try:
         assert b"client > " in term.read_until(b"client > ")
@@ -124,7 +127,7 @@ def test_interactive_mode_prompts_echoes_and_quits(serve_process: type[ServerPro
         term.close()
 
 
-def test_interactive_ctrl_d_ends_cleanly(serve_process: type[ServerProcess]) -> None:
+def test_interactive_ctrl_d_ends_cleanly(serve_process: Callable[..., ServerProcess]) -> None:
     term = Terminal(serve_process().port)
     try:
         assert b"client > " in term.read_until(b"client > ")

@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,7 +89,7 @@ def _seen_ports(backend: ServerProcess) -> set[int]:
     return {int(m.group(1)) for m in PROXIED.finditer(backend.output)}
 
 
-def test_behind_haproxy(serve_process, workdir: Path) -> None:
+def test_behind_haproxy(serve_process: Callable[..., ServerProcess], workdir: Path) -> None:
     haproxy = _haproxy()
     args = ("--proxy-protocol", "v2", "--log-level", "debug")
     backends = [serve_process(*args), serve_process(*args)]
