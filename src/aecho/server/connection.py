@@ -60,17 +60,43 @@ def error_line(exc: BaseException) -> bytes:
     return f"ERR {type(exc).__name__}: {text}\n".encode("utf-8", "replace")
 
 
-class Connection(asyncio.Protocol):
+class Tracked(asyncio.Protocol):
+    """What the server's sweeps (idle, shutdown) see of a connection in any phase."""
+
+    __slots__ = ("active", "idle_ticks", "peer", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.active = False  # read since the last sweep
+        self.idle_ticks = 0
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing owed to the peer: a graceful stop may close it (a prelude owes none)."""
+        return True
+
+    def drain(self) -> None:
+        """A graceful stop began: stop starting new messages.  By default nothing is in
+        progress (a raw chunk is whole once read): the server closes it once quiet."""
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Connection(Tracked):
     """What every served connection has: its transport, peer, counters and pause state."""
 
-    __slots__ = ("_paused", "active", "host", "idle_ticks", "peer", "rx", "transport", "tx")
+    __slots__ = ("_paused", "host", "rx", "tx")
 
     def __init__(self, host: Host) -> None:
+        super().__init__()
         self.host = host
-        self.transport: asyncio.Transport | None = None
-        self.active = False
-        self.idle_ticks = 0
-        self.peer: Any = None
         # Bytes read and written; the server adds them to its totals when the
         # connection ends and metrics sum the open ones at scrape time.
         self.rx = 0
@@ -127,18 +153,6 @@ class Connection(asyncio.Protocol):
         """Nothing owed to the peer: nothing left to write."""
         t = self.transport
         return t is None or t.get_write_buffer_size() == 0
-
-    def drain(self) -> None:
-        """A graceful stop began.  A raw chunk is whole once read, so nothing is in
-        progress: the server closes the connection once it is quiet."""
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class RawEchoConnection(Connection):

@@ -8,10 +8,10 @@ the same face a :class:`~aecho.server.connection.Connection` shows.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Protocol
+from typing import Protocol
 
 from aecho.config import ServerConfig
+from aecho.server.connection import Tracked
 from aecho.server.stats import Stats
 
 
@@ -40,26 +40,9 @@ class PreludeHost(Protocol):
         ...
 
 
-class Prelude(asyncio.Protocol):
-    __slots__ = ("active", "host", "idle_ticks", "peer", "transport")
+class Prelude(Tracked):
+    __slots__ = ("host",)
 
     def __init__(self, host: PreludeHost) -> None:
+        super().__init__()
         self.host = host
-        self.transport: asyncio.Transport | None = None
-        self.peer: Any = None
-        self.active = False
-        self.idle_ticks = 0
-
-    # Nothing is owed to a peer that is not served yet.
-    quiet = True
-
-    def drain(self) -> None:
-        """A graceful stop began: nothing is in progress yet."""
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()

@@ -31,6 +31,7 @@ from aecho.server.connection import (
     Connection,
     InlineConnection,
     RawEchoConnection,
+    Tracked,
 )
 from aecho.server.handshake import TlsListener
 from aecho.server.listeners import StartupError, bind_error, bind_listeners
@@ -47,8 +48,6 @@ SHUTDOWN_SWEEP_S = 0.05
 EMFILE_LOG_INTERVAL_S = 10.0
 # How often a uvloop server checks whether it is out of descriptors.
 FD_WATCH_INTERVAL_S = 0.5
-
-Tracked = Connection | Prelude
 
 
 class Server:
