@@ -53,6 +53,7 @@ def echoes(port: int, payload: bytes = b"ping\x00", timeout: float = 10.0) -> bo
         return got == payload
 
 
+@pytest.mark.slow
 def test_a_peer_that_never_reads_does_not_grow_server_memory(
     serve_process: Callable[..., ServerProcess],
 ) -> None:
@@ -231,6 +232,7 @@ def _limit_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_out_of_descriptors_pauses_accepting_and_recovers(
     serve_process: Callable[..., ServerProcess], loop: str

@@ -72,6 +72,7 @@ async def test_one_reply_per_datagram_in_burst() -> None:
         assert got == sorted(i.to_bytes(4, "big") * 10 for i in range(200))
 
 
+@pytest.mark.slow
 def test_udp_ipv6_and_socat(serve_process: Callable[..., ServerProcess]) -> None:
     socat = _need("socat")
     srv = serve_process("--udp", "--host", "localhost")

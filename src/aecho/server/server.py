@@ -197,7 +197,8 @@ class Server:
             log.info("TLS on, certificate %s", cfg.tls_cert)
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="aecho-idle-sweeper")
         if self._servers and type(loop).__module__.startswith("uvloop"):
-            self._fd_watch = asyncio.create_task(self._watch_descriptors(), name="aecho-fd-watch")
+            fd = self._servers[0].sockets[0].fileno()
+            self._fd_watch = asyncio.create_task(self._watch_descriptors(fd), name="aecho-fd-watch")
 
     async def _start_metrics(self, port: int) -> None:
         """Serve Prometheus metrics on 127.0.0.1:``port``.
@@ -340,10 +341,9 @@ class Server:
         if isinstance(exc, BaseException):
             log.debug("traceback", exc_info=exc)
 
-    async def _watch_descriptors(self) -> None:
+    async def _watch_descriptors(self, fd: int) -> None:
         """uvloop (libuv) meets EMFILE on accept by accepting and closing at once, and
-        tells no one: look for the condition itself, twice a second, with one dup()."""
-        fd = self._servers[0].sockets[0].fileno()
+        tells no one: look for the condition itself, twice a second, by dup()ing ``fd``."""
         while True:
             await asyncio.sleep(FD_WATCH_INTERVAL_S)
             try:
