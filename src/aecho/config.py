@@ -32,10 +32,11 @@ WRITE_LOW_WATER = 64 * 1024
 
 # Offload: bytes a connection may hold in the pool and in replies not yet written, and
 # bytes every connection of a server together may hold there.  Each message is charged
-# MESSAGE_COST beyond its length for the objects that carry it (message, reply, slots).
+# MESSAGE_COST beyond its length for the objects that carry it (message, reply, encoded
+# reply, list slots: about that much for a short line).
 POOL_WINDOW = 256 * 1024
 POOL_BUDGET = 8 * 1024 * 1024
-MESSAGE_COST = 128
+MESSAGE_COST = 256
 
 DEFAULT_UNIX_MODE = 0o660
 DEFAULT_PROXY_ALLOW_FROM = ("127.0.0.1/32", "::1/128")
