@@ -11,20 +11,27 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import settings
 
 from aecho.config import ServerConfig
 from aecho.process.systemd import Notification, NotifyReceiver
 from aecho.server.server import Server
+
+# CI machines are shared and slow at times: no per-example deadline there, and the
+# failing example printed so it can be replayed.
+settings.register_profile("ci", deadline=None, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 def pytest_asyncio_loop_factories(
@@ -385,3 +392,126 @@ def terminal(state_home: Path, *args: str) -> Iterator[Terminal]:
         yield term
     finally:
         term.close()
+
+
+# -- peers that send and never read ------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of ``pid`` in KiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class FloodResult:
+    """What :func:`flood` saw: the server's RSS growth and the probe's latencies."""
+
+    sent: int = 0
+    rss_before_kib: int = 0
+    rss_peak_kib: int = 0
+    probe_ms: list[float] = field(default_factory=list)
+    probe_failures: int = 0
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.rss_peak_kib - self.rss_before_kib) / 1024
+
+    @property
+    def probe_p99_ms(self) -> float:
+        if not self.probe_ms:
+            return float("inf")
+        ordered = sorted(self.probe_ms)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+# The flooders run in a process of their own, so their sending loop cannot take the
+# interpreter lock from the probe whose latency is measured.
+_FLOODER = """
+import select, socket, sys, time
+port, peers, seconds, path = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+chunk = open(path, "rb").read()
+socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(peers)]
+for s in socks:
+    s.setblocking(False)
+print("connected", flush=True)
+sent = 0
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    _, writable, _ = select.select([], socks, [], 0.05)
+    for s in writable:
+        try:
+            sent += s.send(chunk)
+        except BlockingIOError:
+            pass
+print(sent, flush=True)
+"""
+
+
+def flood(
+    pid: int,
+    port: int,
+    chunk: bytes,
+    probe: bytes,
+    reply: bytes,
+    seconds: float,
+    peers: int = 10,
+    probe_every: float = 0.02,
+) -> FloodResult:
+    """``peers`` connections send ``chunk`` as fast as they can for ``seconds`` and never
+    read, while a probe connection sends ``probe`` every ``probe_every`` s and waits for
+    ``reply``.  Server RSS is sampled throughout; its peak is what counts.
+    """
+    result = FloodResult(rss_before_kib=rss_kib(pid), rss_peak_kib=rss_kib(pid))
+    stop = threading.Event()
+
+    def probing() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for _ in range(int(seconds / probe_every) + 1):
+                if stop.wait(probe_every):
+                    return
+                started = time.monotonic()
+                try:
+                    sock.sendall(probe)
+                    got = b""
+                    while len(got) < len(reply):
+                        data = sock.recv(65536)
+                        if not data:
+                            raise ConnectionError("closed")
+                        got += data
+                except OSError:
+                    result.probe_failures += 1
+                    return
+                if got != reply:
+                    result.probe_failures += 1
+                result.probe_ms.append((time.monotonic() - started) * 1000)
+
+    with tempfile.NamedTemporaryFile() as payload:
+        payload.write(chunk)
+        payload.flush()
+        flooder = subprocess.Popen(
+            [sys.executable, "-c", _FLOODER, str(port), str(peers), str(seconds), payload.name],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert flooder.stdout is not None
+        try:
+            assert flooder.stdout.readline().strip() == "connected"
+            prober = threading.Thread(target=probing, daemon=True)
+            prober.start()
+            deadline = time.monotonic() + seconds + 30
+            while flooder.poll() is None and time.monotonic() < deadline:
+                result.rss_peak_kib = max(result.rss_peak_kib, rss_kib(pid))
+                time.sleep(0.05)
+            result.rss_peak_kib = max(result.rss_peak_kib, rss_kib(pid))
+            result.sent = int(flooder.stdout.readline() or 0)
+        finally:
+            stop.set()
+            flooder.kill()
+            flooder.wait(10)
+            flooder.stdout.close()
+    prober.join(10)
+    return result

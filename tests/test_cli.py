@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from aecho import cli
 from aecho.commandline import Command, Group
 from aecho.config import BenchConfig, ClientConfig, Framing, LoopKind, Offload, ServerConfig
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, wait_until
 
 runner = CliRunner()
 
@@ -207,7 +207,8 @@ def test_listening_line_reports_the_real_port_for_ipv6(
     server = serve_process("--host", "::1")
     assert server.host == "::1"
     assert server.port > 0
-    assert f"listening on [::1]:{server.port}" in server.output
+    # The line is written before READY is sent; the reader thread may be a moment behind.
+    assert wait_until(lambda: f"listening on [::1]:{server.port}" in server.output)
 
 
 # -- conventions a new user expects -------------------------------------------------------------

@@ -15,7 +15,8 @@ from aecho.config import Framing
 from tests.conftest import running_server
 
 
-async def scrape(port: int, path: str = "/metrics") -> tuple[int, dict[str, float]]:
+async def scrape(port: int | None, path: str = "/metrics") -> tuple[int, dict[str, float]]:
+    assert port is not None, "no metrics endpoint"
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     raw = await asyncio.wait_for(reader.read(), 10)

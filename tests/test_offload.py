@@ -89,6 +89,7 @@ async def test_inline_and_process_give_identical_replies(framing: Framing) -> No
             assert got == expected, (name, offload)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("framing", "per_write", "connections"), [(Framing.line, 8, 200), (Framing.raw, 1, 50)]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import logging
 import struct
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -47,7 +50,9 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 @given(endpoints, st.booleans(), st.binary(max_size=64), st.lists(st.integers(0, 300)))
-def test_roundtrip_any_chunking(ends, v2, rest, cuts) -> None:
+def test_roundtrip_any_chunking(
+    ends: tuple[tuple[str, int], tuple[str, int]], v2: bool, rest: bytes, cuts: list[int]
+) -> None:
     src, dst = ends
     header = encode_v2(src, dst) if v2 else encode_v1(src, dst)
     reader = ProxyHeaderReader(ProxyMode.auto)
@@ -68,14 +73,16 @@ def test_roundtrip_any_chunking(ends, v2, rest, cuts) -> None:
 
 
 @given(endpoints, st.booleans())
-def test_every_strict_prefix_needs_more(ends, v2) -> None:
+def test_every_strict_prefix_needs_more(
+    ends: tuple[tuple[str, int], tuple[str, int]], v2: bool
+) -> None:
     header = encode_v2(*ends) if v2 else encode_v1(*ends)
     for n in range(len(header)):
         assert parse(header[:n], ProxyMode.auto) is None
 
 
 @given(st.binary(max_size=300), modes)
-def test_garbage_never_crashes(data, mode) -> None:
+def test_garbage_never_crashes(data: bytes, mode: ProxyMode) -> None:
     try:
         result = parse(data, mode)
     except ProxyError:
@@ -85,7 +92,9 @@ def test_garbage_never_crashes(data, mode) -> None:
 
 
 @given(endpoints, st.booleans(), st.integers(0, 200), st.integers(1, 255))
-def test_mutations_are_rejected_or_parsed(ends, v2, pos, xor) -> None:
+def test_mutations_are_rejected_or_parsed(
+    ends: tuple[tuple[str, int], tuple[str, int]], v2: bool, pos: int, xor: int
+) -> None:
     header = bytearray(encode_v2(*ends) if v2 else encode_v1(*ends))
     header[pos % len(header)] ^= xor
     try:
@@ -97,7 +106,7 @@ def test_mutations_are_rejected_or_parsed(ends, v2, pos, xor) -> None:
 
 @given(st.binary(min_size=1, max_size=2000))
 @settings(max_examples=50)
-def test_v1_line_never_buffers_past_its_limit(tail) -> None:
+def test_v1_line_never_buffers_past_its_limit(tail: bytes) -> None:
     data = b"PROXY " + tail.replace(b"\r", b"").replace(b"\n", b"") + b"x" * V1_MAX_LENGTH
     with pytest.raises(ProxyError):
         parse(data, ProxyMode.v1)
@@ -265,3 +274,38 @@ async def test_per_ip_limit_counts_the_proxied_address() -> None:
         for writer in opened:
             writer.close()
             await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_truncated_header_then_eof_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_server(proxy_protocol=ProxyMode.auto) as server:
+        caplog.set_level(logging.INFO, logger="aecho.server.proxy")
+        for partial in (b"PROXY TCP4 192.0.2.1", encode_v2(("192.0.2.1", 1), ("::1", 2))[:20]):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(partial)
+            writer.write_eof()
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), 2) == b""
+            writer.close()
+        # A peer that connects and leaves without a byte sent no header at all.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.close()
+        for _ in range(100):
+            if server.stats.proxy_errors >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert server.stats.proxy_errors == 2
+        assert sum("truncated PROXY header" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.asyncio
+async def test_untrusted_peer_starting_like_a_signature_is_answered_at_once() -> None:
+    async with running_server(
+        proxy_protocol=ProxyMode.auto, proxy_allow_from=("10.0.0.0/8",)
+    ) as server:
+        for first in (b"\r\n", b"PRO", b"\r\n\r\n\x00"):
+            started = time.monotonic()
+            assert await _exchange(server.port, b"", first) == first
+            assert time.monotonic() - started < 1.0, f"{first!r} waited for a header"

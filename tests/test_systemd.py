@@ -87,7 +87,9 @@ class Spawned:
         def seen() -> bool:
             return any(re.search(pattern, line) for line in list(self.lines))
 
-        ended = lambda: self.proc.poll() is not None and not self._reader.is_alive()  # noqa: E731
+        def ended() -> bool:
+            return self.proc.poll() is not None and not self._reader.is_alive()
+
         wait_until(lambda: seen() or ended(), timeout=TIMEOUT, interval=0.05)
         return seen()
 
@@ -111,15 +113,19 @@ class Spawned:
         return "".join(self.lines)
 
 
-def with_listen_env(fd: int, listen_pid: str = "self", listen_fds: str = "1") -> list[str]:
-    """A wrapper that puts ``fd`` at 3, sets LISTEN_* for its own pid, then execs aecho."""
+def with_listen_env(
+    fd: int | tuple[int, ...], listen_pid: str = "self", listen_fds: str = "1"
+) -> list[str]:
+    """A wrapper that puts ``fd`` (several: from 3 on), sets LISTEN_* for its own pid,
+    then execs aecho."""
     pid_expr = "str(os.getpid())" if listen_pid == "self" else repr(listen_pid)
+    fds = (fd,) if isinstance(fd, int) else fd
     code = (
         "import os, sys\n"
-        f"os.dup2({fd}, 3)\n"
-        f"os.environ['LISTEN_PID'] = {pid_expr}\n"
-        f"os.environ['LISTEN_FDS'] = {listen_fds!r}\n"
-        "os.execv(sys.executable, [sys.executable, '-m', 'aecho', *sys.argv[1:]])\n"
+        + "".join(f"os.dup2({f}, {3 + i})\n" for i, f in enumerate(fds))
+        + f"os.environ['LISTEN_PID'] = {pid_expr}\n"
+        + f"os.environ['LISTEN_FDS'] = {listen_fds!r}\n"
+        + "os.execv(sys.executable, [sys.executable, '-m', 'aecho', *sys.argv[1:]])\n"
     )
     return [sys.executable, "-c", code]
 
@@ -147,6 +153,53 @@ def test_socket_passed_by_the_caller_is_used() -> None:
         assert proc.wait_ready(), proc.output
         assert proc.port == port
         assert echo_once(port) == b"activated\x00\xff"
+    finally:
+        assert proc.finish() == 0, proc.output
+
+
+def _udp_echo(port: int, payload: bytes = b"datagram\x00") -> bytes | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(payload, ("127.0.0.1", port))
+        try:
+            return sock.recv(65536)
+        except TimeoutError:
+            return None
+
+
+def test_udp_under_socket_activation_answers_on_the_activated_port() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        proc = Spawned(
+            [*with_listen_env(listener.fileno()), "serve", "--port", "9", "--udp"],
+            pass_fds=(listener.fileno(),),
+        )
+    try:
+        assert proc.wait_ready(), proc.output
+        assert echo_once(port) == b"activated\x00\xff"
+        assert _udp_echo(port) == b"datagram\x00"
+    finally:
+        assert proc.finish() == 0, proc.output
+
+
+def test_udp_socket_passed_by_activation_is_answered() -> None:
+    with socket.socket() as listener, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        udp.bind(("127.0.0.1", 0))
+        udp_port = udp.getsockname()[1]
+        proc = Spawned(
+            [
+                *with_listen_env((listener.fileno(), udp.fileno()), listen_fds="2"),
+                *("serve", "--port", "9", "--udp"),
+            ],
+            pass_fds=(listener.fileno(), udp.fileno()),
+        )
+    try:
+        assert proc.wait_ready(), proc.output
+        assert _udp_echo(udp_port) == b"datagram\x00"
     finally:
         assert proc.finish() == 0, proc.output
 

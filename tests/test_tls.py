@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import select
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -210,3 +213,93 @@ def test_contexts_refuse_old_protocols(pems: dict[str, str]) -> None:
     assert client_context().minimum_version == ssl.TLSVersion.TLSv1_2
     with pytest.raises(ConfigError, match="no such file"):
         client_context("/nonexistent/ca.pem")
+
+
+# -- handshakes count from accept ----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_silent_peer_is_closed_at_the_handshake_timeout(pems: dict[str, str]) -> None:
+    async with running_server(
+        tls_cert=pems["cert"], tls_key=pems["key"], tls_handshake_timeout=0.5
+    ) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert 0.4 < time.monotonic() - started < 5
+        writer.close()
+        assert server.stats.tls_failures == 1
+        assert not server.preludes and not server.connections
+        # Half a ClientHello, then silence: the same.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert server.stats.tls_failures == 2
+
+
+@pytest.mark.asyncio
+async def test_unfinished_handshakes_count_against_max_connections(pems: dict[str, str]) -> None:
+    async with running_server(tls_cert=pems["cert"], tls_key=pems["key"], max_connections=3) as s:
+        idle = [await asyncio.open_connection("127.0.0.1", s.port) for _ in range(3)]
+        for _ in range(200):
+            if len(s.preludes) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(s.preludes) == 3
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", s.port, ssl=client_context(pems["ca"])), 10
+            )
+        assert s.stats.refused >= 1
+        for _, writer in idle:
+            writer.close()
+
+
+def _fd_limit_128() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+
+def _tls_echo_from(source: str, port: int, ctx: ssl.SSLContext) -> bool:
+    try:
+        with (
+            socket.create_connection(
+                ("127.0.0.1", port), timeout=5, source_address=(source, 0)
+            ) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"served")
+            return tls.recv(100) == b"served"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_idle_sockets_from_one_address_do_not_lock_out_tls_clients_from_another(
+    pems: dict[str, str], serve_process: Callable[..., ServerProcess]
+) -> None:
+    srv = serve_process(
+        "--tls-cert", pems["cert"], "--tls-key", pems["key"], "--max-connections-per-ip", "2",
+        preexec_fn=_fd_limit_128,
+    )  # fmt: skip
+    attackers: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", srv.port))
+            attackers.append(sock)
+        # Every attacking connection is established (or refused) before the clients come.
+        pending, deadline = list(attackers), time.monotonic() + 10
+        while pending and time.monotonic() < deadline:
+            _, done, _ = select.select([], pending, [], 0.5)
+            pending = [s for s in pending if s not in done]
+        ctx = client_context(pems["ca"])
+        served = sum(_tls_echo_from("127.0.0.2", srv.port, ctx) for _ in range(10))
+        assert served >= 9, f"{served} of 10 TLS clients served"
+    finally:
+        for sock in attackers:
+            sock.close()
+    assert srv.stop() == 0

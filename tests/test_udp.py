@@ -7,11 +7,13 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from aecho.server.udp import MAX_DATAGRAM
-from tests.conftest import running_server
+from tests.conftest import ServerProcess, running_server
 
 
 def _need(tool: str) -> str:
@@ -70,7 +72,8 @@ async def test_one_reply_per_datagram_in_burst() -> None:
         assert got == sorted(i.to_bytes(4, "big") * 10 for i in range(200))
 
 
-def test_udp_ipv6_and_socat(serve_process) -> None:
+@pytest.mark.slow
+def test_udp_ipv6_and_socat(serve_process: Callable[..., ServerProcess]) -> None:
     socat = _need("socat")
     srv = serve_process("--udp", "--host", "localhost")
     payload = b"via socat \x00\xff\n"
@@ -86,7 +89,7 @@ def test_udp_ipv6_and_socat(serve_process) -> None:
     assert srv.stop() == 0
 
 
-def test_udp_with_unix_is_a_usage_error(tmp_path) -> None:
+def test_udp_with_unix_is_a_usage_error(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "aecho", "serve", "--udp", "--unix", str(tmp_path / "s")],
         capture_output=True,

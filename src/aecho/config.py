@@ -22,12 +22,21 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_GRACEFUL_TIMEOUT = 10.0
 DEFAULT_HANDLER_TIMEOUT = 30.0
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
 
 # Per-connection write buffer watermarks.  Reading pauses above HIGH and resumes
 # below LOW, so a peer that never reads costs at most about HIGH bytes of server
 # memory (plus one kernel socket buffer).
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+
+# Offload: bytes a connection may hold in the pool and in replies not yet written, and
+# bytes every connection of a server together may hold there.  Each message is charged
+# MESSAGE_COST beyond its length for the objects that carry it (message, reply, encoded
+# reply, list slots: about that much for a short line).
+POOL_WINDOW = 256 * 1024
+POOL_BUDGET = 8 * 1024 * 1024
+MESSAGE_COST = 256
 
 DEFAULT_UNIX_MODE = 0o660
 DEFAULT_PROXY_ALLOW_FROM = ("127.0.0.1/32", "::1/128")
@@ -132,6 +141,7 @@ class ServerConfig:
     log_level: str = "INFO"
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
     unix_mode: int = DEFAULT_UNIX_MODE
     udp: bool = False
     proxy_protocol: ProxyMode = ProxyMode.off
@@ -149,6 +159,9 @@ class ServerConfig:
     # Per-connection write buffer watermarks (see WRITE_HIGH_WATER).
     write_high: int = WRITE_HIGH_WATER
     write_low: int = WRITE_LOW_WATER
+    # Offload memory bounds (see POOL_WINDOW).
+    pool_window: int = POOL_WINDOW
+    pool_budget: int = POOL_BUDGET
 
     def __post_init__(self) -> None:
         # Plain strings for the enum fields (tests, embedding code) become members,
@@ -200,11 +213,15 @@ class ServerConfig:
             )
         if not 0 < self.write_low <= self.write_high:
             raise ConfigError("write buffer watermarks must satisfy 0 < low <= high")
+        if not 0 < self.pool_window <= self.pool_budget // 2:
+            raise ConfigError("the pool window must be positive and at most half the budget")
         self._validate_edge()
 
     def _validate_edge(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if not self.tls_handshake_timeout > 0:
+            raise ConfigError("--tls-handshake-timeout must be a positive number of seconds")
         if not 0 <= self.unix_mode <= 0o777:
             raise ConfigError(f"--unix-mode {self.unix_mode:o} is not a permission mode (0-777)")
         if self.udp and self.unix:

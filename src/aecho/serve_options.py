@@ -137,6 +137,9 @@ TlsCert = Annotated[
     str | None, tls_proxy(metavar="PEM", help="Certificate chain: serve TLS 1.2+ on the listeners.")
 ]
 TlsKey = Annotated[str | None, tls_proxy(metavar="PEM", help="Private key for --tls-cert.")]
+TlsHandshakeTimeout = Annotated[
+    float, tls_proxy(help="Close a TLS connection whose handshake takes longer.", **DURATION)
+]
 Proxy = Annotated[
     ProxyMode, tls_proxy(help="Expect a PROXY protocol header (HAProxy) from trusted peers.")
 ]

@@ -122,8 +122,8 @@ def started_at(pid: int) -> float | None:
 
 
 def workers_of(pid: int) -> list[str]:
-    """Titles of the serving processes a supervisor ``pid`` runs, by their parent pid."""
-    found = []
+    """``pid N TITLE`` of each serving process a supervisor ``pid`` runs, in worker order."""
+    found: list[tuple[str, int]] = []
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -136,8 +136,8 @@ def workers_of(pid: int) -> list[str]:
             if ppid == pid:
                 title = process_title(int(entry)).decode("utf-8", "replace")
                 if address_from_title(title):
-                    found.append(f"pid {entry} {title}")
-    return sorted(found)
+                    found.append((title, int(entry)))
+    return [f"pid {child} {title}" for title, child in sorted(found)]
 
 
 def status(path: str) -> Outcome:

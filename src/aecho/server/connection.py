@@ -28,6 +28,12 @@ log = logging.getLogger("aecho.server.connection")
 PAUSE_WRITE = 1  # the transport's write buffer is above its high-water mark
 PAUSE_WINDOW = 2  # too much is queued in the worker pool (pooled only)
 PAUSE_CLOSING = 4  # never lifted: the connection ends once owed replies are out
+PAUSE_BACKLOG = 8  # messages already read wait for room (write buffer or pool window)
+PAUSE_SHARED = 16  # the server-wide pool budget is spent (pooled only)
+
+# Most messages an inline connection handles before it lets the loop turn: a read of
+# tiny lines holds a hundred thousand, and other peers wait while they run.
+SLICE_MESSAGES = 512
 
 
 class Owner(Protocol):
@@ -58,21 +64,47 @@ def error_line(exc: BaseException) -> bytes:
     return f"ERR {type(exc).__name__}: {text}\n".encode("utf-8", "replace")
 
 
-class Connection(asyncio.Protocol):
+class Tracked(asyncio.Protocol):
+    """What the server's sweeps (idle, shutdown) see of a connection in any phase."""
+
+    __slots__ = ("active", "idle_ticks", "peer", "rx", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.active = False  # read since the last sweep
+        self.idle_ticks = 0
+        # Bytes read; the server adds a connection's to its totals when it ends and
+        # metrics sum the open ones at scrape time.  A prelude reads none of its own.
+        self.rx = 0
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing owed to the peer: a graceful stop may close it (a prelude owes none)."""
+        return True
+
+    def drain(self) -> None:
+        """A graceful stop began: stop starting new messages.  By default nothing is in
+        progress (a raw chunk is whole once read): the server closes it once quiet."""
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Connection(Tracked):
     """What every served connection has: its transport, peer, counters and pause state."""
 
-    __slots__ = ("_paused", "active", "host", "idle_ticks", "peer", "rx", "transport", "tx")
+    __slots__ = ("_paused", "host", "tx")
 
     def __init__(self, host: Host) -> None:
+        super().__init__()
         self.host = host
-        self.transport: asyncio.Transport | None = None
-        self.active = False
-        self.idle_ticks = 0
-        self.peer: Any = None
-        # Bytes read and written; the server adds them to its totals when the
-        # connection ends and metrics sum the open ones at scrape time.
-        self.rx = 0
-        self.tx = 0
+        self.tx = 0  # bytes written (see Tracked.rx)
         self._paused = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -129,14 +161,6 @@ class Connection(asyncio.Protocol):
         t = self.transport
         return t is None or t.get_write_buffer_size() == 0
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
 
 class RawEchoConnection(Connection):
     """Raw framing, inline ``echo``: every chunk goes straight back.
@@ -158,9 +182,14 @@ class RawEchoConnection(Connection):
 
 
 class FramedConnection(Connection):
-    """A connection whose bytes go through a framer into messages (inline or pooled)."""
+    """A connection whose bytes go through a framer into messages (inline or pooled).
 
-    __slots__ = ("_eof", "_framer")
+    A read may hold more messages than may be handled at once (their replies would
+    pass the write high-water mark, or the pool's window): the rest wait in a backlog,
+    reading pauses, and the backlog is taken up again from the loop once there is room.
+    """
+
+    __slots__ = ("_backlog", "_backlog_at", "_draining_at", "_eof", "_framer", "_last_words")
 
     def __init__(self, host: Host) -> None:
         super().__init__(host)
@@ -169,6 +198,13 @@ class FramedConnection(Connection):
         self._framer: Framer = (
             LineFramer(cfg.max_line) if cfg.framing is Framing.line else RawFramer()
         )
+        # Messages read but not handled yet, from index _backlog_at on.
+        self._backlog: list[bytes] | None = None
+        self._backlog_at = 0
+        # An error line owed after the replies still owed (framing violation).
+        self._last_words = b""
+        # Bytes read when a graceful stop began (-1: not stopping).
+        self._draining_at = -1
 
     def data_received(self, data: bytes) -> None:
         self.active = True
@@ -177,33 +213,109 @@ class FramedConnection(Connection):
             messages = self._framer.feed(data)
         except FrameError as exc:
             if exc.messages:
-                self._handle(exc.messages)
+                self._take(exc.messages)
             self._refuse(exc)
             return
         if messages:
-            self._handle(messages)
+            self._take(messages)
+        if self._draining_at >= 0:
+            self._stop_after_current()
 
     def eof_received(self) -> bool:
         self._eof = True
         if isinstance(self._framer, LineFramer) and self._framer.pending:
             # A last line without its terminator is still a message the peer sent.
-            self._handle(self._framer.feed(b"\n"))
-        return False
+            self._take(self._framer.feed(b"\n"))
+        # Keep the write side open while replies are still owed.
+        return self._owes
 
-    def _handle(self, messages: list[bytes]) -> None:
-        """Process ``messages`` and see their replies written, in order."""
+    @property
+    def _owes(self) -> bool:
+        """Replies still to be handled or written by this connection itself."""
+        return self._backlog is not None
+
+    @property
+    def quiet(self) -> bool:
+        # A line half received is a message in progress: a graceful stop waits for it.
+        return (
+            not self._owes
+            and not (isinstance(self._framer, LineFramer) and self._framer.pending)
+            and super().quiet
+        )
+
+    def drain(self) -> None:
+        """A graceful stop began: finish the line in progress, start no new one.
+
+        Raw framing keeps :class:`Connection`'s way: a chunk is whole once read.
+        """
+        if isinstance(self._framer, LineFramer):
+            self._draining_at = self.rx
+            self._stop_after_current()
+
+    def _stop_after_current(self) -> None:
+        framer = self._framer
+        assert isinstance(framer, LineFramer)  # only line framing drains
+        pending = framer.pending
+        if pending and self.rx - pending < self._draining_at:
+            return  # the line in progress began before the stop: let it complete
+        self._finish()
+
+    def _finish(self) -> None:
+        """Read no more; close once every reply owed (and any last words) is out."""
+        self._eof = True
+        self._pause(PAUSE_CLOSING)
+        if not self._owes:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._last_words:
+            self.tx += len(self._last_words)
+            transport.write(self._last_words)
+        transport.close()
+
+    def _take(self, messages: list[bytes]) -> None:
+        if self._backlog is not None:
+            # Read while a backlog waits (a TLS layer may deliver after a pause): queue.
+            self._backlog = self._backlog[self._backlog_at :] + messages
+            self._backlog_at = 0
+            return
+        self._handle(messages, 0)
+
+    def _handle(self, messages: list[bytes], start: int) -> None:
+        """Handle ``messages[start:]`` and see their replies written, in order; what
+        cannot be handled now goes to :meth:`_defer`."""
         raise NotImplementedError
 
-    def _refuse(self, exc: FrameError) -> None:
-        """The peer broke the framing: one error line, then close."""
-        log.info("closing %s: %s", format_address(self.peer), exc)
-        transport = self.transport
-        if transport is None:
+    def _defer(self, messages: list[bytes], at: int) -> None:
+        """Keep ``messages[at:]`` for later and stop reading until they are handled."""
+        self._backlog = messages
+        self._backlog_at = at
+        self._pause(PAUSE_BACKLOG)
+
+    def _room_again(self) -> None:
+        """What held the backlog back has cleared: take it up from the loop, not from here."""
+        if self._backlog is not None and self.transport is not None:
+            asyncio.get_running_loop().call_soon(self._resume_backlog)
+
+    def _resume_backlog(self) -> None:
+        messages = self._backlog
+        if messages is None or self.transport is None or self.transport.is_closing():
             return
-        last_words = f"ERR {exc}\n".encode()
-        self.tx += len(last_words)
-        transport.write(last_words)
-        transport.close()
+        self._backlog = None
+        self._handle(messages, self._backlog_at)
+        if self._backlog is None:
+            self._resume(PAUSE_BACKLOG)
+            if self._eof:
+                self._finish()
+
+    def _refuse(self, exc: FrameError) -> None:
+        """The peer broke the framing: one error line after the replies owed, then close."""
+        log.info("closing %s: %s", format_address(self.peer), exc)
+        self._last_words = f"ERR {exc}\n".encode()
+        self._finish()
 
     def _handler_failed(self, exc: BaseException, out: list[bytes]) -> bool:
         """Record a failed message; return whether the connection carries on.
@@ -223,6 +335,7 @@ class FramedConnection(Connection):
         if isinstance(self._framer, LineFramer):
             out.append(error_line(exc))
             return True
+        self._backlog = None
         if self.transport is not None:
             if out:
                 payload = b"".join(out)
@@ -233,27 +346,59 @@ class FramedConnection(Connection):
 
 
 class InlineConnection(FramedConnection):
-    """Runs the handler on the event loop, in the connection's own call."""
+    """Runs the handler on the event loop, in the connection's own call.
 
-    __slots__ = ("_handler",)
+    Replies go out in slices of about the write low-water mark; after each slice the
+    rest of the read waits in the backlog for the loop's next turn, or, when the write
+    buffer is above its high-water mark, until the peer has read.  So a read of a
+    hundred thousand tiny lines neither holds the loop for its whole length nor grows
+    the buffer far past the mark, however much its replies outgrow it.
+    """
+
+    __slots__ = ("_handler", "_slice")
 
     def __init__(self, host: Host, handler: Handler) -> None:
         super().__init__(host)
         self._handler = handler
+        self._slice = host.config.write_low
 
-    def _handle(self, messages: list[bytes]) -> None:
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._room_again()
+
+    def _handle(self, messages: list[bytes], start: int) -> None:
         transport = self.transport
         assert transport is not None
         handler = self._handler
         encode = self._framer.encode
         out: list[bytes] = []
-        for message in messages:
+        size = 0
+        i = start
+        n = len(messages)
+        while i < n:
+            message = messages[i]
+            i += 1
             try:
-                out.append(encode(handler(message)))
+                reply = encode(handler(message))
             except Exception as exc:
                 if not self._handler_failed(exc, out):
                     return
-        self.host.stats.messages += len(messages)
+                continue
+            out.append(reply)
+            size += len(reply)
+            if (size >= self._slice or i - start >= SLICE_MESSAGES) and i < n:
+                # The rest waits for the loop's next turn, or for the peer to read.
+                self._write(transport, out)
+                out = []
+                self._defer(messages, i)
+                if not self._paused & PAUSE_WRITE:
+                    self._room_again()
+                break
+        self.host.stats.messages += i - start
+        if out:
+            self._write(transport, out)
+
+    def _write(self, transport: asyncio.Transport, out: list[bytes]) -> None:
         payload = out[0] if len(out) == 1 else b"".join(out)
         self.tx += len(payload)
         transport.write(payload)

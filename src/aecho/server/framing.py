@@ -74,9 +74,11 @@ class LineFramer:
         else:
             *lines, rest = data.split(b"\n")
         self._buf += rest
-        for i, line in enumerate(lines):
-            if len(line) > self.max_line:
-                self._refuse(lines[:i])
+        # One pass in C over the lengths; the offender is looked for only when there is one
+        # (a read of tiny lines holds a hundred thousand of them).
+        if lines and max(map(len, lines)) > self.max_line:
+            first = next(i for i, line in enumerate(lines) if len(line) > self.max_line)
+            self._refuse(lines[:first])
         if len(rest) > self.max_line:
             self._refuse(lines)
         return lines

@@ -249,12 +249,13 @@ def listen_fds() -> list[int]:
     return fds
 
 
-def listen_sockets() -> list[socket.socket]:
-    """Listening stream sockets passed by socket activation, non-blocking (may be empty).
+def listen_sockets(udp: bool = False) -> list[socket.socket]:
+    """Sockets passed by socket activation, non-blocking (may be empty): listening
+    stream sockets, and with ``udp`` also datagram sockets (``ListenDatagram=``).
 
     Raises:
         StartupError: the variables are malformed, or a descriptor is not a
-            listening stream socket.
+            socket of a kind that may be served.
     """
     sockets: list[socket.socket] = []
     for fd in listen_fds():
@@ -264,12 +265,15 @@ def listen_sockets() -> list[socket.socket]:
             raise StartupError(f"socket activation: descriptor {fd} is not a socket") from exc
         sockets.append(sock)
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        if sock.type != socket.SOCK_STREAM or not listening:
+        served = (sock.type == socket.SOCK_STREAM and listening) or (
+            udp and sock.type == socket.SOCK_DGRAM
+        )
+        if not served:
             for s in sockets:
                 s.detach()  # not ours to close: leave the descriptors as they were
             raise StartupError(
                 f"socket activation: descriptor {fd} is not a listening stream socket "
-                "(use ListenStream= in the .socket unit)"
+                "(use ListenStream= in the .socket unit, or ListenDatagram= with --udp)"
             )
         sock.setblocking(False)
     return sockets
@@ -278,10 +282,21 @@ def listen_sockets() -> list[socket.socket]:
 def open_listeners(config: ServerConfig, reuse_port: bool = False) -> list[socket.socket]:
     """Sockets passed by systemd socket activation, else freshly bound ones.
 
+    With ``--udp`` under activation, datagram sockets passed are answered; when none
+    is passed, UDP is bound on each activated TCP listener's address and port, as it
+    would be without activation.
+
     Raises:
         StartupError: binding failed, or the inherited descriptors are unusable.
     """
-    inherited = listen_sockets()
-    if inherited:
-        return inherited
-    return bind_listeners(config, reuse_port)
+    inherited = listen_sockets(udp=config.udp)
+    if not inherited:
+        return bind_listeners(config, reuse_port)
+    if config.udp and not any(s.type == socket.SOCK_DGRAM for s in inherited):
+        tcp = [s for s in inherited if s.family in (socket.AF_INET, socket.AF_INET6)]
+        if not tcp:
+            raise StartupError(
+                "socket activation: --udp needs a TCP listener or a ListenDatagram= socket"
+            )
+        inherited += _bind_udp_twins(tcp)
+    return inherited

@@ -67,6 +67,7 @@ class StatsCollector(Collector):
         refused.add_metric(["max_connections"], stats.refused)
         refused.add_metric(["per_ip"], stats.refused_per_ip)
         refused.add_metric(["proxy_header"], stats.proxy_errors)
+        refused.add_metric(["tls_handshake"], stats.tls_failures)
         yield refused
         yield CounterMetricFamily(
             "aecho_bytes_received", "Bytes read from stream connections.", value=stats.bytes_in

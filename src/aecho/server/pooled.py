@@ -1,56 +1,64 @@
 """The pooled protocol (``--offload process``): messages go to the worker pool, replies
-leave in the order the messages arrived."""
+leave in the order the messages arrived, and what a connection holds is bounded in bytes."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
+from aecho.config import MESSAGE_COST
 from aecho.offload.outcomes import Outcome
 from aecho.offload.pool import Pool
+from aecho.server.budget import Budget
 from aecho.server.connection import (
-    PAUSE_CLOSING,
+    PAUSE_SHARED,
     PAUSE_WINDOW,
     FramedConnection,
     Host,
 )
-from aecho.server.framing import FrameError, RawFramer
+from aecho.server.framing import RawFramer
 
-# Messages a connection may have queued in a worker pool before it stops reading.
-INFLIGHT_WINDOW = 256
+# A submission's token: its sequence number above TOKEN_SHIFT bits, the bytes it is
+# charged below, so the charge comes back with the replies at no cost of a container.
+TOKEN_SHIFT = 40
+CHARGE_MASK = (1 << TOKEN_SHIFT) - 1
 
 
 class PooledConnection(FramedConnection):
     """Each submission (the messages of one read) gets a sequence number, and replies
     are written strictly in that order: a submission whose batch comes back before an
-    earlier one's waits in ``_early``, and the earlier one writes it.  With more than
-    INFLIGHT_WINDOW messages out, reading pauses.  Raw framing skips the framer (a
-    chunk is the message, a reply goes back as it is).  In the common case, one chunk
-    whose reply is next in line, nothing is kept between the read and the reply but
-    the chunk itself and an int.
+    earlier one's waits in ``_early``, and the earlier one writes it.
+
+    Every submission is charged its bytes plus MESSAGE_COST per message, against the
+    connection's window (``--offload`` window, until its replies are written) and the
+    server-wide :class:`Budget`.  Past the window reading pauses until half of it is
+    free; past the budget the connection queues there until it is woken.  Replies are
+    written whatever the write buffer holds, but a buffer above its high-water mark
+    pauses reading too, so the buffer holds at most the mark plus one window.  Raw
+    framing skips the framer (a chunk is the message, a reply goes back as it is).
     """
 
     __slots__ = (
+        "_budget",
         "_early",
         "_encode",
-        "_inflight",
-        "_last_words",
+        "_held",
         "_next_in",
         "_next_out",
         "_on_done",
         "_submit",
         "_submit_one",
+        "_window",
     )
 
-    def __init__(self, host: Host, pool: Pool) -> None:
+    def __init__(self, host: Host, pool: Pool, budget: Budget) -> None:
         super().__init__(host)
-        # Messages in the pool whose replies are not written yet.
-        self._inflight = 0
-        # An error line owed after the replies still in the pool (framing violation).
-        self._last_words = b""
+        # Bytes charged for submissions whose replies are not written yet.
+        self._held = 0
+        self._window = host.config.pool_window
+        self._budget = budget
         self._next_in = 0  # sequence number of the next submission
         self._next_out = 0  # sequence number of the next submission to write
-        self._early: dict[int, tuple[list[Outcome], int, int]] | None = None
+        self._early: dict[int, tuple[list[Outcome], int, int, int]] | None = None
         raw = isinstance(self._framer, RawFramer)
         self._encode: Callable[[bytes], bytes] | None = None if raw else self._framer.encode
         self._on_done = self._batch_done
@@ -62,90 +70,135 @@ class PooledConnection(FramedConnection):
             super().data_received(data)
             return
         self.active = True
-        self.rx += len(data)
+        n = len(data)
+        self.rx += n
+        n += MESSAGE_COST
+        held = self._held + n
+        self._held = held
+        budget = self._budget
+        budget.held += n
+        if held >= self._window or budget.held >= budget.limit:
+            self._hold_back()
         seq = self._next_in
         self._next_in = seq + 1
-        self._inflight += 1
-        if self._inflight >= INFLIGHT_WINDOW:
-            self._pause(PAUSE_WINDOW)
-        self._submit_one(data, self._on_done, seq)
+        self._submit_one(data, self._on_done, seq << TOKEN_SHIFT | n)
 
-    def eof_received(self) -> bool:
-        super().eof_received()
-        # Keep the write side open while pooled replies are outstanding.
-        return bool(self._inflight)
+    def _hold_back(self) -> None:
+        """Stop reading: the window is full, or the server-wide budget is spent."""
+        if self._held >= self._window:
+            self._pause(PAUSE_WINDOW)
+        if self._budget.held >= self._budget.limit and not self._paused & PAUSE_SHARED:
+            self._pause(PAUSE_SHARED)
+            self._budget.wait(self)
+
+    def wake(self) -> bool:
+        """The budget has room again (see :class:`Budget`)."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self._resume(PAUSE_SHARED)
+        self._room_again()
+        return True
 
     @property
-    def quiet(self) -> bool:
-        return not self._inflight and super().quiet
+    def _owes(self) -> bool:
+        return bool(self._held) or super()._owes
 
-    def _handle(self, messages: list[bytes]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._backlog = None
+        # Replies parked behind an earlier one die here; the pool still returns the
+        # rest, and each is released as it comes back.
+        if self._early:
+            self._budget.release(sum(entry[3] for entry in self._early.values()))
+            self._early = None
+
+    def _handle(self, messages: list[bytes], start: int) -> None:
+        if start:
+            messages = messages[start:]
+        budget = self._budget
+        room = min(self._window - self._held, budget.limit - budget.held)
+        if room <= 0:
+            self._defer(messages, 0)
+            self._hold_back()
+            return
+        count = len(messages)
+        charge = sum(map(len, messages)) + MESSAGE_COST * count
+        if charge > room and count > 1:
+            # Submit about what fits (no less than one message); the rest waits.
+            keep = max(1, count * room // charge)
+            self._defer(messages, keep)
+            messages = messages[:keep]
+            count = keep
+            charge = sum(map(len, messages)) + MESSAGE_COST * count
         seq = self._next_in
         self._next_in = seq + 1
-        self._inflight += len(messages)
-        if self._inflight >= INFLIGHT_WINDOW:
-            self._pause(PAUSE_WINDOW)
-        self._submit(messages, self._on_done, seq)
+        self._held += charge
+        budget.held += charge
+        if self._held >= self._window or budget.held >= budget.limit:
+            self._hold_back()
+        self._submit(messages, self._on_done, seq << TOKEN_SHIFT | charge)
 
-    def _refuse(self, exc: FrameError) -> None:
-        if not self._inflight:
-            super()._refuse(exc)
-            return
-        # Replies to earlier lines are still owed: the error goes after them.
-        self._last_words = f"ERR {exc}\n".encode()
-        self._eof = True
-        self._pause(PAUSE_CLOSING)
-
-    def _batch_done(self, seq: int, outcomes: list[Outcome], start: int, stop: int) -> None:
+    def _batch_done(self, token: int, outcomes: list[Outcome], start: int, stop: int) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
+            self._budget.release(token & CHARGE_MASK)
             return
+        seq = token >> TOKEN_SHIFT
         if seq != self._next_out:
             # An earlier submission is still out; it writes this one when it is back.
             if self._early is None:
                 self._early = {}
-            self._early[seq] = (outcomes, start, stop)
+            self._early[seq] = (outcomes, start, stop, token & CHARGE_MASK)
             return
+        charge = token & CHARGE_MASK
         if stop - start == 1 and self._encode is None and not self._early:
             # The common case: one raw chunk, and next in line.
             reply = outcomes[start]
             if type(reply) is bytes:
                 self._next_out = seq + 1
-                self._inflight -= 1
+                self._held -= charge
+                budget = self._budget
+                budget.held -= charge
+                if budget.waiters:
+                    budget.wake()
                 self.tx += len(reply)
                 transport.write(reply)
                 if self._paused or self._eof:
-                    self._after_write(transport)
+                    self._after_write()
                 return
         encode = self._encode
         early = self._early
         out: list[bytes] = []
+        released = 0
         while True:
             for i in range(start, stop):
                 outcome = outcomes[i]
                 if isinstance(outcome, BaseException):
                     if not self._handler_failed(outcome, out):
+                        self._budget.release(charge + released)
                         return
                 else:
                     out.append(outcome if encode is None else encode(outcome))
-            self._inflight -= stop - start
+            released += charge
             seq += 1
             if not early or seq not in early:
                 break
-            outcomes, start, stop = early.pop(seq)
+            outcomes, start, stop, charge = early.pop(seq)
         self._next_out = seq
+        self._held -= released
+        self._budget.release(released)
         if out:
             payload = out[0] if len(out) == 1 else b"".join(out)
             self.tx += len(payload)
             transport.write(payload)
-        self._after_write(transport)
+        self._after_write()
 
-    def _after_write(self, transport: asyncio.Transport) -> None:
-        """Replies were written: read again below the window, end after the last one owed."""
-        if self._paused & PAUSE_WINDOW and self._inflight < INFLIGHT_WINDOW:
-            self._resume(PAUSE_WINDOW)
-        if self._eof and not self._inflight:
-            if self._last_words:
-                self.tx += len(self._last_words)
-                transport.write(self._last_words)
-            transport.close()
+    def _after_write(self) -> None:
+        """Replies were written: read again once half the window is free, take up the
+        backlog, end after the last reply owed."""
+        if self._held <= self._window // 2:
+            if self._paused & PAUSE_WINDOW:
+                self._resume(PAUSE_WINDOW)
+            self._room_again()
+        if self._eof and not self._owes:
+            self._close_now()

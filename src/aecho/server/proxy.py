@@ -10,33 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from aecho.address import format_address
 from aecho.config import PROXY_HEADER_TIMEOUT
-from aecho.server.connection import Connection, Owner
+from aecho.server.connection import Connection
+from aecho.server.prelude import Prelude, PreludeHost
 from aecho.server.proxy_protocol import ProxyError, ProxyHeaderReader, could_be_header
 
 log = logging.getLogger("aecho.server.proxy")
 
 
-class PreludeHost(Owner, Protocol):
-    """What a prelude needs from the server that owns it."""
-
-    def hold(self, prelude: ProxyPrelude) -> bool:
-        """Count a connection whose client is not known yet; False when it must be refused."""
-        ...
-
-    def release(self, prelude: ProxyPrelude) -> None:
-        """The prelude is over: handed over, refused or gone."""
-        ...
-
-    def proxy_trusted(self, peer: object) -> bool:
-        """Whether ``peer`` may (and must) speak for someone else."""
-        ...
-
-
-class ProxyPrelude(asyncio.Protocol):
+class ProxyPrelude(Prelude):
     """From a peer in ``--proxy-allow-from`` a PROXY header is required within
     PROXY_HEADER_TIMEOUT; from any other peer a header is refused (the connection
     is closed) and anything else is served as sent.  Once decided, the real
@@ -45,42 +30,15 @@ class ProxyPrelude(asyncio.Protocol):
     during the prelude.
     """
 
-    __slots__ = (
-        "_buf",
-        "_factory",
-        "_reader",
-        "_timer",
-        "_trusted",
-        "active",
-        "host",
-        "idle_ticks",
-        "peer",
-        "transport",
-    )
+    __slots__ = ("_factory", "_got_bytes", "_reader", "_timer", "_trusted")
 
     def __init__(self, host: PreludeHost, factory: Callable[[], Connection]) -> None:
-        self.host = host
-        self.transport: asyncio.Transport | None = None
-        self.peer: Any = None
-        self.active = False
-        self.idle_ticks = 0
+        super().__init__(host)
         self._factory = factory
         self._reader = ProxyHeaderReader(host.config.proxy_protocol)
         self._timer: asyncio.TimerHandle | None = None
         self._trusted = False
-        self._buf = b""
-
-    # The same face as a Connection toward the server's sweeps.
-    quiet = True
-    rx = 0
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        self._got_bytes = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)
@@ -91,8 +49,9 @@ class ProxyPrelude(asyncio.Protocol):
             t.abort()
             return
         self._trusted = self.host.proxy_trusted(self.peer)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._timed_out)
+        if self._trusted:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -103,6 +62,7 @@ class ProxyPrelude(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.active = True
         if self._trusted:
+            self._got_bytes = True
             try:
                 header = self._reader.feed(data)
             except ProxyError as exc:
@@ -111,26 +71,21 @@ class ProxyPrelude(asyncio.Protocol):
             if header is not None:
                 self._hand_over(header.source, self._reader.remainder)
             return
-        self._buf += data
-        verdict = could_be_header(self._buf, self.host.config.proxy_protocol)
-        if verdict:
+        # Only a trusted peer waits for a header: an untrusted one is decided by its
+        # first read, so data that merely starts like a signature is served at once.
+        if could_be_header(data, self.host.config.proxy_protocol):
             self._reject("PROXY header from a peer not in --proxy-allow-from")
-        elif verdict is not None:
-            self._hand_over(None, self._buf)
+        else:
+            self._hand_over(None, data)
 
     def eof_received(self) -> bool:
-        if self._trusted or not self._buf:
-            return False
-        # The start of a signature, then EOF: it was data after all.
-        inner = self._hand_over(None, self._buf)
-        return inner is not None and bool(inner.eof_received())
+        if self._trusted and self._got_bytes:
+            self._reject("truncated PROXY header: the peer closed before its end")
+        return False
 
     def _timed_out(self) -> None:
         self._timer = None
-        if self._trusted:
-            self._reject(f"no PROXY header within {PROXY_HEADER_TIMEOUT:g}s")
-        else:
-            self._hand_over(None, self._buf)
+        self._reject(f"no PROXY header within {PROXY_HEADER_TIMEOUT:g}s")
 
     def _reject(self, reason: str) -> None:
         self.host.stats.proxy_errors += 1

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import ipaddress
 import logging
 import os
 import socket
@@ -23,18 +22,22 @@ from collections.abc import Callable
 from typing import Any
 
 from aecho.address import format_address
-from aecho.config import Framing, Offload, ProxyMode, ServerConfig, parse_networks
+from aecho.config import Framing, Offload, ProxyMode, ServerConfig
 from aecho.offload.handlers import load_handler
 from aecho.offload.pool import Pool
+from aecho.server.budget import Budget
 from aecho.server.connection import (
     Connection,
     InlineConnection,
     RawEchoConnection,
+    Tracked,
 )
+from aecho.server.handshake import TlsListener
 from aecho.server.limits import Limits
 from aecho.server.listeners import StartupError, bind_error, bind_listeners
 from aecho.server.pooled import PooledConnection
 from aecho.server.proxy import ProxyPrelude
+from aecho.server.registry import Registry
 from aecho.server.stats import Stats
 from aecho.text import needs, plural
 
@@ -42,15 +45,17 @@ log = logging.getLogger("aecho.server")
 
 # While stopping, connections are swept this often and closed once quiet.
 SHUTDOWN_SWEEP_S = 0.05
+# Connections taken from a listener's queue at stop, at most.
+MAX_QUEUED = 16384
 # ... and a connection that has sent nothing at all is closed after this many quiet sweeps.
 SILENT_SWEEPS = 20
 # Out-of-descriptor warnings are repeated at most this often.
 EMFILE_LOG_INTERVAL_S = 10.0
+# How often a uvloop server checks whether it is out of descriptors.
+FD_WATCH_INTERVAL_S = 0.5
 
-Tracked = Connection | ProxyPrelude
 
-
-class Server:
+class Server(Registry):
     """Serves every connection on one event loop.
 
     Lifecycle: ``await start()`` (listeners serving), then ``await serve()`` which
@@ -65,12 +70,10 @@ class Server:
         on_stopping: Callable[[], None] | None = None,
         limits: Limits | None = None,
     ) -> None:
-        self._config = config
-        self._stats = Stats()
-        self.connections: set[Connection] = set()
-        # Connections still reading a PROXY header: counted, not yet admitted.
-        self.preludes: set[ProxyPrelude] = set()
+        super().__init__(config, limits)
         self.pool: Pool | None = None
+        # Bytes every pooled connection together holds for the pool.
+        self.budget = Budget(config.pool_budget)
         self._on_stopping = on_stopping
         self._sockets = sockets
         self._servers: list[asyncio.Server] = []
@@ -81,19 +84,11 @@ class Server:
         self._adopting: set[asyncio.Task[None]] = set()
         self._factory: Callable[[], Any] = lambda: None
         self._emfile_logged_at = -EMFILE_LOG_INTERVAL_S
-        self._proxy_networks = parse_networks(config.proxy_allow_from)
-        self._limits = limits or Limits(config.max_connections, config.max_connections_per_ip)
         self._ssl: ssl.SSLContext | None = None
         self._udp: list[asyncio.BaseTransport] = []
+        self._tls: list[TlsListener] = []
+        self._fd_watch: asyncio.Task[None] | None = None
         self._metrics: Any = None
-
-    @property
-    def config(self) -> ServerConfig:
-        return self._config
-
-    @property
-    def stats(self) -> Stats:
-        return self._stats
 
     def _choose_factory(self) -> Callable[[], Any]:
         """The connection class for this configuration, chosen once.
@@ -105,8 +100,8 @@ class Server:
         handler = load_handler(cfg.handler, cfg.handler_dir)
         factory: Callable[[], Connection]
         if self.pool is not None:
-            pool = self.pool
-            factory = lambda: PooledConnection(self, pool)  # noqa: E731
+            pool, budget = self.pool, self.budget
+            factory = lambda: PooledConnection(self, pool, budget)  # noqa: E731
         elif cfg.framing is Framing.raw and cfg.handler == "echo":
             factory = lambda: RawEchoConnection(self)  # noqa: E731
         else:
@@ -118,7 +113,9 @@ class Server:
     @property
     def addresses(self) -> list[object]:
         """The bound addresses (``(host, port, ...)`` tuples or Unix paths)."""
-        return [sock.getsockname() for srv in self._servers for sock in srv.sockets]
+        socks = [sock for srv in self._servers for sock in srv.sockets]
+        socks += [t.sock for t in self._tls if t.sock.fileno() >= 0]
+        return [sock.getsockname() for sock in socks]
 
     @property
     def port(self) -> int:
@@ -184,15 +181,22 @@ class Server:
                 self._udp.append(transport)
                 log.info("answering UDP on %s", format_address(sock.getsockname()))
                 continue
-            srv = await loop.create_server(
-                self._factory, sock=sock, backlog=cfg.effective_backlog, ssl=self._ssl
-            )
+            if self._ssl is not None:
+                # TLS starts after the peer is counted (server.handshake).
+                tls = TlsListener(sock, self, self._factory, self._ssl, self._out_of_descriptors)
+                tls.start()
+                self._tls.append(tls)
+                continue
+            srv = await loop.create_server(self._factory, sock=sock, backlog=cfg.effective_backlog)
             self._servers.append(srv)
         for addr in self.addresses:
             log.info("listening on %s", format_address(addr))
         if self._ssl is not None:
             log.info("TLS on, certificate %s", cfg.tls_cert)
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="aecho-idle-sweeper")
+        if self._servers and type(loop).__module__.startswith("uvloop"):
+            fd = self._servers[0].sockets[0].fileno()
+            self._fd_watch = asyncio.create_task(self._watch_descriptors(fd), name="aecho-fd-watch")
 
     async def _start_metrics(self, port: int) -> None:
         """Serve Prometheus metrics on 127.0.0.1:``port``.
@@ -247,11 +251,12 @@ class Server:
         accepted here and served like the rest; only the few microseconds between
         the last accept and the close are left.
         """
+        tls = {listener.sock for listener in self._tls}
         queued: list[socket.socket] = []
         for sock in self._sockets or ():
-            if sock.type != socket.SOCK_STREAM or sock.fileno() < 0:
+            if sock.type != socket.SOCK_STREAM or sock.fileno() < 0 or sock in tls:
                 continue
-            while len(queued) < self._config.effective_backlog * 4:
+            while len(queued) < MAX_QUEUED:
                 try:
                     conn, _ = sock.accept()
                 except (BlockingIOError, InterruptedError):
@@ -260,10 +265,10 @@ class Server:
                     log.warning("cannot take queued connections while stopping: %s", exc)
                     break
                 queued.append(conn)
-        for srv in self._servers:
-            srv.close()
+        for listener in self._tls:
+            listener.take_queued(MAX_QUEUED)  # counted and handshaken like any other
+        self._stop_listening()
         for conn in queued:
-            # Not awaited one by one: a TLS handshake must not hold up the others.
             adopt = asyncio.create_task(self._adopt(conn))
             self._adopting.add(adopt)
             adopt.add_done_callback(self._adopting.discard)
@@ -273,8 +278,8 @@ class Server:
     async def _adopt(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
-        except (OSError, ssl.SSLError) as exc:
+            await loop.connect_accepted_socket(self._factory, conn)
+        except OSError as exc:
             log.debug("queued connection lost while stopping: %r", exc)
             conn.close()
 
@@ -290,13 +295,14 @@ class Server:
         if self._on_stopping is not None:
             self._on_stopping()
         await self._stop_accepting()
-        for transport in self._udp:
-            transport.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._fd_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         open_at_stop = len(self.connections) + len(self.preludes)
+        for member in list(self.connections):
+            member.drain()
         deadline = time.monotonic() + self._config.graceful_timeout
         # A connection is closed once it has been quiet for a whole sweep: nothing
         # arrived, nothing is owed.  Peers mid-exchange get their replies first.
@@ -351,13 +357,21 @@ class Server:
             on_ready(self)
         await self.serve()
 
-    async def _abandon(self) -> None:
-        """Start-up failed half-way: release what it took (listeners, workers)."""
+    def _stop_listening(self) -> None:
         for srv in self._servers:
             srv.close()
+        for tls in self._tls:
+            tls.close()
+        for transport in self._udp:
+            transport.close()
+
+    async def _abandon(self) -> None:
+        """Start-up failed half-way: release what it took (listeners, workers)."""
+        self._stop_listening()
         self._close_sockets()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._fd_watch):
+            if task is not None:
+                task.cancel()
         if self.pool is not None:
             await self.pool.close(0.0)
 
@@ -365,90 +379,33 @@ class Server:
         """One line per loop-level error; the traceback only at debug level."""
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-            now = time.monotonic()
-            if now - self._emfile_logged_at > EMFILE_LOG_INTERVAL_S:
-                self._emfile_logged_at = now
-                log.warning(
-                    "out of file descriptors with %s open: accepting paused "
-                    "until some close (raise the limit with `ulimit -n`)",
-                    plural(len(self.connections), "connection"),
-                )
+            self._out_of_descriptors()
             return
         log.error("%s%s", context.get("message", "event loop error"), f": {exc!r}" if exc else "")
         if isinstance(exc, BaseException):
             log.debug("traceback", exc_info=exc)
 
-    # -- connection registry -----------------------------------------------------------------
+    async def _watch_descriptors(self, fd: int) -> None:
+        """uvloop (libuv) meets EMFILE on accept by accepting and closing at once, and
+        tells no one: look for the condition itself, twice a second, by dup()ing ``fd``."""
+        while True:
+            await asyncio.sleep(FD_WATCH_INTERVAL_S)
+            try:
+                os.close(os.dup(fd))
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._out_of_descriptors()
 
-    def _full(self) -> bool:
-        # Not refused for stopping: a connection the listener accepted just before it
-        # closed reaches us a moment later, and it is owed service like the others.
-        if self._limits.full(len(self.connections) + len(self.preludes)):
-            self._stats.refused += 1
-            return True
-        return False
-
-    def admit(self, conn: Connection) -> bool:
-        """Register a new connection; False when it must be refused."""
-        if self._full():
-            log.debug(
-                "refusing %s: %s open",
-                format_address(conn.peer),
+    def _out_of_descriptors(self) -> None:
+        """Say so, at most once per EMFILE_LOG_INTERVAL_S."""
+        now = time.monotonic()
+        if now - self._emfile_logged_at > EMFILE_LOG_INTERVAL_S:
+            self._emfile_logged_at = now
+            log.warning(
+                "out of file descriptors with %s open: new connections "
+                "wait or are refused until some close (raise the limit with `ulimit -n`)",
                 plural(len(self.connections), "connection"),
             )
-            return False
-        if self._config.max_connections_per_ip and isinstance(conn.peer, tuple):
-            ip = conn.peer[0]
-            if not self._limits.take_ip(ip):
-                self._stats.refused_per_ip += 1
-                log.debug(
-                    "refusing %s: %s open from %s",
-                    format_address(conn.peer),
-                    plural(self._limits.ip_count(ip), "connection"),
-                    ip,
-                )
-                return False
-        self._stats.accepted += 1
-        self.connections.add(conn)
-        self._limits.counted(len(self.connections) + len(self.preludes))
-        return True
-
-    def forget(self, conn: Connection) -> None:
-        if conn not in self.connections:
-            return
-        self.connections.remove(conn)
-        self._limits.counted(len(self.connections) + len(self.preludes))
-        if self._config.max_connections_per_ip and isinstance(conn.peer, tuple):
-            self._limits.give_ip(conn.peer[0])
-
-    def hold(self, prelude: ProxyPrelude) -> bool:
-        """Count a connection still reading its PROXY header; False when refused.
-
-        It counts toward ``--max-connections`` (and is swept at shutdown) but is
-        only admitted, per-IP limit included, once its real client is known.
-        """
-        if self._full():
-            return False
-        self.preludes.add(prelude)
-        self._limits.counted(len(self.connections) + len(self.preludes))
-        return True
-
-    def release(self, prelude: ProxyPrelude) -> None:
-        self.preludes.discard(prelude)
-        self._limits.counted(len(self.connections) + len(self.preludes))
-
-    def proxy_trusted(self, peer: object) -> bool:
-        """Whether ``peer`` may (and must) send a PROXY header: in --proxy-allow-from.
-
-        Unix socket peers are local processes and always trusted.
-        """
-        if not isinstance(peer, tuple):
-            return True
-        try:
-            ip = ipaddress.ip_address(peer[0])
-        except ValueError:
-            return False
-        return any(ip in net for net in self._proxy_networks)
 
     async def _sweep_idle(self) -> None:
         timeout = self._config.idle_timeout

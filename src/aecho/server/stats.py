@@ -65,6 +65,7 @@ class Stats:
     bytes_out: int = 0
     refused_per_ip: int = 0
     proxy_errors: int = 0
+    tls_failures: int = 0  # handshakes that failed or timed out
     udp_datagrams: int = 0
     udp_bytes: int = 0
     # Set in snapshots only: connections open at that moment (preludes excluded).

@@ -1,0 +1,146 @@
+"""Peers that send and never read, in every mode: server memory stays bounded and the loop
+keeps answering others (README "Behaviour under stress")."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+
+import pytest
+
+from aecho.config import MESSAGE_COST
+from aecho.server.budget import READ_ESTIMATE, Budget
+from tests.conftest import ServerProcess, flood, running_server
+
+KiB = 1024
+# Lines of 1 KiB, packed into 64 KiB sends.
+LINES = (b"l" * (KiB - 1) + b"\n") * 64
+
+MODES: dict[str, tuple[list[str], bytes, bytes, bytes]] = {
+    # name: (serve options, what the flooders send, the probe, its reply)
+    "raw-inline": ([], b"r" * 64 * KiB, b"probe", b"probe"),
+    "line-inline": (["--framing", "line"], LINES, b"probe\n", b"probe\n"),
+    "raw-process": (
+        ["--offload", "process", "--pool-size", "2"], b"r" * 64 * KiB, b"probe", b"probe",
+    ),
+    "line-process": (
+        ["--offload", "process", "--pool-size", "2", "--framing", "line"],
+        LINES, b"probe\n", b"probe\n",
+    ),
+    # Two-byte lines, 65-byte replies: the replies outgrow the input 30 times over.
+    "sha256-line-inline": (
+        ["--framing", "line", "--handler", "sha256"],
+        b"a\n" * 32 * KiB, b"p\n", hashlib.sha256(b"p").hexdigest().encode() + b"\n",
+    ),
+    "sha256-line-process": (
+        ["--offload", "process", "--pool-size", "2", "--framing", "line", "--handler", "sha256"],
+        b"a\n" * 32 * KiB, b"p\n", hashlib.sha256(b"p").hexdigest().encode() + b"\n",
+    ),
+}  # fmt: skip
+
+# The README promises < 64 MiB for 10 s (benchmarks/memory_bound.py); a shorter flood
+# must stay well inside it.
+GROWTH_LIMIT_MIB = 64
+PROBE_P99_LIMIT_MS = 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_peers_that_never_read_keep_memory_bounded_and_the_loop_responsive(
+    serve_process: Callable[..., ServerProcess], mode: str
+) -> None:
+    options, chunk, probe, reply = MODES[mode]
+    server = serve_process(*options)
+    result = flood(server.pid, server.port, chunk, probe, reply, seconds=4.0)
+    assert result.sent > 4 * 1024 * KiB, "the server never read"
+    assert result.probe_failures == 0
+    assert result.growth_mib < GROWTH_LIMIT_MIB, (
+        f"{mode}: server RSS grew {result.growth_mib:.0f} MiB "
+        f"after {result.sent / 1024 / KiB:.0f} MiB sent"
+    )
+    assert result.probe_p99_ms < PROBE_P99_LIMIT_MS, (
+        f"{mode}: probe p99 {result.probe_p99_ms:.1f} ms"
+    )
+    assert server.stop() == 0
+
+
+class _Waiter:
+    def __init__(self, name: str, log: list[str], alive: bool = True) -> None:
+        self.name, self.log, self.alive = name, log, alive
+
+    def wake(self) -> bool:
+        self.log.append(self.name)
+        return self.alive
+
+
+def test_budget_wakes_waiters_first_come_first_served_as_room_allows() -> None:
+    budget = Budget(4 * READ_ESTIMATE)
+    woken: list[str] = []
+    budget.held = 4 * READ_ESTIMATE
+    for name, alive in [("a", True), ("gone", False), ("b", True), ("c", True), ("d", True)]:
+        budget.wait(_Waiter(name, woken, alive))
+    budget.release(READ_ESTIMATE // 2)  # not room for one read yet
+    assert woken == []
+    budget.release(3 * READ_ESTIMATE // 2)  # room for two: a gone connection takes none
+    assert woken == ["a", "gone", "b"]
+    budget.release(2 * READ_ESTIMATE)  # all free: room for four
+    assert woken == ["a", "gone", "b", "c", "d"]
+    assert budget.held == 0 and budget.waiting == 0
+
+
+@pytest.mark.asyncio
+async def test_a_small_pool_budget_serves_every_connection_and_holds_nothing_after() -> None:
+    size = 1024 * KiB
+    async with running_server(
+        offload="process", pool_size=1, pool_budget=1024 * KiB, pool_window=256 * KiB
+    ) as server:
+        budget = server.budget
+        peak = waited = 0
+
+        async def exchange(i: int) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            payload = bytes([i]) * size
+            writer.write(payload)
+            got = await reader.readexactly(size)
+            writer.close()
+            await writer.wait_closed()
+            return got
+
+        tasks = [asyncio.create_task(exchange(i)) for i in range(20)]
+        for _ in range(2000):
+            if all(t.done() for t in tasks):
+                break
+            peak = max(peak, budget.held)
+            waited = max(waited, budget.waiting)
+            await asyncio.sleep(0.002)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert [r == bytes([i]) * size for i, r in enumerate(results)] == [True] * 20
+        assert waited > 0, "the budget never held anyone back"
+        # Past the limit by at most one read for each connection reading at that moment.
+        assert peak <= budget.limit + 20 * (256 * KiB + MESSAGE_COST)
+        for _ in range(200):
+            if not server.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert budget.held == 0 and budget.waiting == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("offload", ["inline", "process"])
+async def test_replies_that_outgrow_a_read_all_arrive_in_order_before_the_close(
+    offload: str,
+) -> None:
+    """A read of 100,000 tiny lines is handled in slices behind a backlog; a half-close
+    right after it still gets every reply, in order, then EOF."""
+    lines = [b"%d" % i for i in range(100_000)]
+    expected = b"".join(hashlib.sha256(line).hexdigest().encode() + b"\n" for line in lines)
+    async with running_server(framing="line", handler="sha256", offload=offload) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"\n".join(lines) + b"\n")
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        await writer.wait_closed()
+    assert len(got) == len(expected)
+    assert got == expected
