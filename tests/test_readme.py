@@ -108,6 +108,7 @@ def test_every_aecho_command_in_the_readme_parses(
     monkeypatch.setattr(cli, "run_client", record)
     monkeypatch.setattr(cli, "setup_logging", lambda *a, **k: None)
     monkeypatch.setattr("aecho.bench.main", record)
+    monkeypatch.setattr("aecho.bench.merge", record)
     monkeypatch.setattr("aecho.process.control.stop", record)
     monkeypatch.setattr("aecho.process.control.status", record)
     result = CliRunner().invoke(cli.app, args)

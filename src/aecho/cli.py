@@ -17,13 +17,12 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from aecho import bench_options as bo
 from aecho import serve_options as opt
 from aecho.address import split_host_port
 from aecho.commandline import (
     DURATION,
     PREFIX,
-    RATE,
-    SIZE,
     Command,
     Group,
     fail,
@@ -95,15 +94,6 @@ def _options(
     ] = False,
 ) -> None:
     """A concurrent TCP echo service, an interactive client and a verifying load tester."""
-
-
-JSON_OUT = Annotated[
-    bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")
-]
-PLOT_FILE = Annotated[
-    str | None,
-    typer.Option(help="Draw the latency and throughput figure to this .png or .svg file."),
-]
 
 
 # -- serve ---------------------------------------------------------------------------------------
@@ -366,101 +356,38 @@ def client(
 @app.command(cls=Command)
 def bench(
     ctx: typer.Context,
-    host: Annotated[
-        str | None,
-        typer.Argument(
-            help="Server to measure (HOST, HOST:PORT or [V6]:PORT); none: start an embedded one."
-        ),
-    ] = None,
-    port: Annotated[
-        int | None, typer.Argument(min=0, max=65535, help=f"Server port [default: {DEFAULT_PORT}].")
-    ] = None,
-    connections: Annotated[
-        int, typer.Option("-c", "--connections", min=1, help="Concurrent connections.")
-    ] = DEFAULT_BENCH_CONNECTIONS,
-    duration: Annotated[
-        float,
-        typer.Option(
-            "-d",
-            "--duration",
-            help="How long to measure (unless -n); each step's, with --find-max-rate "
-            f"(default {DEFAULT_SEARCH_STEP:g} s there).",
-            **DURATION,
-        ),
-    ] = DEFAULT_BENCH_DURATION,
-    messages: Annotated[
-        int | None, typer.Option("-n", "--messages", help="Messages in total, then stop.")
-    ] = None,
-    size: Annotated[
-        int, typer.Option("-s", "--size", help="Bytes per message.", **SIZE)
-    ] = DEFAULT_BENCH_SIZE,
-    pipeline: Annotated[
-        int, typer.Option(min=1, help="Messages in flight per connection (1: ping-pong).")
-    ] = 1,
-    rate: Annotated[
-        float | None,
-        typer.Option(
-            help="Open loop: total messages/s, sent on schedule; latency from it.", **RATE
-        ),
-    ] = None,
-    warmup: Annotated[
-        float,
-        typer.Option(
-            help="Seconds of load left out of the results; before each --find-max-rate "
-            f"step, {DEFAULT_SEARCH_WARMUP:g} s unless given.",
-            **DURATION,
-        ),
-    ] = 0.0,
-    connect_rate: Annotated[
-        float | None, typer.Option(help="Open connections at most this fast (per second).", **RATE)
-    ] = None,
-    workers: Annotated[
-        int, typer.Option(min=1, help="Load-generating processes; results merged exactly.")
-    ] = 1,
-    unix: Annotated[
-        str | None, typer.Option(help="Measure the server on this Unix socket.")
-    ] = None,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for a connection or a reply.", **DURATION)
-    ] = DEFAULT_BENCH_TIMEOUT,
-    framing: Annotated[
-        Framing, typer.Option(help="raw: any bytes; line: newline-terminated messages.")
-    ] = Framing.raw,
-    json_out: JSON_OUT = False,
-    max_p99: Annotated[
-        float | None,
-        typer.Option(help="Exit 1 if p99 latency is above this many ms (the search's goal)."),
-    ] = None,
-    find_max_rate: Annotated[
-        bool,
-        typer.Option(
-            "--find-max-rate",
-            help="Search open-loop rates for the highest with p99 within --max-p99.",
-        ),
-    ] = False,
-    min_rate: Annotated[
-        float | None, typer.Option(help="Exit 1 if fewer messages/s than this.")
-    ] = None,
-    plot: PLOT_FILE = None,
-    offload: Annotated[
-        Offload, typer.Option(help="Embedded server: run the handler inline or in processes.")
-    ] = Offload.inline,
-    handler: Annotated[
-        str, typer.Option(help="The server's handler (embedded: passed on; replies checked).")
-    ] = "echo",
+    host: bo.Host = None,
+    port: bo.Port = None,
+    connections: bo.Connections = DEFAULT_BENCH_CONNECTIONS,
+    duration: bo.Duration = DEFAULT_BENCH_DURATION,
+    messages: bo.Messages = None,
+    size: bo.Size = DEFAULT_BENCH_SIZE,
+    pipeline: bo.Pipeline = 1,
+    rate: bo.Rate = None,
+    warmup: bo.Warmup = 0.0,
+    connect_rate: bo.ConnectRate = None,
+    workers: bo.Workers = 1,
+    unix: bo.Unix = None,
+    timeout: bo.Timeout = DEFAULT_BENCH_TIMEOUT,
+    framing: bo.Framing = Framing.raw,
+    json_out: bo.Json = False,
+    max_p99: bo.MaxP99 = None,
+    find_max_rate: bo.FindMaxRate = False,
+    min_rate: bo.MinRate = None,
+    plot: bo.Plot = None,
+    offload: bo.OffloadMode = Offload.inline,
+    handler: bo.Handler = "echo",
     tls: TlsFlag = False,
-    cafile: Annotated[str | None, typer.Option(help="TLS: trust the CAs in this PEM file.")] = None,
-    insecure: Annotated[
-        bool, typer.Option(help="TLS: do not verify the server's certificate.")
-    ] = False,
-    loop: Annotated[LoopKind, typer.Option(help="Event loop implementation.")] = LoopKind.auto,
+    cafile: bo.Cafile = None,
+    insecure: bo.Insecure = False,
+    loop: bo.Loop = LoopKind.auto,
 ) -> None:
     """Load-test an echo server and verify every byte (no HOST/PORT: an embedded server).
 
     aecho bench merge RESULT.json... combines --json results of runs made side by side.
     """
-    from aecho.bench import BenchError
-    from aecho.bench.runner import main as bench_main
+    from aecho.bench import main as bench_main
+    from aecho.bench.errors import BenchError
     from aecho.offload.handlers import HandlerError
 
     # -n alone measures messages, not the default duration; -n with -d is refused below.
@@ -539,22 +466,12 @@ bench_merge_app = typer.Typer(
 
 
 @bench_merge_app.command(cls=Command)
-def bench_merge(
-    results: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="RESULT.json",
-            help="Files written by 'aecho bench --json', from runs made at the same time.",
-        ),
-    ],
-    json_out: JSON_OUT = False,
-    plot: PLOT_FILE = None,
-) -> None:
+def bench_merge(results: bo.Results, json_out: bo.Json = False, plot: bo.Plot = None) -> None:
     """Combine runs made side by side (say, one per machine) into the result one bench with
     all their load would have reported: counts summed, percentiles from the merged histogram.
     """
-    from aecho.bench import BenchError
-    from aecho.bench.runner import merge_main
+    from aecho.bench import merge
+    from aecho.bench.errors import BenchError
 
     try:
         if plot is not None:
@@ -562,7 +479,7 @@ def bench_merge(
     except ConfigError as exc:
         fail(str(exc), 2)
     try:
-        code = merge_main(results, json_out, plot)
+        code = merge(results, json_out, plot)
     except BenchError as exc:
         fail(str(exc))
     raise typer.Exit(code)

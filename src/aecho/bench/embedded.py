@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-from aecho.bench import BenchError
+from aecho.bench.errors import BenchError
 from aecho.config import DEFAULT_HOST, DEFAULT_MAX_CONNECTIONS, BenchConfig
 from aecho.process.systemd import NotifyReceiver
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from aecho.bench import BenchError
+from aecho.bench.errors import BenchError
 from aecho.bench.histogram import Histogram, format_ns
 from aecho.bench.results import SECOND_NS, TICK_NS, Result, Setup
 from aecho.bench.search import Search, Step
@@ -22,7 +22,7 @@ NINES = (50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
 COLORS = {"p50": "tab:blue", "p99": "tab:orange", "p99.9": "tab:red", "rate": "tab:green"}
 
 
-def check_plot(path: str) -> None:
+def check_plot() -> None:
     """Fail early when ``--plot`` cannot work.
 
     Raises:
@@ -31,7 +31,7 @@ def check_plot(path: str) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BenchError(needs(f"--plot {path}", "matplotlib", "plot")) from None
+        raise BenchError(needs("--plot", "matplotlib", "plot")) from None
 
 
 def _pyplot() -> Any:

@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from aecho.bench import BenchError
+from aecho.bench.errors import BenchError
 from aecho.bench.histogram import format_ns
 from aecho.bench.results import Result, Setup, to_json
 from aecho.bench.search import Search, Step

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from aecho.bench import BenchError
 from aecho.bench.connection import ERROR_KINDS, reply_size
+from aecho.bench.errors import BenchError
 from aecho.bench.histogram import SUB_BITS, Histogram
 from aecho.config import BenchConfig
 

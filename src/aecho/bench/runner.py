@@ -15,7 +15,7 @@ from dataclasses import replace
 from time import monotonic_ns
 from typing import Any
 
-from aecho.bench import BenchError
+from aecho.bench.errors import BenchError
 from aecho.bench.results import Result, Setup, WorkerResult, load
 from aecho.bench.worker import ProgressFn, Worker, WorkerPlan
 from aecho.config import BenchConfig, ConfigError
@@ -31,10 +31,11 @@ def main(cfg: BenchConfig) -> int:
         aecho.config.ConfigError: the options cannot be honoured.
         aecho.offload.handlers.HandlerError: --handler cannot be loaded.
     """
-    from aecho.bench import plot, report
+    import aecho.bench.plot as plot
+    import aecho.bench.report as report
 
     if cfg.plot:
-        plot.check_plot(cfg.plot)
+        plot.check_plot()
     setup = Setup.from_cfg(cfg)  # fails on an unverifiable handler before anything starts
     if cfg.tls:
         client_context(cfg.cafile, cfg.insecure)  # a bad --cafile is a usage error: say so now
@@ -108,10 +109,11 @@ def merge_main(paths: list[str], as_json: bool, plot_path: str | None = None) ->
         BenchError: a file cannot be read, the files measured different things, or the
             plot cannot be drawn.
     """
-    from aecho.bench import plot, report
+    import aecho.bench.plot as plot
+    import aecho.bench.report as report
 
     if plot_path:
-        plot.check_plot(plot_path)
+        plot.check_plot()
     results = [load(path) for path in paths]
     setup = Setup.combined([r.setup for r in results], paths)
     merged = Result.merge(setup, [r.as_part() for r in results])

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from aecho.bench import BenchError
+from aecho.bench.errors import BenchError
 from aecho.bench.results import Result, Setup, latency_json
 from aecho.config import BenchConfig
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from time import monotonic_ns
 from typing import Any
 
-from aecho.bench import BenchError
 from aecho.bench.connection import NEVER, BenchConn, Tally
 from aecho.bench.diagnosis import connect_error, server_fds, speaks_tls
+from aecho.bench.errors import BenchError
 from aecho.bench.histogram import HIGHEST_NS, Histogram, bucket_index
 from aecho.bench.results import SECOND_NS, TICK_NS, WorkerResult
 from aecho.config import BENCH_HEADER_SIZE, DEFAULT_HOST, DEFAULT_PORT, BenchConfig, Framing
