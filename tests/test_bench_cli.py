@@ -277,6 +277,7 @@ def test_cli_nothing_listening() -> None:
     assert data["messages"] == 0
     assert data["errors_by_kind"]["connect"] == 3
     assert data["latency_us"]["p99"] is None
+    assert data["started_at"] is None  # it never started
 
 
 def test_json_when_the_embedded_server_cannot_start(tmp_path: Path) -> None:

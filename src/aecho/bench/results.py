@@ -313,7 +313,10 @@ def to_json(r: Result) -> dict[str, Any]:
         "tls": s.tls,
         "warmup_s": s.warmup_s,
         "planned": {"duration_s": s.duration_s, "messages": s.messages},
-        "started_at": started.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        # A run that never started has no start time, not 1970.
+        "started_at": started.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        if r.start_unix_ns
+        else None,
         "start_unix_ns": r.start_unix_ns,
         "duration_s": round(r.duration_s, 6),
         "duration_ns": r.duration_ns,
