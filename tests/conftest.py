@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import pty
 import select
@@ -189,6 +190,38 @@ def round_trip(sock: socket.socket, payload: bytes, lines: int | None = None) ->
             break
         got += chunk
     return got
+
+
+def echo_once(
+    port: int, payload: bytes = b"hello\x00\xff\n", host: str = "127.0.0.1", timeout: float = 30.0
+) -> bytes:
+    """Connect, send ``payload``, return what came back (as many bytes, or until EOF)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        return round_trip(sock, payload)
+
+
+def run_aecho(
+    *args: str,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m aecho ARGS`` to completion: its exit status, stdout and stderr as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "aecho", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        pass_fds=pass_fds,
+        timeout=timeout,
+    )
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at the positions ``cuts`` (taken modulo its length), in order."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 def wait_until(

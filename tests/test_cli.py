@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from aecho import cli
 from aecho.commandline import Command, Group
 from aecho.config import BenchConfig, ClientConfig, Framing, LoopKind, Offload, ServerConfig
-from tests.conftest import ServerProcess, wait_until
+from tests.conftest import ServerProcess, run_aecho, wait_until
 
 runner = CliRunner()
 
@@ -155,15 +155,9 @@ def test_bad_values_exit_2_with_one_line(
     assert captured == []
 
 
-def _aecho(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aecho", *args], capture_output=True, text=True, timeout=60
-    )
-
-
 def test_port_in_use_is_one_line_and_exit_1(serve_process: Callable[..., ServerProcess]) -> None:
     server = serve_process()
-    out = _aecho("serve", "--port", str(server.port))
+    out = run_aecho("serve", "--port", str(server.port))
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         f"aecho: error: cannot listen on 127.0.0.1:{server.port}: address already in use: "
@@ -172,7 +166,7 @@ def test_port_in_use_is_one_line_and_exit_1(serve_process: Callable[..., ServerP
 
 
 def test_bad_host_is_one_line_and_exit_1() -> None:
-    out = _aecho("serve", "--host", "no-such-host.invalid", "--port", "0")
+    out = run_aecho("serve", "--host", "no-such-host.invalid", "--port", "0")
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -180,7 +174,7 @@ def test_bad_host_is_one_line_and_exit_1() -> None:
 
 
 def test_unknown_handler_is_one_line_and_exit_1() -> None:
-    out = _aecho("serve", "--port", "0", "--handler", "nope")
+    out = run_aecho("serve", "--port", "0", "--handler", "nope")
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -188,14 +182,14 @@ def test_unknown_handler_is_one_line_and_exit_1() -> None:
 
 
 def test_usage_error_from_the_real_command_is_one_line() -> None:
-    out = _aecho("serve", "--port", "x")
+    out = run_aecho("serve", "--port", "x")
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1
     assert "Traceback" not in out.stderr
 
 
 def test_python_dash_m_and_help_work() -> None:
-    out = _aecho("--help")
+    out = run_aecho("--help")
     assert out.returncode == 0
     assert "serve" in out.stdout
     assert "client" in out.stdout
@@ -338,7 +332,7 @@ def test_shell_completion_is_available() -> None:
 
 
 def test_bare_aecho_prints_help_and_no_error_line() -> None:
-    out = _aecho()
+    out = run_aecho()
     assert out.returncode == 2
     assert out.stdout == ""
     assert "Usage: aecho [OPTIONS] COMMAND [ARGS]..." in out.stderr
@@ -376,7 +370,7 @@ def test_usage_errors_read_as_one_plain_line(args: list[str], expected: str) -> 
 
 
 def test_runtime_failures_use_the_same_prefix(tmp_path: Path) -> None:
-    out = _aecho("client", "--unix", str(tmp_path / "nothing.sock"))
+    out = run_aecho("client", "--unix", str(tmp_path / "nothing.sock"))
     assert out.returncode == 1
     assert out.stderr.startswith("aecho: error: ")
     assert len(out.stderr.splitlines()) == 1

@@ -23,6 +23,8 @@ from tests.conftest import (
     alive,
     cmdline,
     descendants,
+    echo_once,
+    rss_kib,
     running_server,
     wait_until,
 )
@@ -30,28 +32,9 @@ from tests.conftest import (
 MiB = 1024 * 1024
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / 100.0
-
-
-def echoes(port: int, payload: bytes = b"ping\x00", timeout: float = 10.0) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            data = sock.recv(65536)
-            if not data:
-                return False
-            got += data
-        return got == payload
 
 
 @pytest.mark.slow
@@ -59,7 +42,7 @@ def test_a_peer_that_never_reads_does_not_grow_server_memory(
     serve_process: Callable[..., ServerProcess],
 ) -> None:
     server = serve_process()
-    assert echoes(server.port)
+    assert echo_once(server.port) == b"hello\x00\xff\n"
     before = rss_kib(server.pid)
     chunk = b"\xab" * MiB
     sent = 0
@@ -83,7 +66,7 @@ def test_a_peer_that_never_reads_does_not_grow_server_memory(
         assert sent > 4 * MiB  # the server did read for a while
         assert growth_mib < 64, f"server RSS grew {growth_mib:.1f} MiB after {sent / MiB:.0f} MiB"
         # Other peers are still served while this one is stuck.
-        assert echoes(server.port)
+        assert echo_once(server.port) == b"hello\x00\xff\n"
     assert server.stop() == 0
 
 
@@ -265,7 +248,7 @@ def test_out_of_descriptors_pauses_accepting_and_recovers(
 
 def _echoes_quietly(port: int) -> bool:
     try:
-        return echoes(port, timeout=2)
+        return echo_once(port, timeout=2) == b"hello\x00\xff\n"
     except OSError:
         return False
 

@@ -22,24 +22,10 @@ import pytest
 import trustme
 
 from aecho.process.pidfile import lock_holder, parse_pid, pid_alive
-from tests.conftest import round_trip, wait_until
+from tests.conftest import echo_once, run_aecho, wait_until
 
 SERVING = re.compile(r"^aecho serving on 127\.0\.0\.1:(\d+) \(pid (\d+), pidfile (\S+)\)$")
 CMD_TIMEOUT = 60.0
-
-
-def aecho(
-    *args: str, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aecho", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        pass_fds=pass_fds,
-        timeout=CMD_TIMEOUT,
-    )
 
 
 def proc_stat(pid: int) -> list[str]:
@@ -58,11 +44,6 @@ def zombie_children(parent: int) -> list[int]:
             if fields[0] == "Z" and int(fields[1]) == parent:
                 found.append(int(name))
     return found
-
-
-def echo_once(port: int, payload: bytes = b"hello\x00\xff\n") -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        return round_trip(sock, payload)
 
 
 def pidfile_holder(path: Path) -> int | None:
@@ -91,7 +72,7 @@ class Daemons:
     ) -> Daemon:
         pidfile = pidfile or self.tmp_path / "aecho.pid"
         self.pidfiles.add(pidfile)
-        result = aecho(
+        result = run_aecho(
             "serve", "--daemon", "--port", "0", "--pidfile", str(pidfile), *args, env=env
         )
         m = SERVING.match(result.stdout.strip())
@@ -131,7 +112,7 @@ def test_daemon_detaches_and_echoes(daemons: Daemons, tmp_path: Path) -> None:
     try:
         pidfile = tmp_path / "d.pid"
         daemons.pidfiles.add(pidfile)
-        result = aecho(
+        result = run_aecho(
             "serve", "--daemon", "--port", "0", "--pidfile", str(pidfile), pass_fds=(leak_w,)
         )
         m = SERVING.match(result.stdout.strip())
@@ -169,7 +150,7 @@ def test_daemon_detaches_and_echoes(daemons: Daemons, tmp_path: Path) -> None:
 
 def test_status_stop_and_stop_again(daemons: Daemons) -> None:
     d = daemons.start()
-    status = aecho("status", "--pidfile", str(d.pidfile))
+    status = run_aecho("status", "--pidfile", str(d.pidfile))
     assert status.returncode == 0, status.stdout
     assert f"running, pid {d.pid}, serving on 127.0.0.1:{d.port}, up " in status.stdout
     # Without a log file, SIGHUP must not kill a daemon (it has no terminal to lose).
@@ -177,24 +158,24 @@ def test_status_stop_and_stop_again(daemons: Daemons) -> None:
     assert echo_once(d.port) == b"hello\x00\xff\n"
     assert pid_alive(d.pid)
 
-    stop = aecho("stop", "--pidfile", str(d.pidfile))
+    stop = run_aecho("stop", "--pidfile", str(d.pidfile))
     assert stop.returncode == 0, stop.stderr
     assert f"stopped (pid {d.pid})" in stop.stdout
     assert not pid_alive(d.pid)
     assert not d.pidfile.exists()
 
     # Stopping a stopped service succeeds (LSB).
-    again = aecho("stop", "--pidfile", str(d.pidfile))
+    again = run_aecho("stop", "--pidfile", str(d.pidfile))
     assert again.returncode == 0
     assert "not running" in again.stdout
-    status = aecho("status", "--pidfile", str(d.pidfile))
+    status = run_aecho("status", "--pidfile", str(d.pidfile))
     assert status.returncode == 3
     assert "not running" in status.stdout
 
 
 def test_second_daemon_on_same_pidfile_is_refused(daemons: Daemons) -> None:
     first = daemons.start()
-    result = aecho("serve", "--daemon", "--port", "0", "--pidfile", str(first.pidfile))
+    result = run_aecho("serve", "--daemon", "--port", "0", "--pidfile", str(first.pidfile))
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.startswith(f"aecho: error: already running (pid {first.pid}, ")
@@ -212,7 +193,7 @@ def test_port_in_use_is_reported_on_the_terminal(daemons: Daemons, tmp_path: Pat
         busy.listen()
         port = busy.getsockname()[1]
         started = time.monotonic()
-        result = aecho("serve", "--daemon", "--port", str(port), "--pidfile", str(pidfile))
+        result = run_aecho("serve", "--daemon", "--port", str(port), "--pidfile", str(pidfile))
         elapsed = time.monotonic() - started
     assert result.returncode == 1
     assert result.stderr.startswith(f"aecho: error: cannot listen on 127.0.0.1:{port}: address")
@@ -226,7 +207,7 @@ def test_failure_inside_the_daemon_comes_back_through_the_pipe(
 ) -> None:
     pidfile = tmp_path / "bad.pid"
     daemons.pidfiles.add(pidfile)
-    result = aecho(
+    result = run_aecho(
         "serve", "--daemon", "--port", "0", "--pidfile", str(pidfile),
         "--handler", "no_such_module_xyz:handle",
     )  # fmt: skip
@@ -249,7 +230,7 @@ def test_readiness_timeout_stops_the_daemon(daemons: Daemons, tmp_path: Path) ->
     daemons.pidfiles.add(pidfile)
     env = {"PYTHONPATH": str(tmp_path), "AECHO_READY_TIMEOUT": "1"}
     started = time.monotonic()
-    result = aecho(
+    result = run_aecho(
         "serve", "--daemon", "--port", "0", "--pidfile", str(pidfile),
         "--handler", "slow_handler_mod:handle", env=env,
     )  # fmt: skip
@@ -267,7 +248,7 @@ def test_stale_pidfile_is_taken_over(daemons: Daemons, tmp_path: Path) -> None:
     pidfile = tmp_path / "stale.pid"
     # A live pid that does not hold the lock is as stale as a dead one.
     pidfile.write_text(f"{os.getpid()}\n")
-    status = aecho("status", "--pidfile", str(pidfile))
+    status = run_aecho("status", "--pidfile", str(pidfile))
     assert status.returncode == 3
     assert "stale pidfile" in status.stdout
     d = daemons.start(pidfile=pidfile)
@@ -282,7 +263,7 @@ def test_default_pidfile_in_xdg_runtime_dir(daemons: Daemons, tmp_path: Path) ->
     started = []
     # Two --port 0 daemons: each pidfile is named by the port it really bound.
     for _ in range(2):
-        result = aecho("serve", "--daemon", "--port", "0", env=env)
+        result = run_aecho("serve", "--daemon", "--port", "0", env=env)
         m = SERVING.match(result.stdout.strip())
         assert m, result.stderr
         port, pid = int(m.group(1)), int(m.group(2))
@@ -295,14 +276,14 @@ def test_default_pidfile_in_xdg_runtime_dir(daemons: Daemons, tmp_path: Path) ->
     # stop and status find a default pidfile from the port, as serve --daemon named it.
     for expected in started:
         port = int(expected.name.removeprefix("aecho-").removesuffix(".pid"))
-        status = aecho("status", "--port", str(port), env=env)
+        status = run_aecho("status", "--port", str(port), env=env)
         assert status.returncode == 0, status
         assert f"serving on 127.0.0.1:{port}" in status.stdout
-        stop = aecho("stop", "-p", str(port), env=env)
+        stop = run_aecho("stop", "-p", str(port), env=env)
         assert stop.returncode == 0, stop
         assert "stopped (pid " in stop.stdout
         assert not expected.exists()
-    gone = aecho("status", "--port", str(port), env=env)
+    gone = run_aecho("status", "--port", str(port), env=env)
     assert gone.returncode == 3
     assert gone.stdout == f"aecho: not running (no pidfile at {runtime}/aecho-{port}.pid)\n"
 
@@ -312,15 +293,15 @@ def test_default_pidfile_of_a_unix_socket_daemon(daemons: Daemons, tmp_path: Pat
     runtime.mkdir()
     env = {"XDG_RUNTIME_DIR": str(runtime)}
     path = tmp_path / "echo.sock"
-    result = aecho("serve", "--daemon", "--unix", str(path), env=env)
+    result = run_aecho("serve", "--daemon", "--unix", str(path), env=env)
     assert result.returncode == 0, result.stderr
     expected = runtime / "aecho-unix-echo.sock.pid"
     daemons.pidfiles.add(expected)
     assert result.stdout.endswith(f", pidfile {expected})\n"), result.stdout
-    status = aecho("status", "--unix", str(path), env=env)
+    status = run_aecho("status", "--unix", str(path), env=env)
     assert status.returncode == 0, status
     assert f"serving on {path}" in status.stdout
-    assert aecho("stop", "--unix", str(path), env=env).returncode == 0
+    assert run_aecho("stop", "--unix", str(path), env=env).returncode == 0
     assert not expected.exists()
     assert not path.exists()
 
@@ -328,7 +309,7 @@ def test_default_pidfile_of_a_unix_socket_daemon(daemons: Daemons, tmp_path: Pat
 def test_stop_kills_past_the_timeout(daemons: Daemons) -> None:
     d = daemons.start()
     os.kill(d.pid, signal.SIGSTOP)  # a server that cannot act on SIGTERM
-    result = aecho("stop", "--pidfile", str(d.pidfile), "--timeout", "1")
+    result = run_aecho("stop", "--pidfile", str(d.pidfile), "--timeout", "1")
     assert result.returncode == 0
     assert f"pid {d.pid} did not stop within 1s after SIGTERM; killed it (SIGKILL)" in (
         result.stderr
@@ -348,13 +329,13 @@ def test_sigusr1_reopens_the_log_file(daemons: Daemons, tmp_path: Path) -> None:
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", log.read_text())
     assert "SIGUSR1" not in rotated.read_text()
     assert echo_once(d.port) == b"hello\x00\xff\n"
-    assert aecho("stop", "--pidfile", str(d.pidfile)).returncode == 0
+    assert run_aecho("stop", "--pidfile", str(d.pidfile)).returncode == 0
     assert "stopped:" in log.read_text()
 
 
 def test_log_file_that_cannot_be_opened(tmp_path: Path) -> None:
     bad = tmp_path / "missing-dir" / "aecho.log"
-    result = aecho("serve", "--daemon", "--port", "0", "--log-file", str(bad))
+    result = run_aecho("serve", "--daemon", "--port", "0", "--log-file", str(bad))
     assert result.returncode == 1
     assert result.stderr.startswith(f"aecho: error: cannot open --log-file {bad}: ")
     assert result.stderr.count("\n") == 1
@@ -374,7 +355,7 @@ def test_foreground_server_with_pidfile(serve_process, tmp_path: Path) -> None: 
     pidfile = tmp_path / "fg.pid"
     srv = serve_process("--pidfile", str(pidfile))
     assert parse_pid(pidfile.read_text()) == srv.pid
-    status = aecho("status", "--pidfile", str(pidfile))
+    status = run_aecho("status", "--pidfile", str(pidfile))
     assert status.returncode == 0
     assert f"running, pid {srv.pid}, serving on 127.0.0.1:{srv.port}" in status.stdout
     assert srv.stop() == 0
@@ -393,7 +374,7 @@ def test_stop_never_signals_a_pid_written_into_a_live_pidfile(daemons: Daemons) 
             f.write(f"{bystander.pid}\n")
             f.truncate()
         for command in ("stop", "status"):
-            result = aecho(command, "--pidfile", str(d.pidfile))
+            result = run_aecho(command, "--pidfile", str(d.pidfile))
             assert result.returncode == 1, result
             out = result.stdout + result.stderr
             assert f"names pid {bystander.pid}, but pid {d.pid} holds its lock" in out
@@ -405,7 +386,7 @@ def test_stop_never_signals_a_pid_written_into_a_live_pidfile(daemons: Daemons) 
         bystander.wait()
 
 
-def test_stop_never_signals_a_lock_holder_that_is_not_aecho(tmp_path: Path) -> None:
+def test_stop_never_signals_a_lock_holder_that_is_not_run_aecho(tmp_path: Path) -> None:
     pidfile = tmp_path / "other.pid"
     # Another program holds the lock and wrote its own pid: a reused pid, say.
     holder = subprocess.Popen(
@@ -425,7 +406,7 @@ def test_stop_never_signals_a_lock_holder_that_is_not_aecho(tmp_path: Path) -> N
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        result = aecho("stop", "--pidfile", str(pidfile))
+        result = run_aecho("stop", "--pidfile", str(pidfile))
         assert result.returncode == 1
         assert f"pid {holder.pid} is not an aecho server" in result.stderr
         assert holder.poll() is None
@@ -441,7 +422,7 @@ def test_pidfile_symlink_is_refused_and_its_target_never_created(tmp_path: Path)
     link = tmp_path / "aecho.pid"
     link.symlink_to(target)  # dangling
     for args in (["--daemon"], []):
-        result = aecho("serve", "--port", "0", "--pidfile", str(link), *args)
+        result = run_aecho("serve", "--port", "0", "--pidfile", str(link), *args)
         assert result.returncode == 1
         assert "symbolic link" in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1
@@ -466,7 +447,7 @@ def test_temporary_pidfile_names_cannot_be_planted(daemons: Daemons, tmp_path: P
 def test_status_of_an_unreadable_or_starting_pidfile(tmp_path: Path) -> None:
     folder = tmp_path / "a-directory.pid"
     folder.mkdir()
-    result = aecho("status", "--pidfile", str(folder))
+    result = run_aecho("status", "--pidfile", str(folder))
     assert result.returncode == 4
     assert "status unknown" in result.stdout
     # Locked, nothing written yet: a server between taking the lock and writing its pid.
@@ -476,10 +457,10 @@ def test_status_of_an_unreadable_or_starting_pidfile(tmp_path: Path) -> None:
         import fcntl
 
         fcntl.lockf(fd, fcntl.LOCK_EX)
-        result = aecho("status", "--pidfile", str(starting))
+        result = run_aecho("status", "--pidfile", str(starting))
         assert result.returncode == 0
         assert "starting" in result.stdout
-        stop = aecho("stop", "--pidfile", str(starting))
+        stop = run_aecho("stop", "--pidfile", str(starting))
         assert stop.returncode == 1
         assert "still starting" in stop.stderr
     finally:
@@ -490,7 +471,7 @@ def test_daemon_on_a_unix_socket(daemons: Daemons, tmp_path: Path) -> None:
     path = tmp_path / "aecho.sock"
     pidfile = tmp_path / "unix.pid"
     daemons.pidfiles.add(pidfile)
-    result = aecho("serve", "--daemon", "--unix", str(path), "--pidfile", str(pidfile))
+    result = run_aecho("serve", "--daemon", "--unix", str(path), "--pidfile", str(pidfile))
     assert result.returncode == 0, result.stderr
     m = re.match(rf"aecho serving on {re.escape(str(path))} \(pid (\d+), pidfile ", result.stdout)
     assert m, result.stdout
@@ -500,7 +481,7 @@ def test_daemon_on_a_unix_socket(daemons: Daemons, tmp_path: Path) -> None:
         sock.connect(str(path))
         sock.sendall(b"over unix\n")
         assert sock.recv(100) == b"over unix\n"
-    assert aecho("stop", "--pidfile", str(pidfile)).returncode == 0
+    assert run_aecho("stop", "--pidfile", str(pidfile)).returncode == 0
     assert not path.exists()
     assert not pidfile.exists()
 

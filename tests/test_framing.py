@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from aecho.server.framing import FrameError, LineFramer, RawFramer
-
-
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in itertools.pairwise(points)]
+from tests.conftest import chunked
 
 
 @given(st.binary(max_size=4096), st.lists(st.integers(min_value=0), max_size=30))

@@ -25,7 +25,7 @@ from aecho.server.proxy_protocol import (
     encode_v2,
     parse,
 )
-from tests.conftest import closed_without_reply, running_server
+from tests.conftest import chunked, closed_without_reply, running_server
 
 ports = st.integers(0, 65535)
 ipv4 = st.builds(lambda n: str(ipaddress.IPv4Address(n)), st.integers(0, 2**32 - 1))
@@ -35,15 +35,6 @@ endpoints = st.one_of(
     st.tuples(st.tuples(ipv6, ports), st.tuples(ipv6, ports)),
 )
 modes = st.sampled_from([ProxyMode.v1, ProxyMode.v2, ProxyMode.auto])
-
-
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, last = [], 0
-    for p in [*points, len(data)]:
-        pieces.append(data[last:p])
-        last = p
-    return pieces
 
 
 # -- parser ------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from aecho.process.systemd import NotifyReceiver
-from tests.conftest import wait_until
+from tests.conftest import echo_once, wait_until
 
 TIMEOUT = 30.0
+ACTIVATED = b"activated\x00\xff"
 
 
 @contextlib.contextmanager
@@ -130,15 +131,6 @@ def with_listen_env(
     return [sys.executable, "-c", code]
 
 
-def echo_once(port: int, payload: bytes = b"activated\x00\xff") -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload) and (chunk := sock.recv(4096)):
-            got += chunk
-    return got
-
-
 def test_socket_passed_by_the_caller_is_used() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -152,7 +144,7 @@ def test_socket_passed_by_the_caller_is_used() -> None:
     try:
         assert proc.wait_ready(), proc.output
         assert proc.port == port
-        assert echo_once(port) == b"activated\x00\xff"
+        assert echo_once(port, ACTIVATED) == ACTIVATED
     finally:
         assert proc.finish() == 0, proc.output
 
@@ -178,7 +170,7 @@ def test_udp_under_socket_activation_answers_on_the_activated_port() -> None:
         )
     try:
         assert proc.wait_ready(), proc.output
-        assert echo_once(port) == b"activated\x00\xff"
+        assert echo_once(port, ACTIVATED) == ACTIVATED
         assert _udp_echo(port) == b"datagram\x00"
     finally:
         assert proc.finish() == 0, proc.output
@@ -215,7 +207,7 @@ def test_listen_pid_for_another_process_is_ignored() -> None:
         try:
             assert proc.wait_ready(), proc.output
             assert proc.port != listener.getsockname()[1]
-            assert echo_once(proc.port) == b"activated\x00\xff"
+            assert echo_once(proc.port, ACTIVATED) == ACTIVATED
         finally:
             assert proc.finish() == 0, proc.output
 
@@ -267,7 +259,7 @@ def test_systemd_socket_activate() -> None:
     try:
         # The tool binds first and execs the server on the first connection.
         assert proc.wait_for(rf"Listening on 127\.0\.0\.1:{port}"), proc.output
-        assert echo_once(port) == b"activated\x00\xff"
+        assert echo_once(port, ACTIVATED) == ACTIVATED
         assert proc.wait_ready(), proc.output
         assert proc.port == port
         assert echo_once(port, b"second") == b"second"

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -20,7 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess, alive, cmdline, descendants, free_port, wait_until
+from tests.conftest import (
+    ServerProcess,
+    alive,
+    cmdline,
+    descendants,
+    echo_once,
+    free_port,
+    run_aecho,
+    wait_until,
+)
 
 TIMEOUT = 30.0
 
@@ -32,15 +39,6 @@ def children_titled(pid: int, prefix: bytes) -> list[int]:
 def servers_of(srv: ServerProcess) -> list[int]:
     """The serving processes (not their pool workers) of a supervisor."""
     return children_titled(srv.pid, b"aecho: server")
-
-
-def echo(port: int, payload: bytes = b"ping\n", timeout: float = TIMEOUT) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload) and (chunk := sock.recv(65536)):
-            got += chunk
-    return got
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -63,7 +61,7 @@ def test_supervisor_runs_n_serving_processes(serve_process: Callable[..., Server
     assert titles == [f"aecho: server 127.0.0.1:{srv.port} (worker {i}/2)".encode() for i in (1, 2)]
     assert srv.ready is not None and srv.ready.fields.get("MAINPID") == str(srv.pid)
     for i in range(20):
-        assert echo(srv.port, b"%d\x00\xff\n" % i) == b"%d\x00\xff\n" % i
+        assert echo_once(srv.port, b"%d\x00\xff\n" % i) == b"%d\x00\xff\n" % i
     assert srv.stop() == 0
     assert wait_until(lambda: not descendants(srv.pid) or not alive(srv.pid), 10)
 
@@ -172,7 +170,7 @@ def test_hup_replaces_every_process_without_a_failed_connection(
         deadline = time.monotonic() + 60
         while not done.is_set() and time.monotonic() < deadline:
             try:
-                if echo(srv.port, b"hup?\n", timeout=5) != b"hup?\n":
+                if echo_once(srv.port, b"hup?\n", timeout=5) != b"hup?\n":
                     failures.append("short echo")
             except OSError as exc:
                 failures.append(repr(exc))
@@ -197,11 +195,7 @@ def test_hup_replaces_every_process_without_a_failed_connection(
 
 def test_a_handler_that_cannot_load_stops_the_supervisor_with_its_error() -> None:
     started = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "aecho", "serve", "--port", "0", "--workers", "2",
-         "--handler", "no_such_module_xyz:f"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    out = run_aecho("serve", "--port", "0", "--workers", "2", "--handler", "no_such_module_xyz:f")
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith(
@@ -215,7 +209,7 @@ def test_term_stops_everything_pools_included(serve_process: Callable[..., Serve
     family = descendants(srv.pid)
     pools = [p for p in family if cmdline(p).startswith(b"aecho: pool worker")]
     assert len(pools) == 2  # one CPU each: N serving processes x pool size = CPU count
-    assert echo(srv.port, b"pooled\n") == b"pooled\n"
+    assert echo_once(srv.port, b"pooled\n") == b"pooled\n"
     assert srv.stop() == 0
     assert wait_until(lambda: not any(map(alive, family)), 20)
 
@@ -231,7 +225,7 @@ def test_ttin_and_ttou(serve_process: Callable[..., ServerProcess]) -> None:
     os.kill(srv.pid, signal.SIGTTOU)
     assert wait_until(lambda: len(servers_of(srv)) == 1)
     for _ in range(20):
-        assert echo(srv.port) == b"ping\n"
+        assert echo_once(srv.port, b"ping\n") == b"ping\n"
     os.kill(srv.pid, signal.SIGTTOU)  # the last one stays
     assert wait_until(lambda: b"(1 worker)" in cmdline(srv.pid))
     assert len(servers_of(srv)) == 1
@@ -244,7 +238,7 @@ def test_metrics_are_the_totals_of_every_process(
     metrics = free_port()
     srv = serve_process("--workers", "2", "--metrics-port", str(metrics))
     for i in range(30):
-        assert echo(srv.port, b"%05d" % i) == b"%05d" % i
+        assert echo_once(srv.port, b"%05d" % i) == b"%05d" % i
     values = scrape(metrics)
     assert values["aecho_connections_accepted_total"] == 30
     assert values["aecho_bytes_received_total"] == 150
@@ -254,31 +248,25 @@ def test_metrics_are_the_totals_of_every_process(
     os.kill(srv.pid, signal.SIGHUP)
     assert wait_until(lambda: not before & set(servers_of(srv)) and len(servers_of(srv)) == 2)
     assert wait_until(lambda: scrape(metrics)["aecho_connections_accepted_total"] == 30)
-    assert echo(srv.port, b"more") == b"more"
+    assert echo_once(srv.port, b"more") == b"more"
     assert scrape(metrics)["aecho_bytes_sent_total"] == 154
     assert srv.stop() == 0
 
 
 def test_daemon_with_workers(tmp_path: Path) -> None:
     pidfile = tmp_path / "w.pid"
-    cmd = [sys.executable, "-m", "aecho"]
-    out = subprocess.run(
-        [*cmd, "serve", "--daemon", "--port", "0", "--workers", "2", "--pidfile", str(pidfile)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    out = run_aecho("serve", "--daemon", "--port", "0", "--workers", "2", "--pidfile", str(pidfile))
     assert out.returncode == 0, out.stderr
     pid = int(pidfile.read_text())
     try:
         port = int(out.stdout.split(" (pid")[0].rsplit(":", 1)[1])
-        assert echo(port) == b"ping\n"
-        status = subprocess.run(
-            [*cmd, "status", "--pidfile", str(pidfile)], capture_output=True, text=True
-        )
+        assert echo_once(port, b"ping\n") == b"ping\n"
+        status = run_aecho("status", "--pidfile", str(pidfile))
         assert status.returncode == 0
         assert f"running, pid {pid}, serving on 127.0.0.1:{port}" in status.stdout
         assert status.stdout.count("(worker ") == 2
         family = descendants(pid)
-        stop = subprocess.run([*cmd, "stop", "--pidfile", str(pidfile)], capture_output=True)
+        stop = run_aecho("stop", "--pidfile", str(pidfile))
         assert stop.returncode == 0
         assert wait_until(lambda: not any(map(alive, [pid, *family])), 20)
         assert not pidfile.exists()
