@@ -45,3 +45,11 @@ def nap(data: bytes) -> bytes:
     """Echo after 0.3 s."""
     time.sleep(0.3)
     return data
+
+
+def crash(data: bytes) -> bytes:
+    """The worker process dies on a message starting with ``crash`` (as a segfault would
+    take it); echo the rest."""
+    if data.startswith(b"crash"):
+        os._exit(3)
+    return data
