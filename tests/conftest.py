@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import pty
+import re
 import select
 import signal
 import socket
@@ -22,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import uvloop
 from hypothesis import settings
 
 from aecho.config import ServerConfig
+from aecho.process.pidfile import parse_pid, pid_alive
 from aecho.process.systemd import Notification, NotifyReceiver
 from aecho.server.server import Server
 
@@ -548,3 +551,83 @@ def flood(
             flooder.stdout.close()
     prober.join(10)
     return result
+
+
+# -- daemons ---------------------------------------------------------------------------------
+
+SERVING = re.compile(r"^aecho serving on 127\.0\.0\.1:(\d+) \(pid (\d+), pidfile (\S+)\)$")
+
+
+@dataclass
+class Daemon:
+    pid: int
+    port: int
+    pidfile: Path
+
+
+class Daemons:
+    """Starts daemons and remembers every pid (and pidfile) to kill at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.pids: set[int] = set()
+        self.pidfiles: set[Path] = set()
+
+    def start(
+        self, *args: str, pidfile: Path | None = None, env: dict[str, str] | None = None
+    ) -> Daemon:
+        pidfile = pidfile or self.tmp_path / "aecho.pid"
+        self.pidfiles.add(pidfile)
+        result = run_aecho(
+            "serve", "--daemon", "--port", "0", "--pidfile", str(pidfile), *args, env=env
+        )
+        m = SERVING.match(result.stdout.strip())
+        if m:
+            self.pids.add(int(m.group(2)))
+        assert result.returncode == 0, result.stderr
+        assert m, result.stdout
+        return Daemon(pid=int(m.group(2)), port=int(m.group(1)), pidfile=pidfile)
+
+    def track(self, pid: int) -> None:
+        self.pids.add(pid)
+
+    def cleanup(self) -> None:
+        for path in self.pidfiles:
+            with contextlib.suppress(OSError):
+                pid = parse_pid(path.read_text())
+                if pid is not None and pid != os.getpid():
+                    self.pids.add(pid)
+        for pid in self.pids:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    d = Daemons(tmp_path)
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def pems(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("pki")
+    cert = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    paths = {"cert": d / "cert.pem", "key": d / "key.pem", "ca": d / "ca.pem"}
+    cert.cert_chain_pems[0].write_to_path(paths["cert"])
+    for blob in cert.cert_chain_pems[1:]:
+        blob.write_to_path(paths["cert"], append=True)
+    cert.private_key_pem.write_to_path(paths["key"])
+    ca.cert_pem.write_to_path(paths["ca"])
+    return {k: str(v) for k, v in paths.items()}

@@ -14,17 +14,13 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import trustme
 
-from aecho.process.pidfile import lock_holder, parse_pid, pid_alive
-from tests.conftest import echo_once, run_aecho, wait_until
+from aecho.process.pidfile import default_pidfile, lock_holder, parse_pid, pid_alive
+from tests.conftest import SERVING, Daemons, echo_once, run_aecho, wait_until
 
-SERVING = re.compile(r"^aecho serving on 127\.0\.0\.1:(\d+) \(pid (\d+), pidfile (\S+)\)$")
 CMD_TIMEOUT = 60.0
 
 
@@ -50,60 +46,6 @@ def pidfile_holder(path: Path) -> int | None:
     """The pid holding the pidfile's lock (POSIX record locks report it), or None."""
     with open(path, "rb") as f:
         return lock_holder(f.fileno())
-
-
-@dataclass
-class Daemon:
-    pid: int
-    port: int
-    pidfile: Path
-
-
-class Daemons:
-    """Starts daemons and remembers every pid (and pidfile) to kill at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.pids: set[int] = set()
-        self.pidfiles: set[Path] = set()
-
-    def start(
-        self, *args: str, pidfile: Path | None = None, env: dict[str, str] | None = None
-    ) -> Daemon:
-        pidfile = pidfile or self.tmp_path / "aecho.pid"
-        self.pidfiles.add(pidfile)
-        result = run_aecho(
-            "serve", "--daemon", "--port", "0", "--pidfile", str(pidfile), *args, env=env
-        )
-        m = SERVING.match(result.stdout.strip())
-        if m:
-            self.pids.add(int(m.group(2)))
-        assert result.returncode == 0, result.stderr
-        assert m, result.stdout
-        return Daemon(pid=int(m.group(2)), port=int(m.group(1)), pidfile=pidfile)
-
-    def track(self, pid: int) -> None:
-        self.pids.add(pid)
-
-    def cleanup(self) -> None:
-        for path in self.pidfiles:
-            with contextlib.suppress(OSError):
-                pid = parse_pid(path.read_text())
-                if pid is not None and pid != os.getpid():
-                    self.pids.add(pid)
-        for pid in self.pids:
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    d = Daemons(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
 
 
 def test_daemon_detaches_and_echoes(daemons: Daemons, tmp_path: Path) -> None:
@@ -295,7 +237,9 @@ def test_default_pidfile_of_a_unix_socket_daemon(daemons: Daemons, tmp_path: Pat
     path = tmp_path / "echo.sock"
     result = run_aecho("serve", "--daemon", "--unix", str(path), env=env)
     assert result.returncode == 0, result.stderr
-    expected = runtime / "aecho-unix-echo.sock.pid"
+    # Named after the socket file and a hash of its whole path, in XDG_RUNTIME_DIR.
+    expected = runtime / Path(default_pidfile(unix=str(path))).name
+    assert expected.name.startswith("aecho-unix-echo.sock-")
     daemons.pidfiles.add(expected)
     assert result.stdout.endswith(f", pidfile {expected})\n"), result.stdout
     status = run_aecho("status", "--unix", str(path), env=env)

@@ -26,16 +26,14 @@ import pytest
 
 from aecho.process.pidfile import pid_alive
 from tests.conftest import (
+    Daemons,
     ServerProcess,
-    cmdline,
-    descendants,
     free_port,
+    run_aecho,
     run_bench,
     threaded_server,
     wait_until,
 )
-from tests.test_daemon import Daemons, aecho, daemons  # noqa: F401 (the fixture)
-from tests.test_tls import ca, pems  # noqa: F401 (the fixtures)
 
 ServeProcess = Callable[..., ServerProcess]
 T = "tests.handlers_for_tests:"
@@ -210,7 +208,7 @@ def test_untrusted_peers_that_send_nothing_count_against_the_per_ip_limit(
 
 
 def test_a_pidfile_saved_by_an_editor_does_not_make_a_running_server_look_stopped(
-    daemons: Daemons,  # noqa: F811 (the fixture)
+    daemons: Daemons,
     tmp_path: Path,
 ) -> None:
     """README: "a pidfile rewritten by hand or a pid since reused by another program gets
@@ -226,11 +224,11 @@ def test_a_pidfile_saved_by_an_editor_does_not_make_a_running_server_look_stoppe
     edited.write_text(daemon.pidfile.read_text())  # the same content
     os.rename(edited, daemon.pidfile)  # as `sed -i` or an editor saves it
 
-    status = aecho("status", "--pidfile", str(daemon.pidfile))
+    status = run_aecho("status", "--pidfile", str(daemon.pidfile))
     assert pid_alive(daemon.pid)
     assert status.returncode != 3, f"status says not running while it serves: {status.stdout}"
 
-    stop = aecho("stop", "--pidfile", str(daemon.pidfile))
+    stop = run_aecho("stop", "--pidfile", str(daemon.pidfile))
     assert stop.returncode == 1 or not pid_alive(daemon.pid), (
         f"stop exited {stop.returncode} ({stop.stdout.strip()}) and the server still runs"
     )
@@ -250,7 +248,7 @@ def _unix_echoes(path: Path) -> bool:
 @contextlib.contextmanager
 def _unix_daemon(path: Path, env: dict[str, str]) -> Iterator[int]:
     """``aecho serve --daemon --unix PATH`` with its default pidfile; yields its pid, kills it."""
-    started = aecho("serve", "--daemon", "--unix", str(path), env=env)
+    started = run_aecho("serve", "--daemon", "--unix", str(path), env=env)
     assert started.returncode == 0, started.stderr
     m = DAEMON_PID.search(started.stdout)
     assert m, started.stdout
@@ -281,7 +279,7 @@ def test_stop_unix_path_never_stops_the_server_on_another_path(tmp_path: Path) -
     """
     a, b, env = _two_socket_dirs(tmp_path)
     with _unix_daemon(a, env) as pid:
-        stop = aecho("stop", "--unix", str(b), env=env)
+        stop = run_aecho("stop", "--unix", str(b), env=env)
         assert pid_alive(pid), f"stop --unix {b} stopped the server on {a}: {stop.stdout}"
         assert _unix_echoes(a)
 
@@ -344,7 +342,7 @@ def test_pipe_timeout_counts_bytes_still_owed_after_a_partial_reply() -> None:
 
 def test_bench_names_the_connection_limit_of_a_tls_server(
     serve_process: ServeProcess,
-    pems: dict[str, str],  # noqa: F811 (the fixture)
+    pems: dict[str, str],
 ) -> None:
     """README, bench: "Each failure is explained in one line: ... the server turning
     connections away because its connection limit was reached (--max-connections)".
@@ -373,16 +371,6 @@ def test_find_max_rate_json_keeps_its_keys_when_nothing_listens() -> None:
 
 
 # -- process titles -----------------------------------------------------------------------------
-
-
-def test_pool_workers_show_as_the_readme_says(serve_process: ServeProcess) -> None:
-    """README, Offload, Processes: "They show as `aecho: worker` in `ps`"."""
-    server = serve_process("--offload", "process", "--pool-size", "1")
-    assert wait_until(
-        lambda: any(cmdline(p).startswith(b"aecho: ") for p in descendants(server.pid))
-    )
-    titles = [cmdline(p) for p in descendants(server.pid) if cmdline(p).startswith(b"aecho: ")]
-    assert b"aecho: worker" in titles, titles
 
 
 # -- signals ------------------------------------------------------------------------------------

@@ -24,24 +24,6 @@ from aecho.tls import client_context, server_context
 from tests.conftest import ServerProcess, running_server, terminal
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def pems(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("pki")
-    cert = ca.issue_cert("127.0.0.1", "localhost", "::1")
-    paths = {"cert": d / "cert.pem", "key": d / "key.pem", "ca": d / "ca.pem"}
-    cert.cert_chain_pems[0].write_to_path(paths["cert"])
-    for blob in cert.cert_chain_pems[1:]:
-        blob.write_to_path(paths["cert"], append=True)
-    cert.private_key_pem.write_to_path(paths["key"])
-    ca.cert_pem.write_to_path(paths["ca"])
-    return {k: str(v) for k, v in paths.items()}
-
-
 @pytest.mark.asyncio
 async def test_tls_echo_exact_bytes(pems: dict[str, str]) -> None:
     async with running_server(tls_cert=pems["cert"], tls_key=pems["key"]) as server:

@@ -219,6 +219,8 @@ def test_ttin_and_ttou(serve_process: Callable[..., ServerProcess]) -> None:
     os.kill(srv.pid, signal.SIGTTIN)
     assert wait_until(lambda: len(servers_of(srv)) == 3)
     assert wait_until(lambda: b"(3 workers)" in cmdline(srv.pid))
+    # Every serving process's title follows: worker i of 3.
+    assert wait_until(lambda: all(cmdline(p).endswith(b"/3)") for p in servers_of(srv)))
     # One at a time: two of one signal sent at once may arrive as one (as with nginx).
     os.kill(srv.pid, signal.SIGTTOU)
     assert wait_until(lambda: len(servers_of(srv)) == 2)

@@ -207,7 +207,7 @@ def _print(outcome: Any) -> None:
 
 PIDFILE_HELP = "The pidfile the server was started with."
 PORT_HELP = "Or the port a daemon serves on: its default pidfile, aecho-PORT.pid."
-UNIX_HELP = "Or the Unix socket a daemon serves on: its default pidfile, aecho-unix-NAME.pid."
+UNIX_HELP = "Or the Unix socket a daemon serves on: its default pidfile, aecho-unix-NAME-*.pid."
 
 
 def _which_pidfile(pidfile: str | None, port: int | None, unix: str | None) -> str:
@@ -242,7 +242,7 @@ def stop(
     """Stop a server gracefully (SIGTERM), killing it past --timeout."""
     from aecho.process.control import stop as stop_main
 
-    _print(stop_main(_which_pidfile(pidfile, port, unix), timeout))
+    _print(stop_main(_which_pidfile(pidfile, port, unix), timeout, port, unix))
 
 
 @app.command(cls=Command)
@@ -256,7 +256,7 @@ def status(
     """Is the server running? Exit 0 if so, 3 if not, 4 if its pidfile cannot be read."""
     from aecho.process.control import status as status_main
 
-    _print(status_main(_which_pidfile(pidfile, port, unix)))
+    _print(status_main(_which_pidfile(pidfile, port, unix), port, unix))
 
 
 # -- client --------------------------------------------------------------------------------------

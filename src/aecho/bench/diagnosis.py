@@ -24,6 +24,13 @@ def connect_error(cfg: BenchConfig, exc: BaseException) -> tuple[str, str]:
         )
     if isinstance(exc, TimeoutError):
         return "connect", f"connecting to {target} timed out after {cfg.timeout:g}s"
+    if isinstance(
+        exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError | ssl.SSLEOFError
+    ):
+        # Accepted, then closed before the TLS handshake could finish: how a server at its
+        # connection limit turns a TLS client away, as it turns plain ones away on the
+        # first message.
+        return "refused", "the server closed the connection during the TLS handshake"
     if isinstance(exc, ssl.SSLError):
         return "connect", f"TLS handshake with {target} failed: {exc.reason or exc}"
     if isinstance(exc, OSError):

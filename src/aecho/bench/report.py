@@ -127,6 +127,16 @@ def print_failure_json(setup: Setup, exc: BenchError) -> None:
     print_json(result, [str(exc)])
 
 
+def print_search_failure_json(setup: Setup, cfg: BenchConfig, exc: BenchError) -> None:
+    """``--find-max-rate --json`` when the search could not run: its object, no steps."""
+    from aecho.bench.search import Search
+
+    data = search_json(Search(setup, goal_ms=cfg.max_p99_ms or 0.0))
+    data["error"] = str(exc)
+    sys.stdout.write(json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
 def show(result: Result, cfg: BenchConfig) -> int:
     """Print the result as asked (table or JSON, plot) and the verdict; the exit status.
 

@@ -61,7 +61,9 @@ def main(cfg: BenchConfig) -> int:
                 result = run(cfg, on_progress, setup)
                 result.server_pid = pid
     except BenchError as exc:
-        if cfg.json:
+        if cfg.json and cfg.find_max_rate:
+            report.print_search_failure_json(setup, cfg, exc)
+        elif cfg.json:
             report.print_failure_json(setup, exc)
         raise
     finally:

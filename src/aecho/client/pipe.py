@@ -108,9 +108,10 @@ class _Pipe:
     """One thread moves stdin to the socket and the socket to stdout, never blocking on one
     side while the other has work, and measures the server's silence.
 
-    The silence counts while the server owes something: bytes or the end of input went
-    out since it last answered, or bytes wait to go out (a server that does not read).
-    A slow stdin is not the server's silence.
+    The silence counts while the server owes something: the end of input went out, or
+    bytes went out and the replies have not caught up with them (as many bytes, as an echo
+    answers, or as many lines, as a line handler does), or bytes wait to go out (a server
+    that does not read).  A slow stdin is not the server's silence.
     """
 
     def __init__(
@@ -129,6 +130,8 @@ class _Pipe:
         self.finished = False  # end of input sent: a half-close or a close_notify
         self.owed = False
         self.quiet_since = time.monotonic()
+        # What went in and came back, to tell when the replies have caught up.
+        self.put_bytes = self.put_lines = self.got_bytes = self.got_lines = 0
 
     def run(self) -> None:
         """Raises: ClientError, OutputClosed: as :func:`run_pipe`."""
@@ -162,6 +165,11 @@ class _Pipe:
             return self.quiet_since + self.config.timeout
         return None
 
+    def _caught_up(self) -> bool:
+        if self.got_bytes >= self.put_bytes:
+            return True
+        return 0 < self.put_lines <= self.got_lines
+
     def _take_input(self) -> None:
         """Raises: ClientError: stdin cannot be read, or the half-close failed."""
         self.source.start()
@@ -175,6 +183,8 @@ class _Pipe:
             else:
                 self.wire.write(chunk)
                 self.to_send += self.wire.outgoing()
+                self.put_bytes += len(chunk)
+                self.put_lines += chunk.count(b"\n")
         if self.input_done and not self.finished and not self.to_send:
             try:
                 self.wire.finish()
@@ -217,7 +227,10 @@ class _Pipe:
         reply, ended = self.wire.received(data)
         if reply:
             write_out(self.stdout, reply)
-            self.owed = self.finished  # after the end of input, the close is still owed
+            self.got_bytes += len(reply)
+            self.got_lines += reply.count(b"\n")
+            # After the end of input the close is still owed; before, what has not come back.
+            self.owed = self.finished or not self._caught_up()
         self.quiet_since = time.monotonic()  # after the write: a slow stdout is not silence
         if ended and not self.finished:
             raise cut_short(self.where)

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aecho.address import format_address
@@ -62,6 +63,11 @@ class Child:
     error: str = ""
     stats: Stats | None = None  # the last snapshot it sent
     _buf: bytes = b""
+
+    def tell(self, line: bytes) -> None:
+        """Send the child one line of the channel (it may have gone: then nothing)."""
+        with contextlib.suppress(OSError):
+            self.control.send(line + b"\n")
 
     def ask_stats(self) -> bool:
         """Ask for a snapshot (the answer arrives on :attr:`control`); False if gone."""
@@ -144,7 +150,9 @@ def _serve_in_child(
         child_config = dataclasses.replace(
             config, metrics_port=None, daemon=False, pidfile=None, unix=None
         )
-        channel = StatsChannel(control)
+        channel = StatsChannel(
+            control, lambda n: set_process_title(server_title(address, index, n))
+        )
         code = run_server(
             child_config, sockets, limits=limits, on_ready=channel.attach, supervised=True
         )
@@ -180,11 +188,14 @@ def _become_child(sockets: list[socket.socket], control: socket.socket, supervis
 
 
 class StatsChannel:
-    """The child's end of the stats channel: a JSON snapshot line per ``stats`` request."""
+    """The child's end of its channel with the supervisor: a JSON snapshot line per
+    ``stats`` request, and a new title on ``workers N`` (their number changed)."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, retitle: Callable[[int], None]) -> None:
         self.control = control
+        self.retitle = retitle
         self.server: Server | None = None
+        self._buf = b""
 
     def attach(self, server: Server) -> None:
         """Serve requests on the server's loop (called once it serves)."""
@@ -204,8 +215,13 @@ class StatsChannel:
             if not data:
                 loop.remove_reader(self.control.fileno())
                 return
-            for _ in range(data.count(b"\n")):
-                self.send()
+            self._buf += data
+            *lines, self._buf = self._buf.split(b"\n")
+            for line in lines:
+                if line == b"stats":
+                    self.send()
+                elif line.startswith(b"workers ") and line[8:].isdigit():
+                    self.retitle(int(line[8:]))
 
         loop.add_reader(self.control.fileno(), readable)
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from aecho.process.daemon import wait_gone
-from aecho.process.pidfile import Probe, probe, process_title, remove_if_stale
+from aecho.process.pidfile import Probe, pid_alive, probe, process_title, remove_if_stale
 from aecho.process.titles import address_from_title
 
 DEFAULT_STOP_TIMEOUT = 15.0
@@ -35,8 +35,21 @@ class Outcome:
 def _not_running(path: str, found: Probe) -> str:
     if found.state == "absent":
         return f"not running (no pidfile at {path})"
-    gone = f"pid {found.pid} is gone" if found.pid else "no pid in it"
-    return f"not running (stale pidfile {path}: {gone})"
+    if found.pid is None:
+        why = "no pid in it"
+    elif pid_alive(found.pid):
+        why = f"pid {found.pid} is not an aecho server"
+    else:
+        why = f"pid {found.pid} is gone"
+    return f"not running (stale pidfile {path}: {why})"
+
+
+def serves(pid: int, port: int | None = None, unix: str | None = None) -> bool:
+    """Whether ``pid``'s title says it serves on ``port`` (any address) or at ``unix``."""
+    addresses = address_from_title(process_title(pid).decode("utf-8", "replace")).split()
+    if unix is not None:
+        return os.path.abspath(unix) in addresses
+    return port is None or any(a.rsplit(":", 1)[-1] == str(port) for a in addresses)
 
 
 def _refuse(path: str, found: Probe) -> Outcome:
@@ -48,11 +61,31 @@ def _refuse(path: str, found: Probe) -> Outcome:
     )
 
 
-def stop(path: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> Outcome:
+def _elsewhere(path: str, pid: int, port: int | None, unix: str | None) -> Outcome | None:
+    """A refusal when the server a default pidfile names serves somewhere else."""
+    if (port is None and unix is None) or serves(pid, port, unix):
+        return None
+    where = address_from_title(process_title(pid).decode("utf-8", "replace")) or "unknown"
+    asked = os.path.abspath(unix) if unix else f"port {port}"
+    return Outcome(
+        1,
+        f"pidfile {path} names pid {pid}, which serves on {where}, not on {asked}; "
+        "nothing was signalled",
+        error=True,
+    )
+
+
+def stop(
+    path: str,
+    timeout: float = DEFAULT_STOP_TIMEOUT,
+    port: int | None = None,
+    unix: str | None = None,
+) -> Outcome:
     """SIGTERM the server named by the pidfile and wait; SIGKILL past ``timeout``.
 
-    Exit 0 once it is gone or when nothing was running (stopping a stopped service
-    succeeds, as LSB init scripts do); 1 when it cannot be stopped or checked.
+    ``port`` or ``unix``: the pidfile was found from them, and the server must serve
+    there.  Exit 0 once it is gone or when nothing was running (stopping a stopped
+    service succeeds, as LSB init scripts do); 1 when it cannot be stopped or checked.
     """
     try:
         found = probe(path)
@@ -62,9 +95,19 @@ def stop(path: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> Outcome:
         return Outcome(1, f"the server for {path} is still starting; retry", error=True)
     if found.state == "foreign":
         return _refuse(path, found)
+    if found.state == "unlocked":
+        return Outcome(
+            1,
+            f"pidfile {path}: {found.why}; nothing was signalled (if it is yours, "
+            f"kill {found.pid} stops it gracefully)",
+            error=True,
+        )
     if found.state != "running" or found.pid is None:
         return Outcome(0, _not_running(path, found))
     pid = found.pid
+    if (refusal := _elsewhere(path, pid, port, unix)) is not None:
+        return refusal
+    socket_file = _socket_file(pid)
     # A pidfd pins the process: the check below and the signal reach the same one.
     try:
         pidfd = os.pidfd_open(pid)
@@ -88,11 +131,36 @@ def stop(path: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> Outcome:
         os.close(pidfd)
     wait_gone(pid, 5.0)
     remove_if_stale(path)
+    if socket_file:
+        _remove_if_stale_socket(socket_file)
     return Outcome(
         0,
         f"pid {pid} did not stop within {timeout:g}s after SIGTERM; killed it (SIGKILL)",
         error=True,
     )
+
+
+def _socket_file(pid: int) -> str:
+    """The Unix socket a server serves on (from its title), "" for TCP."""
+    for address in address_from_title(process_title(pid).decode("utf-8", "replace")).split():
+        if address.startswith("/"):
+            return address
+    return ""
+
+
+def _remove_if_stale_socket(path: str) -> None:
+    """After SIGKILL the server left its socket file: remove it once nothing listens."""
+    import socket
+    import stat
+
+    with contextlib.suppress(OSError):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+        with socket.socket(socket.AF_UNIX) as probe_sock:
+            try:
+                probe_sock.connect(path)
+            except OSError:
+                os.unlink(path)
 
 
 def format_uptime(seconds: float) -> str:
@@ -140,8 +208,9 @@ def workers_of(pid: int) -> list[str]:
     return [f"pid {child} {title}" for title, child in sorted(found)]
 
 
-def status(path: str) -> Outcome:
-    """Whether the server named by the pidfile runs: 0 running, 3 not (LSB), 4 unknown."""
+def status(path: str, port: int | None = None, unix: str | None = None) -> Outcome:
+    """Whether the server named by the pidfile runs: 0 running, 3 not (LSB), 4 unknown,
+    1 when the pidfile names a process that does not hold it or serves elsewhere."""
     try:
         found = probe(path)
     except OSError as exc:
@@ -150,8 +219,10 @@ def status(path: str) -> Outcome:
         return Outcome(RUNNING, f"starting (pidfile {path} is locked, no pid written yet)")
     if found.state == "foreign":
         return Outcome(1, f"pidfile {path} does not name the server that holds it: {found.why}")
-    if found.state != "running" or found.pid is None:
+    if found.state not in ("running", "unlocked") or found.pid is None:
         return Outcome(NOT_RUNNING, _not_running(path, found))
+    if (refusal := _elsewhere(path, found.pid, port, unix)) is not None:
+        return Outcome(1, refusal.message)
     parts = [f"running, pid {found.pid}"]
     title = process_title(found.pid).decode("utf-8", "replace")
     if address := address_from_title(title):
@@ -159,5 +230,7 @@ def status(path: str) -> Outcome:
     if (since := started_at(found.pid)) is not None:
         parts.append(f"up {format_uptime(time.time() - since)}")
     lines = [", ".join(parts)]
+    if found.state == "unlocked":
+        lines.append(f"  but pidfile {path} is not locked by it (was the file replaced?)")
     lines += [f"  {w}" for w in workers_of(found.pid)]
     return Outcome(RUNNING, "\n".join(lines))

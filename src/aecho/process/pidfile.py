@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 import tempfile
@@ -108,6 +109,24 @@ def _same_file(path: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
+def _refuse_a_live_server(path: str, fd: int) -> None:
+    """Unlocked, yet naming a running aecho server (the file was replaced): taking it over
+    would leave that server without a pidfile that stop and status can find.
+
+    Raises:
+        PidfileError: the pid in the file is a running aecho server other than this one.
+    """
+    pid = parse_pid(os.pread(fd, 64, 0).decode("ascii", "replace"))
+    if pid is None or pid == os.getpid() or not pid_alive(pid):
+        return
+    if process_title(pid).startswith(SERVER_TITLES):
+        os.close(fd)
+        raise PidfileError(
+            f"pidfile {path} names pid {pid}, a running aecho server that does not hold it "
+            "(was the file replaced?): stop that server or use another --pidfile"
+        )
+
+
 class Pidfile:
     """A pidfile this process holds locked; see the module docstring."""
 
@@ -138,6 +157,7 @@ class Pidfile:
             # Between open and lock the holder may have renamed a new file over the
             # path or removed it; the lock we got is then on a file nobody looks at.
             if _same_file(path, fd):
+                _refuse_a_live_server(path, fd)
                 return cls(path, fd)
             os.close(fd)
             if time.monotonic() >= deadline:
@@ -190,11 +210,17 @@ def default_pidfile(port: int | None = None, unix: str | None = None) -> str:
     """The pidfile of a daemon started without ``--pidfile``: where it writes it and where
     ``stop`` and ``status`` look for it.
 
-    ``aecho-PORT.pid``, or ``aecho-unix-NAME.pid`` for a Unix socket whose file is
-    named NAME, in ``$XDG_RUNTIME_DIR`` (when it is an absolute path to a directory),
-    else in ``/tmp``.
+    ``aecho-PORT.pid``, or ``aecho-unix-NAME-HASH.pid`` for a Unix socket whose file is
+    named NAME (HASH: of its whole path, so two sockets of one name in two directories
+    have a pidfile each), in ``$XDG_RUNTIME_DIR`` (when it is an absolute path to a
+    directory), else in ``/tmp``.
     """
-    name = f"unix-{os.path.basename(unix)}" if unix else str(port)
+    if unix:
+        path = os.path.abspath(unix)
+        digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        name = f"unix-{os.path.basename(path)}-{digest}"
+    else:
+        name = str(port)
     base = os.environ.get("XDG_RUNTIME_DIR", "")
     if not (os.path.isabs(base) and os.path.isdir(base)):
         base = "/tmp"
@@ -208,10 +234,13 @@ def default_pidfile(port: int | None = None, unix: str | None = None) -> str:
 class Probe:
     """What a pidfile says, checked against the process that holds its lock.
 
-    ``state``: ``absent`` (no file), ``stale`` (nobody holds the lock), ``starting``
-    (locked, no pid written yet), ``running`` (the pid in the file holds the lock and
-    is an aecho server), ``foreign`` (locked, but the pid in the file is not the
-    holder, or the holder is not an aecho server: nothing may be signalled).
+    ``state``: ``absent`` (no file), ``stale`` (nobody holds the lock, and its pid is
+    gone or is no aecho server), ``starting`` (locked, no pid written yet), ``running``
+    (the pid in the file holds the lock and is an aecho server), ``unlocked`` (nobody
+    holds the lock, yet its pid is a running aecho server: the file was replaced, by an
+    editor say, so it cannot vouch for the pid), ``foreign`` (locked, but the pid in
+    the file is not the holder, or the holder is not an aecho server).  Only
+    ``running`` may be signalled.
     """
 
     state: str
@@ -248,6 +277,13 @@ def probe(path: str) -> Probe:
     finally:
         os.close(fd)
     if holder is None:
+        if pid is not None and pid_alive(pid) and process_title(pid).startswith(SERVER_TITLES):
+            return Probe(
+                "unlocked",
+                pid,
+                None,
+                f"pid {pid} is an aecho server but does not hold its lock (was the file replaced?)",
+            )
         return Probe("stale", pid)
     if pid is None:
         return Probe("starting", None, holder)

@@ -131,6 +131,11 @@ class _Signals:
             installed.append(sig)
         loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
         installed.append(signal.SIGUSR1)
+        # TTIN/TTOU would stop a foreground process (their default); they mean "one
+        # serving process more or less", which only a supervisor can do.
+        for sig in (signal.SIGTTIN, signal.SIGTTOU):
+            loop.add_signal_handler(sig, self._on_scale, sig)
+            installed.append(sig)
         # A foreground server without a log file keeps SIGHUP's default (a closed
         # terminal ends it); otherwise there is no terminal and it must not kill.
         if self.config.log_file is not None or self.config.daemon or self.supervised:
@@ -170,6 +175,9 @@ class _Signals:
             log.info("SIGUSR1: reopened log file %s", self.config.log_file)
         else:
             log.info("SIGUSR1: no log file to reopen")
+
+    def _on_scale(self, sig: signal.Signals) -> None:
+        log.info("%s: a single serving process cannot change its number (use --workers)", sig.name)
 
     def _on_hup(self) -> None:
         log.info("SIGHUP: a single serving process has nothing to reload; SIGUSR1 reopens logs")

@@ -389,6 +389,9 @@ class Supervisor:
 
     def _retitle(self) -> None:
         set_process_title(supervisor_title(self.address, self.target))
+        for child in self.children.values():
+            if child.state != "stopping":
+                child.tell(b"workers %d" % self.target)
 
     def _begin_stop(self, signum: int | None, fatal: str | None = None) -> None:
         stop = self.stop

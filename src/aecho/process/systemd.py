@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,17 +105,17 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class NotifyReceiver:
-    """A private ``NOTIFY_SOCKET``: a datagram socket in a fresh temporary directory.
+    """A private ``NOTIFY_SOCKET``: a datagram socket in the abstract namespace (named
+    ``@aecho-notify-<random>``), so nothing is left on disk even when its owner is killed.
 
     Pass :attr:`env` to the child; :meth:`wait_ready` returns its READY notification.
     """
 
     def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="aecho-notify-")
-        self.path = os.path.join(self._dir.name, "notify")
+        self.path = f"@aecho-notify-{secrets.token_hex(12)}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            self.sock.bind(self.path)
+            self.sock.bind("\0" + self.path[1:])
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         except BaseException:
             self.close()
@@ -162,7 +162,6 @@ class NotifyReceiver:
 
     def close(self) -> None:
         self.sock.close()
-        self._dir.cleanup()
 
     def __enter__(self) -> NotifyReceiver:
         return self

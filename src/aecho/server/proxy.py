@@ -45,10 +45,12 @@ class ProxyPrelude(Prelude):
         self.transport = t
         self.active = True  # see Connection.connection_made
         self.peer = t.get_extra_info("peername")
-        if not self.host.hold(self):
+        self._trusted = self.host.proxy_trusted(self.peer)
+        # A peer outside --proxy-allow-from speaks for itself: it is the client, so the
+        # per-IP limit applies from accept, as it would without the option.
+        if not self.host.hold(self, per_ip=not self._trusted):
             t.abort()
             return
-        self._trusted = self.host.proxy_trusted(self.peer)
         if self._trusted:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._timed_out)

@@ -80,6 +80,7 @@ class Server(Registry):
         self._stop = asyncio.Event()
         self._stopping = False
         self._forced = False
+        self._cut_by_force = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._adopting: set[asyncio.Task[None]] = set()
         self._factory: Callable[[], Any] = lambda: None
@@ -230,7 +231,9 @@ class Server(Registry):
         """Cut every connection now and end the graceful stop; cleanup still runs."""
         self._forced = True
         self._stop.set()
-        for conn in self._tracked():
+        cut = self._tracked()
+        self._cut_by_force += len(cut)
+        for conn in cut:
             conn.abort()
 
     @property
@@ -337,7 +340,7 @@ class Server(Registry):
         log.info(
             "stopped: %s open at stop, %d cut %s",
             plural(open_at_stop, "connection"),
-            len(cut),
+            len(cut) + self._cut_by_force,
             "by a forced stop" if self._forced else "at the grace deadline",
         )
 
