@@ -119,10 +119,11 @@ def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:
 
 @contextlib.contextmanager
 def server_process(
-    argv: Sequence[str], timeout: float = 30.0
+    argv: Sequence[str], timeout: float = 30.0, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Start a server and wait for its READY=1 on a private NOTIFY_SOCKET (the sd_notify
     protocol); yield it and the TCP port its READY named, then stop it with SIGTERM.
+    ``env`` is added to this process's environment for the server.
 
     ``aecho serve``, the reference servers and ``echo_epoll.c`` all announce readiness so.
 
@@ -135,7 +136,7 @@ def server_process(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **notify.env},
+            env={**os.environ, **(env or {}), **notify.env},
         )
         try:
             note = notify.wait_ready(timeout, exited=lambda: proc.poll() is not None)

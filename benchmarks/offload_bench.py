@@ -1,6 +1,7 @@
 """Offload benchmark: ``--offload process`` side by side with inline, on the same load.
 
     .venv/bin/python benchmarks/offload_bench.py [--reps 3] [--duration 5] [--json out.json]
+        [--baseline OTHER/src]
 
 Two comparisons, 500 connections of 64-byte ping-pong from the C load generator
 (benchmarks/loadgen.c, raw bytes, so raw framing applies):
@@ -14,7 +15,8 @@ Two comparisons, 500 connections of 64-byte ping-pong from the C load generator
 For every repetition the two servers take turns, each freshly started, so slow drifts
 in the machine's background load hit both alike.  Reported: the median msgs/s of each
 over the repetitions, and the ratio of the medians.  Nothing is pinned: the workers
-need every core.
+need every core.  ``--baseline`` adds a third server to every repetition, the process
+mode served from another source tree (a before/after in one run).
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ def family_cpu(pids: list[int]) -> float:
     return total
 
 
-def measure(args: list[str], duration: float, warmup: float) -> dict[str, Any]:
-    with server_process(aecho_serve(*args)) as (proc, port):
+def measure(
+    args: list[str], duration: float, warmup: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    with server_process(aecho_serve(*args), env=env) as (proc, port):
         pids = family(proc.pid)
         cpu0, t0 = family_cpu(pids), time.monotonic()
         result = run_loadgen(port, CONNECTIONS, SIZE, duration, warmup=warmup)
@@ -100,21 +104,28 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--case", choices=sorted(CASES), action="append", help="default: all")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--baseline", type=Path, help="also run the process mode from this source tree"
+    )
     opts = parser.parse_args()
+    modes: dict[str, dict[str, str] | None] = {"inline": None, "process": None}
+    if opts.baseline:
+        modes["baseline"] = {"PYTHONPATH": str(opts.baseline.resolve())}
 
     report: dict[str, Any] = {"loadavg_before": loadavg()}
     ok = True
     print(f"load average before: {report['loadavg_before']} on {os.cpu_count()} CPUs", flush=True)
     for name in opts.case or list(CASES):
         case = CASES[name]
-        runs: dict[str, list[float]] = {"inline": [], "process": []}
+        runs: dict[str, list[float]] = {mode: [] for mode in modes}
         for rep in range(opts.reps):
-            for mode in ("inline", "process"):
-                result = measure(case[mode], opts.duration, opts.warmup)
+            for mode, env in modes.items():
+                args = case["inline" if mode == "inline" else "process"]
+                result = measure(args, opts.duration, opts.warmup, env)
                 runs[mode].append(float(result["msgs_per_s"]))
                 p99 = result["latency_us"]["p99"]
                 print(
-                    f"{name:5} rep {rep + 1}/{opts.reps} {mode:7} "
+                    f"{name:5} rep {rep + 1}/{opts.reps} {mode:8} "
                     f"{result['msgs_per_s']:>10.0f} msgs/s  p99 {p99:.0f} us  "
                     f"server+workers used {result['server_cores']:.2f} cores",
                     flush=True,
@@ -136,6 +147,15 @@ def main() -> int:
             f"ratio {ratio:.2f} (target >= {case['target']}) {'ok' if passed else 'MISSED'}",
             flush=True,
         )
+        if "baseline" in runs:
+            baseline = median(runs["baseline"])
+            report[name].update(baseline_msgs_per_s=runs["baseline"], median_baseline=baseline)
+            print(
+                f"{name:5} median baseline {baseline:.0f} msgs/s: ratio to inline "
+                f"{baseline / inline if inline else 0.0:.2f}, process/baseline "
+                f"{process / baseline if baseline else 0.0:.2f}",
+                flush=True,
+            )
     report["loadavg_after"] = loadavg()
     print(f"load average after: {report['loadavg_after']}", flush=True)
     if opts.json:

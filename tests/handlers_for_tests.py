@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -52,4 +53,32 @@ def crash(data: bytes) -> bytes:
     take it); echo the rest."""
     if data.startswith(b"crash"):
         os._exit(3)
+    return data
+
+
+def faulty(data: bytes) -> bytes:
+    """Break this worker's socket to the pool as ``data`` says; echo the rest.
+
+    ``hangup`` shuts the socket (the worker lives on), ``garbage`` writes bytes that are
+    no frame, ``miscount`` a result of two replies to this one message, ``partial exit``
+    half of this message's result and then exits, ``partial hang`` the same and then
+    hangs.
+    """
+    from aecho.offload import wire, worker
+
+    channel = worker.channel
+    if channel is None:  # not in a pool worker
+        return data
+    if data == b"hangup":
+        channel.shutdown(socket.SHUT_RDWR)
+    elif data == b"garbage":
+        channel.sendall(b"garbage!" * 8)
+    elif data == b"miscount":
+        channel.sendall(wire.result([data, data], {}, 0.0))
+    elif data.startswith(b"partial "):
+        frame = wire.result([data], {}, 0.0)
+        channel.sendall(frame[: len(frame) // 2])
+        if data == b"partial exit":
+            os._exit(3)
+        time.sleep(60)
     return data

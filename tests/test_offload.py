@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 from aecho.cli import app
 from aecho.config import Framing, Offload
 from aecho.offload.handlers import BUILTINS
+from aecho.offload.outcomes import Outcome
 from aecho.offload.pool import Pool
+from aecho.server.stats import Stats
 from tests.conftest import alive, cmdline, descendants, running_server, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,3 +372,41 @@ async def test_pooled_line_too_long_answers_the_earlier_lines_first() -> None:
         got = await asyncio.wait_for(reader.read(), TIMEOUT)
         assert got == b"first\nsecond\nERR line too long: limit is 16 bytes\n"
         await _close(writer)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("handler", "fatal", "error"),
+    [("crash", b"crash", "WorkerDied"), ("hang", b"hang", "HandlerTimeout")],
+)
+async def test_a_fatal_message_fails_alone_in_a_batch_it_shared(
+    handler: str, fatal: bytes, error: str
+) -> None:
+    """Submissions of several connections share a batch; one of them kills (or hangs)
+    the worker.  Only that submission fails: the others run again, each on its own."""
+    pool = Pool(T + handler, size=1, timeout=0.5, stats=Stats())
+    await pool.start()
+    try:
+        loop = asyncio.get_running_loop()
+        got: dict[int, asyncio.Future[list[Outcome]]] = {i: loop.create_future() for i in range(4)}
+
+        def done(token: int, outcomes: list[Outcome], start: int, stop: int) -> None:
+            got[token].set_result(outcomes[start:stop])
+
+        # In one loop iteration: one flush, one worker, so one batch of four submissions.
+        pool.submit_to([b"a0", b"b0"], done, 0)
+        pool.submit_to([fatal], done, 1)
+        pool.submit_one(b"c", done, 2)
+        pool.submit_to([b"d0", b"d1", b"d2"], done, 3)
+        results = await asyncio.wait_for(asyncio.gather(*got.values()), TIMEOUT)
+        assert results[0] == [b"a0", b"b0"]
+        [failed] = results[1]
+        assert type(failed).__name__ == error
+        assert results[2:] == [[b"c"], [b"d0", b"d1", b"d2"]]
+        assert pool.stats.pool_restarts == 2  # the batch's worker, then the fatal one's alone
+        # And the pool goes on serving.
+        again: asyncio.Future[list[Outcome]] = loop.create_future()
+        pool.submit_one(b"after", lambda _t, o, s, e: again.set_result(o[s:e]), None)
+        assert await asyncio.wait_for(again, TIMEOUT) == [b"after"]
+    finally:
+        await pool.close(0)

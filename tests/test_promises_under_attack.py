@@ -1,4 +1,4 @@
-"""README promises that do not hold against hostile peers and careless operators.
+"""README promises tried as hostile peers and careless operators would try them.
 
 Each test names the sentence it checks.  Real servers on port 0 (readiness from
 NOTIFY_SOCKET), real commands in subprocesses, every wait bounded.
@@ -72,11 +72,12 @@ def test_a_worker_that_dies_leaves_every_other_connection_unaffected(
     serve_process: ServeProcess, framing: str
 ) -> None:
     """README, Offload, Faults: "A worker that dies (crash, SIGKILL, segfault) is replaced;
-    the messages of the batch it was running get the same treatment (ERR WorkerDied: ...),
-    batches queued behind it are sent again, every other connection is unaffected."
+    the messages that killed it get the same treatment (ERR WorkerDied: ...), every other
+    connection is unaffected."
 
-    Batches mix connections, so today the innocent connections whose messages shared the
-    dying worker's batch get ``ERR WorkerDied`` (line framing) or are closed (raw).
+    Batches mix connections: failing the whole batch of a dying worker would answer the
+    innocent connections that shared it ``ERR WorkerDied`` (line framing) or close them
+    (raw).
     """
     server = serve_process(
         "--offload", "process", "--pool-size", "1", "--framing", framing, "--handler", T + "crash"
@@ -128,11 +129,10 @@ def test_a_worker_that_dies_while_descriptors_run_out_is_still_replaced(
     """README: "A worker that dies (crash, SIGKILL, segfault) is replaced" and, out of
     descriptors (EMFILE), "The loop keeps serving the connections it has".
 
-    Today the replacement's pipes cannot be made while descriptors are out, and the
-    OSError escapes Pool._evict (the slot is left with no worker for good) or
-    Pool._dispatch (the task taken from the queue is dropped).  The loop's exception
-    handler takes it for the already-logged "out of file descriptors" and says nothing.
-    The connection's next message never gets its reply, even once descriptors are free.
+    The replacement's socket cannot be made while descriptors are out.  The slot must be
+    retried later, not left without a worker for good, and a task taken from the queue
+    must not be dropped: the connection's next message gets its reply once descriptors
+    are free.
     """
     server = serve_process(
         "--offload", "process", "--pool-size", "1", "--framing", "line", "--handler", T + "crash",
@@ -166,9 +166,9 @@ def test_untrusted_peers_that_send_nothing_count_against_the_per_ip_limit(
     """README: "--max-connections-per-ip N | at most N open connections per client address"
     and, with --proxy-protocol, "Any other peer is served as if the option were off".
 
-    Today a peer outside --proxy-allow-from that connects and sends nothing stays in the
-    PROXY prelude, counted against --max-connections but never against the per-IP limit:
-    one address fills the server and locks every other client out.
+    A peer outside --proxy-allow-from that connects and sends nothing must count against
+    the per-IP limit from accept, as without the option; counted only against
+    --max-connections, one address would fill the server and lock every other client out.
     """
     server = serve_process(
         "--proxy-protocol", "v2", "--proxy-allow-from", "10.0.0.0/8",
@@ -215,9 +215,8 @@ def test_a_pidfile_saved_by_an_editor_does_not_make_a_running_server_look_stoppe
     one line and exit 1, and nothing is signalled"; status prints "running or not".
 
     Editors and ``sed -i`` save by writing a new file and renaming it over the old one.
-    Today the renamed pidfile holds no lock, so status says "not running (stale pidfile
-    ...: pid N is gone)" and exits 3 while pid N serves, and stop says "not running" and
-    exits 0, leaving the server running.
+    The renamed pidfile holds no lock; status must not say "not running" and exit 3 while
+    pid N serves, and stop must not say "not running" and exit 0, leaving it running.
     """
     daemon = daemons.start()
     edited = tmp_path / "aecho.pid.edit"
@@ -274,8 +273,8 @@ def test_stop_unix_path_never_stops_the_server_on_another_path(tmp_path: Path) -
     PATH, and stop "signals only a pid that holds the pidfile's lock and whose process title
     says it is an aecho server".
 
-    Today the default pidfile is named after the socket file's base name only, so
-    `aecho stop --unix b/echo.sock` stops the server on a/echo.sock (and status reports it).
+    A default pidfile named after the socket file's base name only would let
+    `aecho stop --unix b/echo.sock` stop the server on a/echo.sock.
     """
     a, b, env = _two_socket_dirs(tmp_path)
     with _unix_daemon(a, env) as pid:
@@ -286,8 +285,8 @@ def test_stop_unix_path_never_stops_the_server_on_another_path(tmp_path: Path) -
 
 def test_daemons_on_two_unix_paths_with_one_name_both_start(tmp_path: Path) -> None:
     """README: "Without --pidfile, a daemon uses ... aecho-unix-NAME.pid after the socket
-    file's name"; two sockets are two servers.  Today the second is refused as "already
-    running" because both default pidfiles are aecho-unix-echo.sock.pid."""
+    file's name"; two sockets are two servers.  Named after the base name only, the second
+    would be refused as "already running"."""
     a, b, env = _two_socket_dirs(tmp_path)
     with _unix_daemon(a, env), _unix_daemon(b, env):
         assert _unix_echoes(a)
@@ -312,9 +311,8 @@ def test_pipe_timeout_counts_bytes_still_owed_after_a_partial_reply() -> None:
     something: after bytes went out, ..."; "one silent past --timeout ... is one line on
     stderr and exit 1".
 
-    Today any reply, however short, clears what is owed (client/pipe.py, _Pipe._receive):
-    a server that answers one byte of six and goes silent holds the client forever while
-    its input stays open.
+    A reply however short must not clear what is owed: a server that answers one byte of
+    six and goes silent would hold the client forever while its input stays open.
     """
     with threaded_server(_FirstByteOnly) as port:
         proc = subprocess.Popen(
@@ -347,8 +345,8 @@ def test_bench_names_the_connection_limit_of_a_tls_server(
     """README, bench: "Each failure is explained in one line: ... the server turning
     connections away because its connection limit was reached (--max-connections)".
 
-    Over TLS today the line reads "4 connections failed: cannot connect to HOST:PORT: ",
-    the reason empty.
+    Over TLS a reset during the handshake must still name the reason, not read "4
+    connections failed: cannot connect to HOST:PORT: " with the reason empty.
     """
     server = serve_process(
         "--tls-cert", pems["cert"], "--tls-key", pems["key"], "--max-connections", "2"
@@ -363,7 +361,7 @@ def test_bench_names_the_connection_limit_of_a_tls_server(
 def test_find_max_rate_json_keeps_its_keys_when_nothing_listens() -> None:
     """README: "`--json` gives `max_rate`, `max_p99_ms` and `steps`" (for --find-max-rate),
     and --json prints its object "also when the run fails, with the one-line reason in
-    `error`".  Today a search that cannot connect prints a plain run's object instead."""
+    `error`": a search that cannot connect prints the search's object, not a plain run's."""
     out = run_bench("127.0.0.1", str(free_port()), "--find-max-rate", "--max-p99", "5", "--json")
     assert out.returncode == 1
     result = json.loads(out.stdout)
@@ -382,8 +380,8 @@ def test_ttin_and_ttou_leave_a_single_serving_process_serving(
     serve_process: ServeProcess, sig: signal.Signals, args: list[str]
 ) -> None:
     """README, Signals: "TTIN, TTOU | - |" for a single process (one more or one less
-    serving process under a supervisor).  Today a foreground single process keeps their
-    default action and is suspended (state T): it stops serving until SIGCONT."""
+    serving process under a supervisor).  With their default action a foreground single
+    process would be suspended (state T) and stop serving until SIGCONT."""
     server = serve_process(*args)
     assert _echoes(server.port)
     server.signal(sig)

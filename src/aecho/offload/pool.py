@@ -1,12 +1,13 @@
 """The worker pool: slots, batched dispatch, recovery from crashes, timeouts.
 
-Knows nothing of sockets.  A connection submits messages with a callback; the pool
-gathers every connection's messages once per loop iteration, ships them to worker
+Knows nothing of client sockets.  A connection submits messages with a callback; the
+pool gathers every connection's messages once per loop iteration, ships them to worker
 processes in batches (sizes from :mod:`aecho.offload.batching`) and reports one
 outcome per message: the reply bytes, or the exception that stands in for it.
 
-Each worker sits behind its own single-worker ``ProcessPoolExecutor`` (a "slot"), so
-a crash or a timeout touches only that worker's tasks; the workers come from
+Each worker talks to the pool over a socket of its own that the event loop watches
+(:mod:`aecho.offload.link`), so a crash or a timeout touches only that worker's
+tasks and no thread stands between the loop and a worker; the workers come from
 multiprocessing's forkserver, never from a fork of the process running the event
 loop.  docs/architecture.md says why.
 """
@@ -14,19 +15,18 @@ loop.  docs/architecture.md says why.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable
-from concurrent.futures import Future as ConcurrentFuture
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Protocol
+from collections import deque
+from typing import Any
 
-from aecho.offload import batching, worker
+from aecho.offload import batching, wire
 from aecho.offload.handlers import HandlerError
+from aecho.offload.link import Worker, stop
 from aecho.offload.outcomes import (
     Callback,
     HandlerTimeout,
@@ -36,32 +36,10 @@ from aecho.offload.outcomes import (
     WorkerDied,
     failure,
 )
-from aecho.offload.slots import Slot, Task, Worker, exited
+from aecho.offload.slots import Counters, Slot, Task
 from aecho.text import plural
 
 log = logging.getLogger("aecho.offload")
-
-
-class Latency(Protocol):
-    def observe(self, seconds: float, n: int = 1) -> None: ...
-
-
-class Counters(Protocol):
-    """The counters the pool keeps (the server hands over its own)."""
-
-    messages: int
-    pool_restarts: int
-
-    @property
-    def offload_latency(self) -> Latency: ...
-
-
-def _tell(callback: Callback, token: Any, outcomes: list[Outcome], start: int, stop: int) -> None:
-    # One connection's failing callback must not keep the others of a batch waiting.
-    try:
-        callback(token, outcomes, start, stop)
-    except Exception:
-        log.exception("delivering offload results failed")
 
 
 # -- the pool --------------------------------------------------------------------------------
@@ -89,11 +67,12 @@ class Pool:
         self.stats = stats
         self._ctx = multiprocessing.get_context("forkserver")
         self._slots: list[Slot] = []
-        self._retired: list[Worker] = []
         # The queue: messages flat, and callback, token, count per submission, flat.
         self._messages: list[bytes] = []
         self._entries: list[Any] = []
         self._since = 0.0  # when the oldest queued message was queued
+        # Submissions of a batch that killed its worker, to be run again one at a time.
+        self._suspects: deque[Task] = deque()
         self._flush_pending = False
         self._closing = False
         self._cost = 0.0  # moving average of worker seconds per message
@@ -104,13 +83,13 @@ class Pool:
 
     @property
     def pids(self) -> list[int]:
-        """Worker pids known to be running (for logs and tests)."""
+        """Worker pids of the current workers (for logs and tests)."""
         return [s.worker.pid for s in self._slots if s.worker is not None and s.worker.pid]
 
     @property
     def queued(self) -> int:
         """Messages waiting for a task."""
-        return len(self._messages)
+        return len(self._messages) + sum(len(task.messages) for task in self._suspects)
 
     @property
     def running(self) -> int:
@@ -120,58 +99,63 @@ class Pool:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the workers and resolve the handler in each of them.
+        """Start the workers and wait until each has resolved the handler.
 
         Raises:
             HandlerError: the handler cannot be loaded in a worker.
             PoolError: the worker processes could not be started.
         """
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._ctx.set_forkserver_preload(["aecho.offload.handlers", "aecho.offload.worker"])
         self._slots = [Slot(i) for i in range(self.size)]
         try:
+            hellos = []
             for slot in self._slots:
-                slot.worker = self._new_worker()
-            pids = await asyncio.wait_for(
-                asyncio.gather(
-                    *(
-                        asyncio.wrap_future(
-                            s.worker.executor.submit(worker.ready, self.handler_name)
-                        )
-                        for s in self._slots
-                        if s.worker is not None
-                    )
-                ),
-                self.START_TIMEOUT_S,
-            )
+                fresh = self._spawn(slot)
+                fresh.hello = loop.create_future()
+                hellos.append(fresh.hello)
+            await asyncio.wait_for(asyncio.gather(*hellos), self.START_TIMEOUT_S)
         except BaseException as exc:
             await self._stop_workers(kill=True)
             if isinstance(exc, HandlerError):
                 raise
-            if isinstance(exc, BrokenProcessPool | OSError | TimeoutError):
-                raise PoolError(f"cannot start worker processes: {exc or 'timed out'}") from exc
+            if isinstance(exc, OSError | EOFError | TimeoutError):
+                raise PoolError(
+                    f"cannot start worker processes: {str(exc) or 'timed out'}"
+                ) from exc
             raise
-        for slot, pid in zip(self._slots, pids, strict=True):
+        for slot in self._slots:
             assert slot.worker is not None
-            slot.worker.known(pid)
+            slot.worker.hello = None
+        # Workers are not daemonic (a handler may start processes of its own), so
+        # multiprocessing joins them at exit: a pool never closed must not hang it.
+        atexit.register(self._kill_all)
         log.info(
             "offload: %s (forkserver), handler %s, timeout %gs",
             plural(self.size, "worker process", "worker processes"),
             self.handler_name,
             self.timeout,
         )
-        self._watchdog = self._loop.call_later(self._tick_interval, self._tick)
+        self._watchdog = loop.call_later(self._tick_interval, self._tick)
 
-    def _new_worker(self) -> Worker:
-        return Worker(
-            ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=self._ctx,
-                initializer=worker.init,
-                # Tracebacks of handler errors cost a formatting each: only when they are shown.
-                initargs=(os.getpid(), self.directory, log.isEnabledFor(logging.DEBUG)),
-            )
+    def _spawn(self, slot: Slot) -> Worker:
+        """Start a worker for ``slot``.
+
+        Raises:
+            OSError: the socket or the process could not be made.
+            EOFError: the forkserver went away while starting the process.
+        """
+        assert self._loop is not None
+        fresh = Worker(
+            self._ctx,
+            self._loop,
+            # Tracebacks of handler errors cost a formatting each: only when they are shown.
+            (os.getpid(), self.directory, log.isEnabledFor(logging.DEBUG), self.handler_name),
+            functools.partial(self._result, slot),
+            functools.partial(self._lost, slot),
         )
+        slot.worker = fresh
+        return fresh
 
     async def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` for running batches, then stop every worker.
@@ -182,11 +166,13 @@ class Pool:
         if self._closing:
             return
         self._closing = True
+        atexit.unregister(self._kill_all)
         for timer in (self._watchdog, self._due_timer):
             if timer is not None:
                 timer.cancel()
         closed = PoolClosed("the server is stopping")
         self._resolve_all(self._take(len(self._entries), len(self._messages)), closed)
+        self._give_up_suspects(closed)
         if timeout > 0 and any(s.tasks for s in self._slots):
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -199,26 +185,17 @@ class Pool:
         await self._stop_workers(kill=busy)
 
     async def _stop_workers(self, kill: bool) -> None:
-        workers = [s.worker for s in self._slots if s.worker is not None] + self._retired
-        self._retired = []
+        workers = [s.worker for s in self._slots if s.worker is not None]
         for slot in self._slots:
             slot.worker = None
-        if kill:
-            for w in workers:
-                w.kill()
+        if not await stop(workers, kill, self.STOP_JOIN_S):
+            log.warning("worker processes did not exit in %gs; killed them", self.STOP_JOIN_S)
 
-        def join() -> None:
-            for w in workers:
-                w.executor.shutdown(wait=True, cancel_futures=True)
-
-        try:
-            await asyncio.wait_for(asyncio.to_thread(join), self.STOP_JOIN_S)
-        except TimeoutError:
-            log.warning("worker processes did not exit in %gs; killing them", self.STOP_JOIN_S)
-            for w in workers:
-                w.kill()
-        for w in workers:
-            w.release()
+    def _kill_all(self) -> None:
+        for slot in self._slots:
+            if slot.worker is not None:
+                slot.worker.close()
+                slot.worker.kill()
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -250,7 +227,7 @@ class Pool:
         assert loop is not None, "pool not started"
         if self._closing:
             closed: list[Outcome] = [PoolClosed("the server is stopping")] * count
-            loop.call_soon(_tell, callback, token, closed, 0, count)
+            loop.call_soon(Task([callback, token, count], [], 0.0).deliver, closed)
             return False
         if not self._messages:
             self._since = loop.time()
@@ -261,11 +238,12 @@ class Pool:
     def _flush(self) -> None:
         self._flush_pending = False
         queued = len(self._messages)
-        if not queued:
+        if not queued and not self._suspects:
             return
         if self._closing:
             closed = PoolClosed("the server is stopping")
             self._resolve_all(self._take(len(self._entries), queued), closed)
+            self._give_up_suspects(closed)
             return
         # Free task positions, idle workers first, then those with one task running.
         positions = [
@@ -274,7 +252,13 @@ class Pool:
             for slot in self._slots
             if len(slot.tasks) <= depth and slot.worker is not None
         ]
-        if not positions:
+        if self._suspects:
+            # Each in a task of its own: if it kills its worker again, it fails alone.
+            taken = min(len(positions), len(self._suspects))
+            for slot in positions[:taken]:
+                self._dispatch(slot, self._suspects.popleft())
+            del positions[:taken]
+        if not positions or not queued:
             return
         smallest = batching.min_batch(self._cost)
         if queued < smallest and self._wait_for_a_return(positions[0]):
@@ -334,57 +318,42 @@ class Pool:
         return task
 
     def _dispatch(self, slot: Slot, task: Task) -> None:
-        assert self._loop is not None
-        for attempt in range(2):
-            executor = slot.executor
-            assert executor is not None
-            try:
-                cfuture = executor.submit(
-                    worker.run_batch, self.handler_name, worker.pack(task.messages)
-                )
-                break
-            except (BrokenProcessPool, RuntimeError) as exc:
-                # The worker died after its last result and before this submit.
-                if attempt:
-                    self._resolve_all(task, WorkerDied(f"cannot start a worker: {exc}"))
-                    return
-                self._evict(slot, None)
-        task.executor = executor
+        fresh = slot.worker
+        assert fresh is not None and self._loop is not None
         if not slot.tasks:
             slot.head_since = self._loop.time()
         slot.tasks.append(task)
-        cfuture.add_done_callback(functools.partial(self._from_thread, self._task_done, slot, task))
+        fresh.send(task.messages)
 
-    def _from_thread(self, then: Callable[..., None], *args: Any) -> None:
-        # Runs in an executor's thread: hand the future over to the loop.
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                loop.call_soon_threadsafe(then, *args)
+    def _result(
+        self,
+        slot: Slot,
+        source: Worker,
+        data: bytes,
+        offset: int,
+        count: int,
+        blob: int,
+        extra: int,
+        seconds: float,
+    ) -> None:
+        """A result from ``slot``'s worker (see :mod:`aecho.offload.wire`).
 
-    def _task_done(self, slot: Slot, task: Task, cfuture: ConcurrentFuture[Any]) -> None:
-        if task.executor is not slot.executor or task not in slot.tasks:
-            return  # settled already: its worker timed out or was replaced
-        exc: BaseException | None = PoolClosed("cancelled") if cfuture.cancelled() else None
-        if exc is None:
-            exc = cfuture.exception()
-        if isinstance(exc, BrokenProcessPool):
-            self._evict(slot, WorkerDied("worker process died while handling this message"))
-            self._flush()
-            self._check_drained()
-            return
-        slot.tasks.remove(task)
-        if slot.tasks:
-            assert self._loop is not None
-            slot.head_since = self._loop.time()
-        if exc is not None:
-            self._resolve_all(task, exc)
-        else:
-            packed, failures, seconds = cfuture.result()
-            if task.messages:
-                self._cost = 0.8 * self._cost + 0.2 * seconds / len(task.messages)
-            self._resolve(task, worker.unpack(packed), failures)
-        if self._messages:
+        Its header was checked against the batch it answers, the slot's first task.
+
+        Raises:
+            wire.Malformed: the lengths or the failures do not hold.
+        """
+        replies, failed = wire.parse(data, offset, count, blob, extra)
+        tasks = slot.tasks
+        task = tasks.popleft()
+        assert self._loop is not None
+        now = self._loop.time()
+        if tasks:
+            slot.head_since = now
+        if count:
+            self._cost = 0.8 * self._cost + 0.2 * seconds / count
+        self._resolve(task, replies, failed, now)
+        if self._messages or self._suspects:
             self._flush()
         self._check_drained()
 
@@ -392,35 +361,47 @@ class Pool:
         if self._drained is not None and not any(s.tasks for s in self._slots):
             self._drained.set()
 
-    def _resolve(self, task: Task, replies: list[bytes], failures: worker.Failures) -> None:
-        assert self._loop is not None
+    def _resolve(
+        self, task: Task, replies: list[bytes], failures: wire.Failures | None, now: float
+    ) -> None:
         stats = self.stats
         stats.messages += len(replies)
-        stats.offload_latency.observe(self._loop.time() - task.queued_at, len(replies))
+        stats.offload_latency.observe(now - task.queued_at, len(replies))
         outcomes: list[Outcome] = replies  # type: ignore[assignment]
-        for index, (name, text, trace) in failures.items():
-            outcomes[index] = failure(name, text, trace)
-        self._deliver(task.entries, outcomes)
+        if failures:
+            for index, (name, text, trace) in failures.items():
+                outcomes[index] = failure(name, text, trace)
+        task.deliver(outcomes)
 
     def _resolve_all(self, task: Task, exc: BaseException) -> None:
         self.stats.messages += len(task.messages)
-        self._deliver(task.entries, [exc] * len(task.messages))
+        task.deliver([exc] * len(task.messages))
 
-    @staticmethod
-    def _deliver(entries: list[Any], outcomes: list[Outcome]) -> None:
-        """Tell every submission of a batch where its outcomes are."""
-        start = 0
-        triples = iter(entries)
-        for callback, token, count in zip(triples, triples, triples, strict=True):
-            stop = start + count
-            _tell(callback, token, outcomes, start, stop)
-            start = stop
+    def _give_up_suspects(self, exc: BaseException) -> None:
+        while self._suspects:
+            self._resolve_all(self._suspects.popleft(), exc)
 
     # -- faults ------------------------------------------------------------------------------
 
-    def _evict(self, slot: Slot, exc: BaseException | None) -> None:
-        """Replace the slot's worker.  Its running task fails with ``exc``; the
-        tasks queued behind it go back to the front of the queue."""
+    def _lost(self, slot: Slot, source: Worker, why: str) -> None:
+        """``slot``'s worker closed its socket, broke it, or broke the protocol."""
+        exc = None
+        if slot.tasks:
+            said = why if why.startswith("sent") else "died while handling this message"
+            exc = WorkerDied(f"worker process {said}")
+        self._evict(slot, exc, why)
+        self._flush()
+        self._check_drained()
+
+    def _evict(self, slot: Slot, exc: BaseException | None, why: str = "") -> None:
+        """Replace the slot's worker.  The tasks queued behind its running task go
+        back to the front of the queue.
+
+        The running task fails with ``exc`` if it holds one connection's submission;
+        a batch of several connections' submissions is split, each to run again in a
+        task of its own, so that only the one that kills a worker fails (the others'
+        messages may be handled twice: at least once, never lost).
+        """
         culprit = slot.tasks.popleft() if slot.tasks and exc is not None else None
         innocent = list(slot.tasks)
         slot.tasks.clear()
@@ -428,51 +409,55 @@ class Pool:
         slot.worker = None
         pid = old.pid if old is not None else None
         if old is not None:
+            old.close()
             old.kill()
-            old.executor.shutdown(wait=False, cancel_futures=True)
-            self._retired.append(old)
+            old.release()
         self.stats.pool_restarts += 1
-        if culprit is not None:
+        if culprit is not None and len(culprit.entries) > 3 and not self._closing:
+            suspects = culprit.split()
+            log.warning(
+                "worker %s: %s; replacing the worker and running the %s of its batch"
+                " again one at a time",
+                pid,
+                why or exc,
+                plural(len(suspects), "submission"),
+            )
+            self._suspects.extendleft(reversed(suspects))
+        elif culprit is not None:
             assert exc is not None
             log.warning(
                 "worker %s: %s; %s failed, replacing the worker",
                 pid,
-                exc,
+                why or exc,
                 plural(len(culprit.messages), "message"),
             )
             self._resolve_all(culprit, exc)
         else:
-            log.warning("worker %s died between tasks; replacing it", pid)
-        if not self._closing:
-            fresh = slot.worker = self._new_worker()
-            warm = fresh.executor.submit(worker.ready, self.handler_name)
-            warm.add_done_callback(functools.partial(self._from_thread, self._warmed, slot, fresh))
+            log.warning("worker %s %s between tasks; replacing it", pid, why or "died")
+        if not self._closing and old is not None and old.ready:
+            # One that died before it was ready is restarted by the tick instead: a
+            # worker that cannot start must not be restarted in a tight loop.
+            self._restart(slot)
         for task in reversed(innocent):
             if self._closing:
                 self._resolve_all(task, PoolClosed("the server is stopping"))
+                continue
+            if task.alone:
+                self._suspects.appendleft(task)
                 continue
             if not self._messages or task.queued_at < self._since:
                 self._since = task.queued_at
             self._entries[:0] = task.entries
             self._messages[:0] = task.messages
 
-    def _warmed(self, slot: Slot, fresh: Worker, cfuture: ConcurrentFuture[int]) -> None:
-        if cfuture.cancelled() or cfuture.exception() is not None:
-            return
-        fresh.known(cfuture.result())
-        if slot.worker is not fresh:  # replaced again before it said its pid
-            fresh.kill()
-        self._reap_retired()
-
-    def _reap_retired(self) -> None:
-        """Release the pidfds of replaced workers whose processes have gone."""
-        keep = []
-        for w in self._retired:
-            if w.pidfd >= 0 and exited(w.pidfd):
-                w.release()
-            elif w.pidfd >= 0:
-                keep.append(w)
-        self._retired = keep
+    def _restart(self, slot: Slot) -> bool:
+        """Start a worker for an empty slot; False (logged) if it cannot be started now."""
+        try:
+            self._spawn(slot)
+        except (OSError, EOFError) as exc:
+            log.error("cannot start a worker process (will retry): %s", exc)
+            return False
+        return True
 
     @property
     def _tick_interval(self) -> float:
@@ -482,15 +467,24 @@ class Pool:
         loop = self._loop
         assert loop is not None
         now = loop.time()
-        evicted = False
+        flush = False
         for slot in self._slots:
             if slot.tasks and now - slot.head_since > self.timeout:
                 self._evict(
                     slot,
                     HandlerTimeout(f"handler ran longer than --handler-timeout {self.timeout:g}s"),
+                    "handler ran too long",
                 )
-                evicted = True
-        if evicted:
+                flush = True
+            elif slot.worker is None:
+                flush = self._restart(slot) or flush
+        if not any(slot.worker is not None for slot in self._slots):
+            # Nothing can run them: say so rather than leave the peers waiting.
+            died = WorkerDied("cannot start a worker process")
+            if self._messages:
+                self._resolve_all(self._take(len(self._entries), len(self._messages)), died)
+            self._give_up_suspects(died)
+        if flush:
             self._flush()
         if not self._closing:
             self._watchdog = loop.call_later(self._tick_interval, self._tick)

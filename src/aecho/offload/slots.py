@@ -1,14 +1,29 @@
-"""The pool's bookkeeping: a batch in flight, a worker process, a position in the pool."""
+"""The pool's bookkeeping: a batch in flight, a position in the pool, what it counts."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import select
-import signal
+import logging
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import Any, Protocol
+
+from aecho.offload.link import Worker
+from aecho.offload.outcomes import Outcome
+
+log = logging.getLogger("aecho.offload")
+
+
+class Latency(Protocol):
+    def observe(self, seconds: float, n: int = 1) -> None: ...
+
+
+class Counters(Protocol):
+    """The counters the pool keeps (the server hands over its own)."""
+
+    messages: int
+    pool_restarts: int
+
+    @property
+    def offload_latency(self) -> Latency: ...
 
 
 class Task:
@@ -20,50 +35,51 @@ class Task:
     collector's youngest generation.
     """
 
-    __slots__ = ("entries", "executor", "messages", "queued_at")
+    __slots__ = ("alone", "entries", "messages", "queued_at")
 
-    def __init__(self, entries: list[Any], messages: list[bytes], queued_at: float) -> None:
+    def __init__(
+        self, entries: list[Any], messages: list[bytes], queued_at: float, alone: bool = False
+    ) -> None:
         self.entries = entries
         self.messages = messages
         self.queued_at = queued_at  # when its oldest message was queued
-        self.executor: ProcessPoolExecutor | None = None
+        # One submission, run again on its own after a batch it shared killed its worker.
+        self.alone = alone
 
+    def deliver(self, outcomes: list[Outcome]) -> None:
+        """Tell every submission where its outcomes are: ``outcomes[start:stop]``."""
+        start = 0
+        triples = iter(self.entries)
+        for callback, token, count in zip(triples, triples, triples, strict=True):
+            stop = start + count
+            # One connection's failing callback must not keep the others waiting.  The
+            # try is inline: this loop runs once per message on the raw path.
+            try:
+                callback(token, outcomes, start, stop)
+            except Exception:
+                log.exception("delivering offload results failed")
+            start = stop
 
-class Worker:
-    """A worker process, known by a pidfd once it has said its pid (never reused)."""
-
-    __slots__ = ("executor", "pid", "pidfd")
-
-    def __init__(self, executor: ProcessPoolExecutor) -> None:
-        self.executor = executor
-        self.pid: int | None = None
-        self.pidfd = -1
-
-    def known(self, pid: int) -> None:
-        self.pid = pid
-        with contextlib.suppress(OSError, AttributeError):
-            self.pidfd = os.pidfd_open(pid)
-
-    def kill(self) -> None:
-        """SIGKILL the process, the only way to take back a worker stuck in a handler.
-
-        Through the pidfd, so a pid the kernel has since given to another process is
-        never signalled.  A worker that never said its pid is stopped by its executor
-        and, failing that, exits with the server (see :func:`aecho.offload.worker.init`).
-        """
-        if self.pidfd >= 0:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-
-    def release(self) -> None:
-        if self.pidfd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.pidfd)
-            self.pidfd = -1
+    def split(self) -> list[Task]:
+        """One task per submission, each marked ``alone``."""
+        tasks = []
+        start = 0
+        triples = iter(self.entries)
+        for callback, token, count in zip(triples, triples, triples, strict=True):
+            stop = start + count
+            tasks.append(
+                Task([callback, token, count], self.messages[start:stop], self.queued_at, True)
+            )
+            start = stop
+        return tasks
 
 
 class Slot:
-    """One position in the pool: the worker serving it now, and the tasks it holds."""
+    """One position in the pool: the worker serving it now, and the tasks it holds.
+
+    A worker runs its tasks in the order it was sent them, so the first task is the
+    running one and the next result answers it.
+    """
 
     __slots__ = ("head_since", "index", "tasks", "worker")
 
@@ -71,15 +87,4 @@ class Slot:
         self.index = index
         self.worker: Worker | None = None
         self.tasks: deque[Task] = deque()
-        self.head_since = 0.0
-
-    @property
-    def executor(self) -> ProcessPoolExecutor | None:
-        return self.worker.executor if self.worker is not None else None
-
-
-def exited(pidfd: int) -> bool:
-    """Whether the process behind ``pidfd`` has exited (its pidfd polls readable)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
+        self.head_since = 0.0  # when the first task started (or became the first)

@@ -1,53 +1,94 @@
-"""The code that runs inside a pool process: set-up, and running one packed batch.
+"""The code that runs inside a pool process: set-up, then batches from its socket.
 
-A batch crosses the process boundary packed: one bytes object holding every message
-back to back, and their lengths as a machine-int array.  Pickling one object instead
-of hundreds keeps the executor's threads, which share the server's GIL, off the event
-loop's back.  Replies come back the same way, with failures as
-``{index: (exception name, text, traceback)}``: never the exception object, since one
-that pickles but cannot be unpickled would break the executor.  The traceback is
-formatted only when the server logs at debug level (else it is empty).
+A worker reads a batch, runs the handler on each message in order, writes the result
+and reads the next, until the pool closes its end of the socket.  Its only thread
+besides that one watches the server (see :func:`init`), and nothing is pickled:
+:mod:`aecho.offload.wire` says what crosses.  The traceback of a failure is formatted
+only when the server logs at debug level (else it is empty).
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import os
 import select
 import signal
+import socket
 import threading
 import time
 import traceback
 
-from aecho.offload.handlers import Handler, load_handler
+from aecho.offload import wire
+from aecho.offload.handlers import Handler, HandlerError, load_handler
 
 WORKER_TITLE = "aecho: pool worker"
-
-Packed = tuple[bytes, bytes]
-Failures = dict[int, tuple[str, str, str]]
+READ_BUFFER = 256 * 1024
 
 _PR_SET_PDEATHSIG = 1
-_handlers: dict[str, Handler] = {}
-_directory: str | None = None  # where handlers are imported from first
 _tracebacks = False  # whether failures carry their formatted traceback
+# This worker's end of its socket: tests make a worker break the protocol through it.
+channel: socket.socket | None = None
 
 
-def pack(messages: list[bytes]) -> Packed:
-    return b"".join(messages), array.array("I", map(len, messages)).tobytes()
+def serve(
+    sock: socket.socket,
+    server_pid: int,
+    directory: str | None,
+    tracebacks: bool,
+    handler_name: str,
+) -> None:
+    """A worker's whole life (its process's target); returns once the pool is gone.
+
+    A handler that does not resolve is reported once, as ``REFUSED``, and the worker
+    then fails every message with that error rather than exit: a replacement whose
+    handler no longer loads must not make the pool replace it again and again.
+    """
+    global channel
+    channel = sock
+    init(server_pid, directory, tracebacks)
+    handler: Handler | None = None
+    refusal = ""
+    try:
+        _send_pidfd(sock)
+        try:
+            handler = load_handler(handler_name, directory)
+        except HandlerError as exc:
+            refusal = str(exc)
+            sock.sendall(wire.refused(refusal))
+        else:
+            sock.sendall(wire.hello())
+        reader = sock.makefile("rb", buffering=READ_BUFFER)
+        while True:
+            head = reader.read(wire.BATCH.size)
+            if len(head) < wire.BATCH.size:
+                return  # the pool closed its end
+            count, blob = wire.BATCH.unpack(head)
+            size = wire.LENGTH * count + blob
+            body = reader.read(size)
+            if len(body) < size:
+                return  # the pool closed its end mid-batch
+            messages = wire.split(body, 0, count, blob)
+            if handler is None:
+                failed = dict.fromkeys(range(count), ("HandlerError", refusal, ""))
+                sock.sendall(wire.result([b""] * count, failed, 0.0))
+            else:
+                sock.sendall(wire.result(*run_batch(handler, messages)))
+    except OSError:
+        return  # the pool is gone
 
 
-def unpack(packed: Packed) -> list[bytes]:
-    blob, lengths = packed
-    out: list[bytes] = []
-    append = out.append
-    offset = 0
-    for n in array.array("I", lengths):
-        end = offset + n
-        append(blob[offset:end])
-        offset = end
-    return out
+def _send_pidfd(sock: socket.socket) -> None:
+    """Hand the pool a pidfd of this process, so it can signal it without a pid."""
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+    except (OSError, AttributeError):
+        sock.sendall(b"P")  # no pidfds here: the pool does without
+        return
+    try:
+        socket.send_fds(sock, [b"P"], [pidfd])
+    finally:
+        os.close(pidfd)
 
 
 def init(server_pid: int, directory: str | None = None, tracebacks: bool = False) -> None:
@@ -62,8 +103,8 @@ def init(server_pid: int, directory: str | None = None, tracebacks: bool = False
     """
     from setproctitle import setproctitle
 
-    global _directory, _tracebacks
-    _directory, _tracebacks = directory, tracebacks
+    global _tracebacks
+    _tracebacks = tracebacks
 
     setproctitle(WORKER_TITLE)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -109,43 +150,17 @@ def _watch_server(server_pid: int) -> None:
     threading.Thread(target=watch, name="aecho-server-watch", daemon=True).start()
 
 
-def _resolve(name: str) -> Handler:
-    """The handler for ``name``, imported once per worker.
+def run_batch(handler: Handler, messages: list[bytes]) -> tuple[list[bytes], wire.Failures, float]:
+    """Run ``handler`` on every message, in order.
 
-    Raises:
-        HandlerError: the name does not resolve in the worker.
+    Returns the replies (a failed message's reply is empty), the failures by index,
+    and the seconds spent.
     """
-    handler = _handlers.get(name)
-    if handler is None:
-        handler = _handlers[name] = load_handler(name, _directory)
-    return handler
-
-
-def ready(handler_name: str) -> int:
-    """Warm-up task: resolve the handler now, return the worker's pid.
-
-    Raises:
-        HandlerError: the handler cannot be loaded in the worker.
-    """
-    _resolve(handler_name)
-    return os.getpid()
-
-
-def run_batch(handler_name: str, packed: Packed) -> tuple[Packed, Failures, float]:
-    """Run the handler on every message of a packed batch.
-
-    Returns the packed replies (a failed message's reply is empty), the failures
-    by index, and the seconds spent.
-
-    Raises:
-        HandlerError: the handler cannot be loaded in the worker.
-    """
-    handler = _handlers.get(handler_name) or _resolve(handler_name)
     out: list[bytes] = []
     append = out.append
-    failures: Failures = {}
+    failures: wire.Failures = {}
     started = time.perf_counter()
-    for i, message in enumerate(unpack(packed)):
+    for i, message in enumerate(messages):
         try:
             reply = handler(message)
             if type(reply) is not bytes:
@@ -155,7 +170,7 @@ def run_batch(handler_name: str, packed: Packed) -> tuple[Packed, Failures, floa
             trace = traceback.format_exc() if _tracebacks else ""
             failures[i] = (type(exc).__name__, str(exc), trace)
             append(b"")
-    return pack(out), failures, time.perf_counter() - started
+    return out, failures, time.perf_counter() - started
 
 
 def _as_bytes(reply: object) -> bytes:
