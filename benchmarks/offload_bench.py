@@ -41,7 +41,7 @@ CASES: dict[str, dict[str, Any]] = {
     "echo": {
         "inline": ["--handler", "echo"],
         "process": ["--offload", "process", "--handler", "echo"],
-        "target": 0.5,
+        "target": 0.7,
     },
     "burn": {
         "inline": ["--handler", "burn"],

@@ -374,39 +374,56 @@ async def test_pooled_line_too_long_answers_the_earlier_lines_first() -> None:
         await _close(writer)
 
 
+async def _one(pool: Pool, message: bytes) -> list[Outcome]:
+    again: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+    pool.submit_one(message, lambda _t, o, s, e: again.set_result(o[s:e]), None)
+    return await asyncio.wait_for(again, TIMEOUT)
+
+
+async def _one_batch_of_four(pool: Pool, fatal: bytes) -> list[list[Outcome]]:
+    """Submit four connections' messages in one loop iteration (one flush: with one
+    worker, one batch), the second submission being ``fatal``; their outcomes."""
+    loop = asyncio.get_running_loop()
+    got: dict[int, asyncio.Future[list[Outcome]]] = {i: loop.create_future() for i in range(4)}
+
+    def done(token: int, outcomes: list[Outcome], start: int, stop: int) -> None:
+        got[token].set_result(outcomes[start:stop])
+
+    pool.submit_to([b"a0", b"b0"], done, 0)
+    pool.submit_to([fatal], done, 1)
+    pool.submit_one(b"c", done, 2)
+    pool.submit_to([b"d0", b"d1", b"d2"], done, 3)
+    return await asyncio.wait_for(asyncio.gather(*got.values()), TIMEOUT)
+
+
 @pytest.mark.asyncio
-@pytest.mark.parametrize(
-    ("handler", "fatal", "error"),
-    [("crash", b"crash", "WorkerDied"), ("hang", b"hang", "HandlerTimeout")],
-)
-async def test_a_fatal_message_fails_alone_in_a_batch_it_shared(
-    handler: str, fatal: bytes, error: str
-) -> None:
-    """Submissions of several connections share a batch; one of them kills (or hangs)
-    the worker.  Only that submission fails: the others run again, each on its own."""
-    pool = Pool(T + handler, size=1, timeout=0.5, stats=Stats())
+async def test_a_message_that_kills_its_worker_fails_alone_in_a_batch_it_shared() -> None:
+    """Submissions of several connections share a batch; one of them kills the worker.
+    Only that submission fails: the others run again, each on its own."""
+    pool = Pool(T + "crash", size=1, timeout=30, stats=Stats())
     await pool.start()
     try:
-        loop = asyncio.get_running_loop()
-        got: dict[int, asyncio.Future[list[Outcome]]] = {i: loop.create_future() for i in range(4)}
-
-        def done(token: int, outcomes: list[Outcome], start: int, stop: int) -> None:
-            got[token].set_result(outcomes[start:stop])
-
-        # In one loop iteration: one flush, one worker, so one batch of four submissions.
-        pool.submit_to([b"a0", b"b0"], done, 0)
-        pool.submit_to([fatal], done, 1)
-        pool.submit_one(b"c", done, 2)
-        pool.submit_to([b"d0", b"d1", b"d2"], done, 3)
-        results = await asyncio.wait_for(asyncio.gather(*got.values()), TIMEOUT)
+        results = await _one_batch_of_four(pool, b"crash")
         assert results[0] == [b"a0", b"b0"]
         [failed] = results[1]
-        assert type(failed).__name__ == error
+        assert type(failed).__name__ == "WorkerDied"
         assert results[2:] == [[b"c"], [b"d0", b"d1", b"d2"]]
         assert pool.stats.pool_restarts == 2  # the batch's worker, then the fatal one's alone
-        # And the pool goes on serving.
-        again: asyncio.Future[list[Outcome]] = loop.create_future()
-        pool.submit_one(b"after", lambda _t, o, s, e: again.set_result(o[s:e]), None)
-        assert await asyncio.wait_for(again, TIMEOUT) == [b"after"]
+        assert await _one(pool, b"after") == [b"after"]  # and the pool goes on
+    finally:
+        await pool.close(0)
+
+
+@pytest.mark.asyncio
+async def test_a_batch_that_hangs_fails_whole_and_the_pool_goes_on() -> None:
+    """A hung batch is not split: each of its submissions would wait out the timeout in
+    turn, with everything queued behind them.  Every message of it gets HandlerTimeout."""
+    pool = Pool(T + "hang", size=1, timeout=0.5, stats=Stats())
+    await pool.start()
+    try:
+        results = await _one_batch_of_four(pool, b"hang")
+        assert [type(o).__name__ for r in results for o in r] == ["HandlerTimeout"] * 7
+        assert pool.stats.pool_restarts == 1
+        assert await _one(pool, b"after") == [b"after"]
     finally:
         await pool.close(0)

@@ -72,8 +72,8 @@ def test_a_worker_that_dies_leaves_every_other_connection_unaffected(
     serve_process: ServeProcess, framing: str
 ) -> None:
     """README, Offload, Faults: "A worker that dies (crash, SIGKILL, segfault) is replaced;
-    the messages that killed it get the same treatment (ERR WorkerDied: ...), every other
-    connection is unaffected."
+    the message that killed it ... gets the same treatment (ERR WorkerDied: ...), every
+    other connection is unaffected."
 
     Batches mix connections: failing the whole batch of a dying worker would answer the
     innocent connections that shared it ``ERR WorkerDied`` (line framing) or close them

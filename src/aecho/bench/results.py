@@ -288,8 +288,8 @@ def histogram_json(h: Histogram) -> dict[str, Any]:
 
 
 def to_json(r: Result) -> dict[str, Any]:
-    """The ``--json`` object: the DESIGN.md keys, what was measured, and the full histogram
-    and timeline, so results from several machines can be merged exactly."""
+    """The ``--json`` object: the keys README.md documents, what was measured, and the full
+    histogram and timeline, so results from several machines can be merged exactly."""
     s = r.setup
     started = datetime.fromtimestamp(r.start_unix_ns / 1e9, UTC)
     out: dict[str, Any] = {

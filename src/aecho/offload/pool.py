@@ -397,10 +397,10 @@ class Pool:
         """Replace the slot's worker.  The tasks queued behind its running task go
         back to the front of the queue.
 
-        The running task fails with ``exc`` if it holds one connection's submission;
-        a batch of several connections' submissions is split, each to run again in a
-        task of its own, so that only the one that kills a worker fails (the others'
-        messages may be handled twice: at least once, never lost).
+        The running task fails with ``exc``, unless its worker died under a batch of
+        several connections' submissions: that batch is split, each submission to run
+        again in a task of its own, so that only the one that kills a worker fails (the
+        others' messages may be handled twice: at least once, never lost).
         """
         culprit = slot.tasks.popleft() if slot.tasks and exc is not None else None
         innocent = list(slot.tasks)
@@ -413,7 +413,11 @@ class Pool:
             old.kill()
             old.release()
         self.stats.pool_restarts += 1
-        if culprit is not None and len(culprit.entries) > 3 and not self._closing:
+        # A batch that hung is not split: its submissions would each wait out the
+        # timeout in turn, with everything queued behind them.
+        shared = culprit is not None and len(culprit.entries) > 3
+        if shared and isinstance(exc, WorkerDied) and not self._closing:
+            assert culprit is not None
             suspects = culprit.split()
             log.warning(
                 "worker %s: %s; replacing the worker and running the %s of its batch"
