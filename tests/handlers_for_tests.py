@@ -62,7 +62,8 @@ def faulty(data: bytes) -> bytes:
     ``hangup`` shuts the socket (the worker lives on), ``garbage`` writes bytes that are
     no frame, ``miscount`` a result of two replies to this one message, ``partial exit``
     half of this message's result and then exits, ``partial hang`` the same and then
-    hangs.
+    hangs, ``partial exit slowly...`` the same as ``partial exit`` but half a second late
+    (time for the pool to send it its next batch, which it then leaves unread).
     """
     from aecho.offload import wire, worker
 
@@ -76,9 +77,23 @@ def faulty(data: bytes) -> bytes:
     elif data == b"miscount":
         channel.sendall(wire.result([data, data], {}, 0.0))
     elif data.startswith(b"partial "):
+        if data.startswith(b"partial exit slowly"):
+            time.sleep(0.5)
         frame = wire.result([data], {}, 0.0)
         channel.sendall(frame[: len(frame) // 2])
-        if data == b"partial exit":
+        if data.startswith(b"partial exit"):
             os._exit(3)
         time.sleep(60)
+    return data
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def unprintable(data: bytes) -> bytes:
+    """Raise an exception whose str() itself raises, on ``unprintable``; echo the rest."""
+    if data == b"unprintable":
+        raise _Unprintable()
     return data

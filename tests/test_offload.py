@@ -427,3 +427,55 @@ async def test_a_batch_that_hangs_fails_whole_and_the_pool_goes_on() -> None:
         assert await _one(pool, b"after") == [b"after"]
     finally:
         await pool.close(0)
+
+
+@pytest.mark.asyncio
+async def test_a_handler_error_whose_text_cannot_be_read_is_still_one_err_line() -> None:
+    """README, Offload, Faults: "A handler that raises costs that message an
+    ``ERR <ExceptionName>: <message>`` line (line framing) ...; it is logged and the server
+    carries on."
+
+    An exception whose ``str()`` raises in turn must not take its worker down (that would
+    fail the whole read with ``ERR WorkerDied`` and cost a restart).
+    """
+    async with running_server(
+        offload=Offload.process, pool_size=1, framing=Framing.line, handler=T + "unprintable"
+    ) as server:
+        reader, writer = await _open(server.port)
+        writer.write(b"a\nunprintable\nb\n")
+        got = [await asyncio.wait_for(reader.readline(), TIMEOUT) for _ in range(3)]
+        assert got == [b"a\n", b"ERR _Unprintable: <exception str() failed>\n", b"b\n"]
+        assert server.stats.pool_restarts == 0
+        await _close(writer)
+
+
+@pytest.mark.asyncio
+async def test_a_replacement_slower_to_start_than_the_timeout_still_serves(
+    tmp_path: Path,
+) -> None:
+    """README, Offload, Faults: "A batch running longer than ``--handler-timeout`` ... has
+    its worker killed and replaced".
+
+    A replacement that takes longer than the timeout to import its handler has not run
+    the batches sent to it meanwhile: they must not time out (and kill it, and the next
+    one, for as long as traffic comes).
+    """
+    (tmp_path / "slow_start.py").write_text(
+        "import multiprocessing, time\n\n"
+        "if multiprocessing.parent_process() is not None:\n"
+        "    time.sleep(1.0)\n\n\n"
+        "def hang(data):\n"
+        "    if data == b'hang':\n"
+        "        time.sleep(60)\n"
+        "    return data\n"
+    )
+    pool = Pool("slow_start:hang", size=1, timeout=0.5, stats=Stats(), directory=str(tmp_path))
+    await pool.start()
+    try:
+        [timed_out] = await _one(pool, b"hang")
+        assert type(timed_out).__name__ == "HandlerTimeout"
+        assert await _one(pool, b"after") == [b"after"]
+        assert await _one(pool, b"again") == [b"again"]
+        assert pool.stats.pool_restarts == 1
+    finally:
+        await pool.close(0)

@@ -17,7 +17,9 @@ import pytest
 
 from aecho.config import Framing, Offload
 from aecho.offload import wire
+from aecho.offload.outcomes import Outcome
 from aecho.offload.pool import Pool
+from aecho.server.stats import Stats
 from tests.conftest import alive, running_server, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,3 +183,52 @@ def test_lengths_that_do_not_add_up_are_malformed() -> None:
 def test_failures_that_are_not_what_a_worker_writes_are_malformed(raw: bytes) -> None:
     with pytest.raises(wire.Malformed):
         wire.failures(raw, 2)
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_dies_with_a_batch_unread_fails_its_own_at_once() -> None:
+    """docs/architecture.md: "A worker that ... exits mid-frame fails its running batch
+    with ``WorkerDied`` ... and is replaced".
+
+    A worker that exits with a batch still unread in its socket resets the pool's end.
+    When the loop gets to the socket only then (a busy loop, here a loop that stops
+    watching it until the worker is gone), more than one read of result is waiting with
+    the reset; all of it and the end must be read at once: uvloop reports a reset to the
+    reader once and stops watching the socket, and the batch would wait out
+    ``--handler-timeout`` instead.
+    """
+    pool = Pool(FAULTY, size=1, timeout=20, stats=Stats())
+    await pool.start()
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[list[Outcome]] = loop.create_future()
+    rest: asyncio.Future[list[Outcome]] = loop.create_future()
+    try:
+        [slot] = pool._slots
+        link = slot.worker
+        assert link is not None
+        fatal = b"partial exit slowly " + b"x" * 300_000
+        pool.submit_one(fatal, lambda _t, o, s, e: first.set_result(o[s:e]), 0)
+        deadline = loop.time() + TIMEOUT
+        while not slot.tasks:
+            assert loop.time() < deadline, "the batch was never sent"
+            await asyncio.sleep(0.01)
+        # Enough for a task of its own: sent at once, behind the running one.
+        messages = [b"m%d" % i for i in range(600)]
+        pool.submit_to(messages, lambda _t, o, s, e: rest.set_result(o[s:e]), 1)
+        while len(slot.tasks) < 2:
+            assert loop.time() < deadline, "the second batch was never sent"
+            await asyncio.sleep(0.01)
+        fd = link._fd
+        loop.remove_reader(fd)
+        started = loop.time()
+        while link.alive:
+            assert loop.time() < deadline, "the worker never exited"
+            await asyncio.sleep(0.01)
+        loop.add_reader(fd, link._readable)
+        [died] = await asyncio.wait_for(first, TIMEOUT)
+        assert type(died).__name__ == "WorkerDied"
+        assert loop.time() - started < 10
+        assert await asyncio.wait_for(rest, TIMEOUT) == messages
+        assert pool.stats.pool_restarts == 1
+    finally:
+        await pool.close(0)

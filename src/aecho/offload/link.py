@@ -42,9 +42,9 @@ class Worker:
 
     Until the worker's first byte arrives its pidfd is unknown (``pidfd`` is -1);
     :meth:`kill` then has nothing to go through, and closing the socket is what ends
-    the worker.  ``ready`` once it has said whether its handler loads: until then a
-    loss is reported through ``hello`` (if the pool's start waits on it), and after
-    it to ``on_lost``.
+    the worker.  ``ready`` once it has said whether its handler loads (``since`` then
+    says when): until then a loss is reported through ``hello`` (if the pool's start
+    waits on it), and after it to ``on_lost``.
     """
 
     __slots__ = (
@@ -63,6 +63,7 @@ class Worker:
         "pidfd",
         "process",
         "ready",
+        "since",
     )
 
     def __init__(
@@ -108,6 +109,7 @@ class Worker:
         # Set while the pool's start waits for this worker's HELLO.
         self.hello: asyncio.Future[None] | None = None
         self.ready = False
+        self.since = loop.time()  # when it was started; once ready, when it became ready
         loop.add_reader(self._fd, self._first_read)
 
     # -- writing ---------------------------------------------------------------------------
@@ -168,30 +170,40 @@ class Worker:
             self._lost("closed its socket" if not data else f"began with {data!r}")
             return
         self._loop.add_reader(self._fd, self._readable)
+        self._readable()  # what came with the first byte (see _readable)
 
     def _readable(self) -> None:
-        try:
-            data = self._sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._lost(f"socket failed: {exc}")
-            return
-        if not data:
-            self._lost("closed its socket" + (" mid-frame" if self._have else ""))
-            return
-        if self._have:
-            self._chunks.append(data)
-            self._have += len(data)
-            if self._have < self._need:
+        """Read until the socket is empty, its end, or an error.
+
+        Not one read per call: uvloop reports a socket error (a worker that exits with a
+        batch unread resets its end) by calling the reader once and then no longer
+        watching the socket, so what the worker wrote before, and its end, are read now.
+        A worker writes only the results it owes, so this ends soon.
+        """
+        while self._fd >= 0:
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
                 return
-            data = b"".join(self._chunks)
-            self._chunks = []
-            self._have = 0
-        try:
-            self._frames(data)
-        except wire.Malformed as exc:
-            self._lost(f"sent a malformed frame: {exc}")
+            except OSError as exc:
+                self._lost(f"socket failed: {exc}")
+                return
+            if not data:
+                self._lost("closed its socket" + (" mid-frame" if self._have else ""))
+                return
+            if self._have:
+                self._chunks.append(data)
+                self._have += len(data)
+                if self._have < self._need:
+                    continue
+                data = b"".join(self._chunks)
+                self._chunks = []
+                self._have = 0
+            try:
+                self._frames(data)
+            except wire.Malformed as exc:
+                self._lost(f"sent a malformed frame: {exc}")
+                return
 
     def _frames(self, data: bytes) -> None:
         """Hand over every whole frame in ``data``; keep the rest for the next read.
@@ -234,6 +246,7 @@ class Worker:
     def _greeted(self, kind: int, extra: bytes) -> None:
         """The worker's HELLO or REFUSED: whether its handler loads."""
         self.ready = True
+        self.since = self._loop.time()
         hello = self.hello if self.hello is not None and not self.hello.done() else None
         if kind == wire.HELLO:
             if hello is not None:

@@ -29,7 +29,6 @@ from aecho.offload.handlers import HandlerError
 from aecho.offload.link import Worker, stop
 from aecho.offload.outcomes import (
     Callback,
-    HandlerTimeout,
     Outcome,
     PoolClosed,
     PoolError,
@@ -473,12 +472,9 @@ class Pool:
         now = loop.time()
         flush = False
         for slot in self._slots:
-            if slot.tasks and now - slot.head_since > self.timeout:
-                self._evict(
-                    slot,
-                    HandlerTimeout(f"handler ran longer than --handler-timeout {self.timeout:g}s"),
-                    "handler ran too long",
-                )
+            late = slot.overdue(now, self.timeout, self.START_TIMEOUT_S)
+            if late is not None:
+                self._evict(slot, late)
                 flush = True
             elif slot.worker is None:
                 flush = self._restart(slot) or flush

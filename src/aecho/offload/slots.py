@@ -7,7 +7,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from aecho.offload.link import Worker
-from aecho.offload.outcomes import Outcome
+from aecho.offload.outcomes import HandlerTimeout, Outcome
 
 log = logging.getLogger("aecho.offload")
 
@@ -88,3 +88,21 @@ class Slot:
         self.worker: Worker | None = None
         self.tasks: deque[Task] = deque()
         self.head_since = 0.0  # when the first task started (or became the first)
+
+    def overdue(self, now: float, timeout: float, start_timeout: float) -> Exception | None:
+        """What the running task fails with if it has been out too long, else None.
+
+        Its clock starts when it became the first task and its worker was ready: a
+        replacement still starting (importing the handler) has run nothing yet.  One
+        not ready ``start_timeout`` after it was started is given up all the same.
+        """
+        worker = self.worker
+        if not self.tasks or worker is None:
+            return None
+        if not worker.ready:
+            if now - worker.since > start_timeout:
+                return HandlerTimeout(f"worker process did not start in {start_timeout:g}s")
+            return None
+        if now - max(self.head_since, worker.since) > timeout:
+            return HandlerTimeout(f"handler ran longer than --handler-timeout {timeout:g}s")
+        return None
