@@ -430,22 +430,27 @@ async def test_a_batch_that_hangs_fails_whole_and_the_pool_goes_on() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_handler_error_whose_text_cannot_be_read_is_still_one_err_line() -> None:
+@pytest.mark.parametrize("offload", [Offload.inline, Offload.process])
+async def test_a_handler_error_whose_text_cannot_be_read_is_still_one_err_line(
+    offload: Offload,
+) -> None:
     """README, Offload, Faults: "A handler that raises costs that message an
     ``ERR <ExceptionName>: <message>`` line (line framing) ...; it is logged and the server
     carries on."
 
     An exception whose ``str()`` raises in turn must not take its worker down (that would
-    fail the whole read with ``ERR WorkerDied`` and cost a restart).
+    fail the whole read with ``ERR WorkerDied`` and cost a restart), nor the inline
+    connection that reports it.
     """
     async with running_server(
-        offload=Offload.process, pool_size=1, framing=Framing.line, handler=T + "unprintable"
+        offload=offload, pool_size=1, framing=Framing.line, handler=T + "unprintable"
     ) as server:
         reader, writer = await _open(server.port)
         writer.write(b"a\nunprintable\nb\n")
         got = [await asyncio.wait_for(reader.readline(), TIMEOUT) for _ in range(3)]
         assert got == [b"a\n", b"ERR _Unprintable: <exception str() failed>\n", b"b\n"]
         assert server.stats.pool_restarts == 0
+        assert server.stats.handler_errors == 1
         await _close(writer)
 
 

@@ -1,4 +1,4 @@
-"""How counts and install hints are written in logs and messages.  Pure: no I/O."""
+"""How counts, errors and install hints are written in logs and messages.  Pure: no I/O."""
 
 from __future__ import annotations
 
@@ -6,6 +6,15 @@ from __future__ import annotations
 def plural(count: int, word: str, words: str | None = None) -> str:
     """``1 connection``, ``2 connections``; ``words`` for a plural not made with ``s``."""
     return f"{count} {word if count == 1 else (words or word + 's')}"
+
+
+def exception_text(exc: BaseException) -> str:
+    """``str(exc)``; a handler's exception whose text raises in turn must not break what
+    reports it."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
 
 
 def needs(what: str, package: str, extra: str) -> str:

@@ -21,6 +21,7 @@ import traceback
 
 from aecho.offload import wire
 from aecho.offload.handlers import Handler, HandlerError, load_handler
+from aecho.text import exception_text
 
 WORKER_TITLE = "aecho: pool worker"
 READ_BUFFER = 256 * 1024
@@ -168,17 +169,9 @@ def run_batch(handler: Handler, messages: list[bytes]) -> tuple[list[bytes], wir
             append(reply)
         except Exception as exc:
             trace = traceback.format_exc() if _tracebacks else ""
-            failures[i] = (type(exc).__name__, _text(exc), trace)
+            failures[i] = (type(exc).__name__, exception_text(exc), trace)
             append(b"")
     return out, failures, time.perf_counter() - started
-
-
-def _text(exc: Exception) -> str:
-    """``str(exc)``; an exception whose text raises in turn must not end the worker."""
-    try:
-        return str(exc)
-    except Exception:
-        return "<exception str() failed>"
 
 
 def _as_bytes(reply: object) -> bytes:

@@ -21,6 +21,7 @@ from aecho.config import Framing, ServerConfig
 from aecho.offload.handlers import Handler
 from aecho.server.framing import FrameError, Framer, LineFramer, RawFramer
 from aecho.server.stats import Stats
+from aecho.text import exception_text
 
 log = logging.getLogger("aecho.server.connection")
 
@@ -60,7 +61,7 @@ class Host(Owner, Protocol):
 
 def error_line(exc: BaseException) -> bytes:
     """The line a peer gets for a failed message (line framing)."""
-    text = str(exc).replace("\n", " ").replace("\r", " ")
+    text = exception_text(exc).replace("\n", " ").replace("\r", " ")
     return f"ERR {type(exc).__name__}: {text}\n".encode("utf-8", "replace")
 
 
@@ -329,7 +330,7 @@ class FramedConnection(Connection):
             self.host.config.handler,
             format_address(self.peer),
             type(exc).__name__,
-            exc,
+            exception_text(exc),
             exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
         )
         if isinstance(self._framer, LineFramer):
