@@ -1,13 +1,16 @@
-"""--max-connections-per-ip, and the edge options' bad input."""
+"""--max-connections-per-ip, the limits shared by serving processes, and the edge
+options' bad input."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
+from aecho.server.limits import SharedLimits, SharedTable
 from tests.conftest import closed_without_reply, running_server
 
 
@@ -94,3 +97,50 @@ def test_bad_client_tls_options_one_line(args: list[str], needle: str) -> None:
     err = res.stderr.decode()
     assert res.returncode == 2, err
     assert err.count("\n") == 1 and needle in err, err
+
+
+class _Interleaved(SharedTable):
+    """A shared table on which ``between()`` runs once, as another process would, just
+    after this process has read a sum and before it acts on it."""
+
+    def __init__(self) -> None:
+        super().__init__(2, sketch=True)
+        self.between: Callable[[], None] | None = None
+
+    def _other_process_runs(self) -> None:
+        run, self.between = self.between, None
+        if run is not None:
+            run()
+
+    def open_total(self) -> int:
+        total = super().open_total()
+        self._other_process_runs()
+        return total
+
+    def ip_count(self, ip: str) -> int:
+        count = super().ip_count(ip)
+        self._other_process_runs()
+        return count
+
+
+def test_two_processes_taking_the_last_place_at_once_never_both_get_it() -> None:
+    """README, serving processes: "the limits are never passed: two processes admitting
+    the last place at the same instant may both refuse (rarely), never both admit"."""
+    table = _Interleaved()
+    a, b = SharedLimits(3, 2, table, 0), SharedLimits(3, 2, table, 1)
+    # The per-IP limit: one connection from 10.0.0.1 open in a, one place left.
+    assert a.take_ip("10.0.0.1")
+    got: list[bool] = []
+    table.between = lambda: got.append(b.take_ip("10.0.0.1"))
+    got.append(a.take_ip("10.0.0.1"))
+    assert got.count(True) <= 1, got
+    assert table.ip_count("10.0.0.1") <= 2
+    # --max-connections: 2 of 3 open, one place left.
+    table.set_open(0, 1)
+    table.set_open(1, 1)
+    admitted: list[bool] = []
+    table.between = lambda: admitted.append(not b.full(1))
+    admitted.append(not a.full(1))
+    assert admitted.count(True) <= 1, admitted
+    # Whoever refused took its count back; whoever admitted holds the place.
+    assert table.open_total() == 2 + admitted.count(True)

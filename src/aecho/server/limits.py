@@ -4,9 +4,11 @@ One serving process keeps them in plain counters.  Under ``--workers N`` they ho
 for the server as a whole: each serving process writes its own counts into a
 table in shared memory (made by the supervisor before it forks, so every serving
 process maps the same pages) and reads the others' before admitting a connection.
-No locks: a process only ever writes its own row.  Two processes admitting at the
-same instant can each see room for one more, so the total can pass the limit by at
-most N - 1 connections for a moment; the next admission sees the truth.
+No locks: a process only ever writes its own row, and it counts a connection
+before it reads the total (and takes the count back if that passes the limit).  Two
+processes admitting at the same instant can then both refuse, rarely, but never both
+admit past the limit: check first and count after, each could see room for the same
+last place, and the connections admitted past it would stay open.
 
 Per client address the shared table keeps a count-min sketch (two rows of hashed
 counters per process): an address's count is the smaller of its two counters,
@@ -38,7 +40,8 @@ class Limits:
         return open_here >= self.max_connections
 
     def counted(self, open_here: int) -> None:
-        """This process now has ``open_here`` connections (admitted or held)."""
+        """This process now has ``open_here`` connections (admitted or held); called after
+        every :meth:`full` that returned False, whether the connection was admitted."""
 
     def ip_count(self, ip: str) -> int:
         """Connections from ``ip`` now."""
@@ -125,9 +128,14 @@ class SharedLimits(Limits):
         self.slot = slot
 
     def full(self, open_here: int) -> bool:
+        # Counted before the total is read (see the module docstring); the caller's
+        # next counted() sets the row to what it really holds.
         table = self.table
-        others = table.open_total() - table.open_in(self.slot)
-        return others + open_here >= self.max_connections
+        table.set_open(self.slot, open_here + 1)
+        if table.open_total() > self.max_connections:
+            table.set_open(self.slot, open_here)
+            return True
+        return False
 
     def counted(self, open_here: int) -> None:
         self.table.set_open(self.slot, open_here)
@@ -136,9 +144,11 @@ class SharedLimits(Limits):
         return self.table.ip_count(ip)
 
     def take_ip(self, ip: str) -> bool:
-        if self.table.ip_count(ip) >= self.per_ip:
+        table = self.table
+        table.ip_add(self.slot, ip, 1)
+        if table.ip_count(ip) > self.per_ip:
+            table.ip_add(self.slot, ip, -1)
             return False
-        self.table.ip_add(self.slot, ip, 1)
         return True
 
     def give_ip(self, ip: str) -> None:

@@ -61,6 +61,7 @@ class Registry:
             )
             return False
         if not self._count_ip(conn.peer)[0]:
+            self._limits.counted(len(self.connections) + len(self.preludes))
             return False
         self._stats.accepted += 1
         self.connections.add(conn)
@@ -107,7 +108,7 @@ class Registry:
         admitted, ip = self._count_ip(prelude.peer) if per_ip else (True, None)
         if admitted:
             self.preludes[prelude] = ip
-            self._limits.counted(len(self.connections) + len(self.preludes))
+        self._limits.counted(len(self.connections) + len(self.preludes))
         return admitted
 
     def release(self, prelude: Prelude) -> None:
