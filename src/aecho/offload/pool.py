@@ -86,11 +86,6 @@ class Pool:
         return [s.worker.pid for s in self._slots if s.worker is not None and s.worker.pid]
 
     @property
-    def queued(self) -> int:
-        """Messages waiting for a task."""
-        return len(self._messages) + sum(len(task.messages) for task in self._suspects)
-
-    @property
     def running(self) -> int:
         """Tasks shipped to workers and not back yet."""
         return sum(len(slot.tasks) for slot in self._slots)
@@ -412,11 +407,11 @@ class Pool:
             old.kill()
             old.release()
         self.stats.pool_restarts += 1
+        if culprit is None:
+            log.warning("worker %s %s between tasks; replacing it", pid, why or "died")
         # A batch that hung is not split: its submissions would each wait out the
         # timeout in turn, with everything queued behind them.
-        shared = culprit is not None and len(culprit.entries) > 3
-        if shared and isinstance(exc, WorkerDied) and not self._closing:
-            assert culprit is not None
+        elif isinstance(exc, WorkerDied) and len(culprit.entries) > 3 and not self._closing:
             suspects = culprit.split()
             log.warning(
                 "worker %s: %s; replacing the worker and running the %s of its batch"
@@ -426,7 +421,7 @@ class Pool:
                 plural(len(suspects), "submission"),
             )
             self._suspects.extendleft(reversed(suspects))
-        elif culprit is not None:
+        else:
             assert exc is not None
             log.warning(
                 "worker %s: %s; %s failed, replacing the worker",
@@ -435,8 +430,6 @@ class Pool:
                 plural(len(culprit.messages), "message"),
             )
             self._resolve_all(culprit, exc)
-        else:
-            log.warning("worker %s %s between tasks; replacing it", pid, why or "died")
         if not self._closing and old is not None and old.ready:
             # One that died before it was ready is restarted by the tick instead: a
             # worker that cannot start must not be restarted in a tight loop.
