@@ -154,15 +154,33 @@ async def test_a_stalled_worker_does_not_hold_up_the_others(tmp_path: Path) -> N
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("offload", [Offload.inline, Offload.process])
-async def test_raising_handler_line_framing_replies_err(offload: Offload) -> None:
+@pytest.mark.parametrize(
+    ("handler", "bad", "err"),
+    [
+        ("boom", b"boom1", b"ERR ValueError: refused b'boom1'\n"),
+        # An exception whose str() raises in turn must not take its worker down (that
+        # would fail the whole read with ERR WorkerDied and cost a restart), nor the
+        # inline connection that reports it.
+        ("unprintable", b"unprintable", b"ERR _Unprintable: <exception str() failed>\n"),
+    ],
+    ids=["raises", "unprintable"],
+)
+async def test_raising_handler_line_framing_replies_err(
+    offload: Offload, handler: str, bad: bytes, err: bytes
+) -> None:
+    """README, Offload, Faults: "A handler that raises costs that message an
+    ``ERR <ExceptionName>: <message>`` line (line framing) ...; it is logged and the server
+    carries on."
+    """
     async with running_server(
-        offload=offload, pool_size=1, framing=Framing.line, handler=T + "boom"
+        offload=offload, pool_size=1, framing=Framing.line, handler=T + handler
     ) as server:
         reader, writer = await _open(server.port)
-        writer.write(b"a\nboom1\nb\n")
+        writer.write(b"a\n" + bad + b"\nb\n")
         got = [await asyncio.wait_for(reader.readline(), TIMEOUT) for _ in range(3)]
-        assert got == [b"a\n", b"ERR ValueError: refused b'boom1'\n", b"b\n"]
+        assert got == [b"a\n", err, b"b\n"]
         assert server.stats.handler_errors == 1
+        assert server.stats.pool_restarts == 0
         await _close(writer)
 
 
@@ -427,31 +445,6 @@ async def test_a_batch_that_hangs_fails_whole_and_the_pool_goes_on() -> None:
         assert await _one(pool, b"after") == [b"after"]
     finally:
         await pool.close(0)
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize("offload", [Offload.inline, Offload.process])
-async def test_a_handler_error_whose_text_cannot_be_read_is_still_one_err_line(
-    offload: Offload,
-) -> None:
-    """README, Offload, Faults: "A handler that raises costs that message an
-    ``ERR <ExceptionName>: <message>`` line (line framing) ...; it is logged and the server
-    carries on."
-
-    An exception whose ``str()`` raises in turn must not take its worker down (that would
-    fail the whole read with ``ERR WorkerDied`` and cost a restart), nor the inline
-    connection that reports it.
-    """
-    async with running_server(
-        offload=offload, pool_size=1, framing=Framing.line, handler=T + "unprintable"
-    ) as server:
-        reader, writer = await _open(server.port)
-        writer.write(b"a\nunprintable\nb\n")
-        got = [await asyncio.wait_for(reader.readline(), TIMEOUT) for _ in range(3)]
-        assert got == [b"a\n", b"ERR _Unprintable: <exception str() failed>\n", b"b\n"]
-        assert server.stats.pool_restarts == 0
-        assert server.stats.handler_errors == 1
-        await _close(writer)
 
 
 @pytest.mark.asyncio
