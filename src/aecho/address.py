@@ -50,7 +50,7 @@ def host_and_port(
     """
     name, own_port = split_host_port(host)
     if own_port is not None and port is not None:
-        raise ValueError(f"{host!r} already names the port: leave out PORT ({port})")
+        raise ValueError(f"the port is given twice ({host!r} names it): leave out PORT ({port})")
     if own_port is None:
         own_port = default_port if port is None else port
     return name or default_host, own_port

@@ -19,7 +19,7 @@ import typer
 
 from aecho import bench_options as bo
 from aecho import serve_options as opt
-from aecho.address import split_host_port
+from aecho.address import host_and_port
 from aecho.commandline import (
     DURATION,
     PREFIX,
@@ -321,7 +321,6 @@ def client(
     ] = False,
 ) -> None:
     """Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise."""
-    from aecho.address import host_and_port
     from aecho.client import ClientError, OutputClosed
 
     try:
@@ -398,7 +397,10 @@ def bench(
     if _defaulted(ctx, "warmup") and find_max_rate:
         warmup = DEFAULT_SEARCH_WARMUP
     if host is not None:
-        host, port = _host_and_port(host, port)
+        try:
+            host, port = host_and_port(host, port, DEFAULT_HOST, DEFAULT_PORT)
+        except ValueError as exc:
+            fail(str(exc), 2)
     try:
         config = BenchConfig(
             host=host,
@@ -444,18 +446,6 @@ def bench(
 def _defaulted(ctx: typer.Context, name: str) -> bool:
     """Was option ``name`` left at its default (not given on the command line)?"""
     return getattr(ctx.get_parameter_source(name), "name", "") == "DEFAULT"
-
-
-def _host_and_port(host: str, port: int | None) -> tuple[str, int | None]:
-    """HOST and PORT from ``HOST PORT``, ``HOST:PORT`` or ``[V6]:PORT``; a usage error
-    (exit 2) when the text is malformed or names the port twice."""
-    try:
-        name, named_port = split_host_port(host)
-    except ValueError as exc:
-        fail(str(exc), 2)
-    if named_port is not None and port is not None:
-        fail(f"the port is given twice ({host} and {port}): write HOST:PORT or HOST PORT", 2)
-    return name, port if named_port is None else named_port
 
 
 bench_merge_app = typer.Typer(
