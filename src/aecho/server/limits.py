@@ -89,9 +89,6 @@ class SharedTable:
     def open_total(self) -> int:
         return sum(self._open)
 
-    def open_in(self, slot: int) -> int:
-        return self._open[slot]
-
     def set_open(self, slot: int, n: int) -> None:
         self._open[slot] = n
 

@@ -113,23 +113,28 @@ class PooledConnection(FramedConnection):
             self._early = None
 
     def _handle(self, messages: list[bytes], start: int) -> None:
-        if start:
-            messages = messages[start:]
         budget = self._budget
         room = min(self._window - self._held, budget.limit - budget.held)
         if room <= 0:
-            self._defer(messages, 0)
+            self._defer(messages, start)
             self._hold_back()
             return
+        # No more than room // MESSAGE_COST + 1 messages can fit: only those are sized,
+        # so a read of many small lines handed over in parts costs linear time.
+        whole = messages
+        end = len(whole)
+        stop = min(end, start + room // MESSAGE_COST + 1)
+        if start or stop < end:
+            messages = whole[start:stop]
         count = len(messages)
         charge = sum(map(len, messages)) + MESSAGE_COST * count
         if charge > room and count > 1:
             # Submit about what fits (no less than one message); the rest waits.
-            keep = max(1, count * room // charge)
-            self._defer(messages, keep)
-            messages = messages[:keep]
-            count = keep
+            count = max(1, count * room // charge)
+            messages = messages[:count]
             charge = sum(map(len, messages)) + MESSAGE_COST * count
+        if start + count < end:
+            self._defer(whole, start + count)
         seq = self._next_in
         self._next_in = seq + 1
         self._held += charge
