@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
-from aecho.process.pidfile import pid_alive
+from aecho.process.pidfile import parse_pid, pid_alive
 from tests.conftest import (
+    SERVING,
     Daemons,
     ServerProcess,
     free_port,
@@ -231,6 +232,48 @@ def test_a_pidfile_saved_by_an_editor_does_not_make_a_running_server_look_stoppe
     assert stop.returncode == 1 or not pid_alive(daemon.pid), (
         f"stop exited {stop.returncode} ({stop.stdout.strip()}) and the server still runs"
     )
+
+
+def test_a_new_server_refuses_a_replaced_pidfile_that_names_a_live_server(
+    daemons: Daemons,
+    tmp_path: Path,
+) -> None:
+    """README: a pidfile replaced under a running server makes "stop and status report it,
+    and a new server refuse to act on it"; the first keeps serving."""
+    daemon = daemons.start()
+    edited = tmp_path / "aecho.pid.edit"
+    edited.write_text(daemon.pidfile.read_text())
+    os.rename(edited, daemon.pidfile)  # as an editor saves it: the lock is gone
+    second = run_aecho("serve", "--daemon", "--port", "0", "--pidfile", str(daemon.pidfile))
+    if second.returncode == 0 and (m := SERVING.match(second.stdout.strip())):
+        daemons.track(int(m.group(2)))
+    assert second.returncode == 1, second.stdout
+    assert "stop that server or use another --pidfile" in second.stderr, second.stderr
+    assert second.stderr.count("\n") == 1, second.stderr
+    assert parse_pid(daemon.pidfile.read_text()) == daemon.pid
+    assert _echoes(daemon.port)
+
+
+def test_stop_by_port_never_stops_a_server_on_another_port(tmp_path: Path) -> None:
+    """README: "`stop` and `status` found through `--port` or `--unix` act only on a server
+    that serves there".  The default pidfile for port B, renamed from a running server's on
+    port A (its lock goes with the file), names a server that does not serve on B."""
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    started = run_aecho("serve", "--daemon", "--port", "0", env=env)
+    m = SERVING.match(started.stdout.strip())
+    assert started.returncode == 0 and m, started.stderr
+    port, pid = int(m.group(1)), int(m.group(2))
+    try:
+        other = free_port()
+        os.rename(tmp_path / f"aecho-{port}.pid", tmp_path / f"aecho-{other}.pid")
+        for command in ("stop", "status"):
+            result = run_aecho(command, "--port", str(other), env=env)
+            assert result.returncode == 1, f"{command}: {result.stdout}"
+            assert f"not on port {other}" in result.stdout + result.stderr, result
+        assert pid_alive(pid) and _echoes(port), "stop --port signalled the server elsewhere"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _unix_echoes(path: Path) -> bool:
