@@ -129,8 +129,6 @@ def print_failure_json(setup: Setup, exc: BenchError) -> None:
 
 def print_search_failure_json(setup: Setup, cfg: BenchConfig, exc: BenchError) -> None:
     """``--find-max-rate --json`` when the search could not run: its object, no steps."""
-    from aecho.bench.search import Search
-
     data = search_json(Search(setup, goal_ms=cfg.max_p99_ms or 0.0))
     data["error"] = str(exc)
     sys.stdout.write(json.dumps(data) + "\n")

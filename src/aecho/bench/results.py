@@ -226,8 +226,8 @@ class Result:
                 first.setdefault(kind, msg)
             for key, value in p.notes.items():
                 notes.setdefault(key, value)
-            if p not in timed:
-                continue
+            if timed is not parts and not p.start_unix_ns:
+                continue  # never started, while others did: no place on the timeline
             _add_at(timeline, p.timeline, round((p.start_unix_ns - start) / TICK_NS))
             shift = round((p.start_unix_ns - start) / SECOND_NS)
             seconds.extend({} for _ in range(shift + len(p.seconds) - len(seconds)))

@@ -25,7 +25,6 @@ PRECISION = 0.03  # stop once the bracket is this narrow (relative)
 MAX_STEPS = 16
 MIN_RATE = 1.0  # messages/s: below this nothing passes, and the search gives up
 ACHIEVED_SHARE = 0.9  # a step passes only if it completed this share of its target rate
-P99 = ("p99",)
 SETTLE_TRIES = 100
 HANDLE = (0.25, 0.5, 0.75)  # shares of the answer measured for the plot's low end
 

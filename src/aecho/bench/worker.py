@@ -88,7 +88,6 @@ class Worker(Tally):
         super().__init__(cfg)
         self.plan = plan
         self.on_progress = on_progress
-        self.closed_loop = plan.rate is None
         # The common case gets an inlined path in BenchConn.data_received.
         self.fast = (
             self.closed_loop
