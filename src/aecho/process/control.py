@@ -44,12 +44,9 @@ def _not_running(path: str, found: Probe) -> str:
     return f"not running (stale pidfile {path}: {why})"
 
 
-def serves(pid: int, port: int | None = None, unix: str | None = None) -> bool:
-    """Whether ``pid``'s title says it serves on ``port`` (any address) or at ``unix``."""
-    addresses = address_from_title(process_title(pid).decode("utf-8", "replace")).split()
-    if unix is not None:
-        return os.path.abspath(unix) in addresses
-    return port is None or any(a.rsplit(":", 1)[-1] == str(port) for a in addresses)
+def _addresses(pid: int) -> list[str]:
+    """The addresses ``pid``'s process title says it serves on."""
+    return address_from_title(process_title(pid).decode("utf-8", "replace")).split()
 
 
 def _refuse(path: str, found: Probe) -> Outcome:
@@ -63,9 +60,14 @@ def _refuse(path: str, found: Probe) -> Outcome:
 
 def _elsewhere(path: str, pid: int, port: int | None, unix: str | None) -> Outcome | None:
     """A refusal when the server a default pidfile names serves somewhere else."""
-    if (port is None and unix is None) or serves(pid, port, unix):
+    if port is None and unix is None:
         return None
-    where = address_from_title(process_title(pid).decode("utf-8", "replace")) or "unknown"
+    addresses = _addresses(pid)
+    if unix is not None and os.path.abspath(unix) in addresses:
+        return None
+    if unix is None and any(a.rsplit(":", 1)[-1] == str(port) for a in addresses):
+        return None
+    where = " ".join(addresses) or "unknown"
     asked = os.path.abspath(unix) if unix else f"port {port}"
     return Outcome(
         1,
@@ -142,25 +144,18 @@ def stop(
 
 def _socket_file(pid: int) -> str:
     """The Unix socket a server serves on (from its title), "" for TCP."""
-    for address in address_from_title(process_title(pid).decode("utf-8", "replace")).split():
-        if address.startswith("/"):
-            return address
-    return ""
+    return next((a for a in _addresses(pid) if a.startswith("/")), "")
 
 
 def _remove_if_stale_socket(path: str) -> None:
     """After SIGKILL the server left its socket file: remove it once nothing listens."""
-    import socket
     import stat
 
+    from aecho.server.listeners import nothing_listens
+
     with contextlib.suppress(OSError):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return
-        with socket.socket(socket.AF_UNIX) as probe_sock:
-            try:
-                probe_sock.connect(path)
-            except OSError:
-                os.unlink(path)
+        if stat.S_ISSOCK(os.stat(path).st_mode) and nothing_listens(path):
+            os.unlink(path)
 
 
 def format_uptime(seconds: float) -> str:

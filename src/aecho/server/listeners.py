@@ -48,6 +48,16 @@ def _unix_bind_error(path: str, exc: OSError) -> StartupError:
     return StartupError(f"cannot listen on {path}: {reason}; choose another --unix path")
 
 
+def nothing_listens(path: str) -> bool:
+    """Whether a connection to the Unix socket file at ``path`` fails (a stale file)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return True
+    return False
+
+
 def _bind_unix(path: str, backlog: int, mode: int = DEFAULT_UNIX_MODE) -> socket.socket:
     """A listening Unix socket at ``path``; a stale socket file there is replaced.
 
@@ -61,15 +71,9 @@ def _bind_unix(path: str, backlog: int, mode: int = DEFAULT_UNIX_MODE) -> socket
                 f"cannot listen on {path}: it exists and is not a socket; "
                 "remove it or choose another --unix path"
             )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nothing listens there any more
-        else:
+        if not nothing_listens(path):
             raise StartupError(f"cannot listen on {path}: a server is already listening there")
-        finally:
-            probe.close()
+        os.unlink(path)  # stale: nothing listens there any more
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
