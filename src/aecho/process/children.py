@@ -64,18 +64,17 @@ class Child:
     stats: Stats | None = None  # the last snapshot it sent
     _buf: bytes = b""
 
-    def tell(self, line: bytes) -> None:
-        """Send the child one line of the channel (it may have gone: then nothing)."""
-        with contextlib.suppress(OSError):
-            self.control.send(line + b"\n")
-
-    def ask_stats(self) -> bool:
-        """Ask for a snapshot (the answer arrives on :attr:`control`); False if gone."""
+    def tell(self, line: bytes) -> bool:
+        """Send the child one line of the channel; False if it has gone."""
         try:
-            self.control.send(b"stats\n")
+            self.control.send(line + b"\n")
         except OSError:
             return False
         return True
+
+    def ask_stats(self) -> bool:
+        """Ask for a snapshot (the answer arrives on :attr:`control`); False if gone."""
+        return self.tell(b"stats")
 
     def read_stats(self) -> bool:
         """Take what arrived on :attr:`control`; True when a whole snapshot came."""

@@ -117,9 +117,7 @@ def _refuse_a_live_server(path: str, fd: int) -> None:
         PidfileError: the pid in the file is a running aecho server other than this one.
     """
     pid = parse_pid(os.pread(fd, 64, 0).decode("ascii", "replace"))
-    if pid is None or pid == os.getpid() or not pid_alive(pid):
-        return
-    if process_title(pid).startswith(SERVER_TITLES):
+    if pid is not None and pid != os.getpid() and is_live_server(pid):
         os.close(fd)
         raise PidfileError(
             f"pidfile {path} names pid {pid}, a running aecho server that does not hold it "
@@ -277,7 +275,7 @@ def probe(path: str) -> Probe:
     finally:
         os.close(fd)
     if holder is None:
-        if pid is not None and pid_alive(pid) and process_title(pid).startswith(SERVER_TITLES):
+        if pid is not None and is_live_server(pid):
             return Probe(
                 "unlocked",
                 pid,
@@ -308,6 +306,11 @@ def process_title(pid: int) -> bytes:
             return f.read().replace(b"\0", b" ").strip()
     except OSError:
         return b""
+
+
+def is_live_server(pid: int) -> bool:
+    """Whether ``pid`` runs, and its process title says it is an aecho server."""
+    return pid_alive(pid) and process_title(pid).startswith(SERVER_TITLES)
 
 
 def pid_alive(pid: int) -> bool:
