@@ -213,7 +213,8 @@ class BenchConn(asyncio.Protocol):
             exp, due = out[0]
             if data == exp:  # the whole reply in one piece: the common case
                 out.popleft()
-                if due >= self.w.fast_from:
+                w = self.w
+                if due >= w.fast_from:
                     # Closed-loop echo while measuring: _complete and send, inlined,
                     # because this runs once per message and calls cost.  Message and
                     # byte counts and the timeline are derived later (Worker._sample,
@@ -234,7 +235,6 @@ class BenchConn(asyncio.Protocol):
                     h.total_ns += d
                     seq = self.seq
                     self.seq = seq + 1
-                    w = self.w
                     pending = w.pending
                     if not pending:
                         w.call_soon(w.flush)
@@ -317,18 +317,17 @@ class BenchConn(asyncio.Protocol):
         seq = self.seq
         self.seq = seq + 1
         w = self.w
-        header = self.prefix + b"%016x" % seq
         if self.tail < BENCH_HEADER_SIZE:
-            header = header[-self.tail :]
-        payload = header + self.filler
+            payload = (self.prefix + b"%016x" % seq)[-self.tail :] + self.filler
+        else:
+            payload = self.template % seq  # one formatting, as on the fast path
         w.inflight += 1
         if due >= w.measure_ns and w.remaining is not None:
             w.remaining -= 1
             if w.remaining <= 0:
                 w.stop_sending(close_window=False)
         self.out.append((payload if w.expect is None else w.expect(payload), due))
-        assert self.transport is not None
-        self.transport.write(payload)
+        self.write(payload)
 
     def fail(self, kind: str) -> None:
         """Count ``kind`` once for this connection and drop it."""
