@@ -13,6 +13,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,15 +35,18 @@ static volatile sig_atomic_t stop;
 /* sd_notify without libsystemd: one datagram to the socket named by $NOTIFY_SOCKET. */
 static void notify_ready(int port) {
     const char *path = getenv("NOTIFY_SOCKET");
-    if (path == NULL || path[0] != '/') return;
+    if (path == NULL || (path[0] != '/' && path[0] != '@')) return;
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    if (strlen(path) >= sizeof sa.sun_path) return;
-    strcpy(sa.sun_path, path);
+    size_t len = strlen(path);
+    if (len >= sizeof sa.sun_path) return;
+    memcpy(sa.sun_path, path, len);
+    if (path[0] == '@') sa.sun_path[0] = '\0'; /* the abstract namespace, as sd_notify reads it */
     char msg[64];
     int n = snprintf(msg, sizeof msg, "READY=1\nX_AECHO_LISTEN=127.0.0.1:%d", port);
     int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return;
-    sendto(fd, msg, (size_t)n, 0, (struct sockaddr *)&sa, sizeof sa);
+    sendto(fd, msg, (size_t)n, 0, (struct sockaddr *)&sa,
+           (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len));
     close(fd);
 }
 static void on_signal(int sig) { (void)sig; stop = 1; }
