@@ -10,7 +10,11 @@ from collections.abc import Callable
 
 import pytest
 
+from aecho.config import ServerConfig
+from aecho.server.connection import Connection
 from aecho.server.limits import SharedLimits, SharedTable
+from aecho.server.prelude import Prelude
+from aecho.server.registry import Registry
 from tests.conftest import closed_without_reply, running_server
 
 
@@ -144,3 +148,99 @@ def test_two_processes_taking_the_last_place_at_once_never_both_get_it() -> None
     assert admitted.count(True) <= 1, admitted
     # Whoever refused took its count back; whoever admitted holds the place.
     assert table.open_total() == 2 + admitted.count(True)
+
+
+class _Watched(SharedTable):
+    """A shared table on which ``between()`` runs once, as another process would, the
+    moment process 0 gives back a place or an address's count."""
+
+    def __init__(self) -> None:
+        super().__init__(2, sketch=True)
+        self.between: Callable[[], None] | None = None
+        self.rows = [0, 0]
+
+    def _other_process_runs(self) -> None:
+        run, self.between = self.between, None
+        if run is not None:
+            run()
+
+    def set_open(self, slot: int, n: int) -> None:
+        dropped = n < self.rows[slot]
+        self.rows[slot] = n
+        super().set_open(slot, n)
+        if slot == 0 and dropped:
+            self._other_process_runs()
+
+    def ip_add(self, slot: int, ip: str, delta: int) -> None:
+        super().ip_add(slot, ip, delta)
+        if slot == 0 and delta < 0:
+            self._other_process_runs()
+
+
+def _registry(table: SharedTable) -> Registry:
+    config = ServerConfig(port=0, max_connections=2, max_connections_per_ip=1).validate()
+    return Registry(config, SharedLimits(2, 1, table, 0))
+
+
+def _prelude(registry: Registry, ip: str) -> Prelude:
+    prelude = Prelude(registry)
+    prelude.peer = (ip, 40000)
+    return prelude
+
+
+def _taking_over(registry: Registry, prelude: Prelude, peer: tuple[str, int]) -> Connection:
+    conn = Connection(registry)
+    conn.peer = peer
+    conn.takes_over = prelude
+    return conn
+
+
+def test_a_finished_prelude_hands_its_place_to_its_connection() -> None:
+    """A TLS handshake that finishes hands its place, and its address's count, to the
+    connection that serves the peer; neither is ever free in between, where another
+    serving process could take the last one and the finished handshake be refused."""
+    table = _Watched()
+    here, other = _registry(table), SharedLimits(2, 1, table, 1)
+    other.counted(1)  # the other process serves one connection: one place left
+    prelude = _prelude(here, "10.0.0.1")
+    assert here.hold(prelude, per_ip=True)  # TLS: the peer is the client
+    took: list[bool] = []
+
+    def other_process() -> None:
+        took.append(not other.full(1))
+        took.append(other.take_ip("10.0.0.1"))
+
+    table.between = other_process
+    conn = _taking_over(here, prelude, prelude.peer)
+    assert here.admit(conn)
+    assert took == []  # nothing was given back for another process to take
+    assert here.connections == {conn} and not here.preludes and conn.takes_over is None
+    assert table.open_total() == 2 and table.ip_count("10.0.0.1") == 1
+    assert here.stats.accepted == 1 and here.stats.refused == 0
+    here.release(prelude)  # what the prelude does after the hand-over: nothing left
+    assert table.open_total() == 2 and table.ip_count("10.0.0.1") == 1
+    table.between = None
+    here.forget(conn)
+    assert table.open_total() == 1 and table.ip_count("10.0.0.1") == 0
+
+
+def test_a_proxy_header_counts_the_real_client_when_it_hands_over() -> None:
+    """A trusted PROXY prelude counted no address (its peer is the proxy); the client the
+    header names is counted at the hand-over, and one at its limit is refused there, its
+    place freed."""
+    table = _Watched()
+    here, other = _registry(table), SharedLimits(2, 1, table, 1)
+    assert other.take_ip("192.0.2.7")  # the client already has its one connection
+    other.counted(1)
+    prelude = _prelude(here, "10.0.0.9")  # the proxy
+    assert here.hold(prelude, per_ip=False)
+    conn = _taking_over(here, prelude, ("192.0.2.7", 5000))
+    assert not here.admit(conn)
+    assert not here.connections and not here.preludes
+    assert table.open_total() == 1 and table.ip_count("192.0.2.7") == 1
+    assert here.stats.refused_per_ip == 1
+    prelude = _prelude(here, "10.0.0.9")
+    assert here.hold(prelude, per_ip=False)
+    conn = _taking_over(here, prelude, ("192.0.2.8", 5000))  # another client: served
+    assert here.admit(conn)
+    assert table.open_total() == 2 and table.ip_count("192.0.2.8") == 1

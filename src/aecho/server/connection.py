@@ -51,7 +51,12 @@ class Host(Owner, Protocol):
     """What a connection needs from the server that owns it."""
 
     def admit(self, conn: Connection) -> bool:
-        """Register a new connection; False when it must be refused."""
+        """Register a new connection; False when it must be refused.
+
+        A connection whose ``takes_over`` names a prelude still held takes that
+        prelude's place: counted since accept, it is not checked against
+        ``--max-connections`` again, nor against the per-IP limit if the prelude was.
+        """
         ...
 
     def forget(self, conn: Connection) -> None:
@@ -100,13 +105,16 @@ class Tracked(asyncio.Protocol):
 class Connection(Tracked):
     """What every served connection has: its transport, peer, counters and pause state."""
 
-    __slots__ = ("_paused", "host", "tx")
+    __slots__ = ("_paused", "host", "takes_over", "tx")
 
     def __init__(self, host: Host) -> None:
         super().__init__()
         self.host = host
         self.tx = 0  # bytes written (see Tracked.rx)
         self._paused = 0
+        # The prelude (PROXY header, TLS handshake) whose place this connection takes,
+        # set by that prelude just before it hands the transport over (see Host.admit).
+        self.takes_over: Tracked | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 

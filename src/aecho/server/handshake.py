@@ -89,15 +89,16 @@ class TlsPrelude(Prelude):
             self.host.release(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # The handshake is done: the serving connection takes over, within this call,
-        # so the peer's first bytes already reach it.
-        self.host.release(self)
+        # The handshake is done: the serving connection takes over, and this prelude's
+        # place, within this call, so the peer's first bytes already reach it.
         tls = cast(asyncio.Transport, transport)
         self.transport = tls
         inner = self._factory()
         inner.peer = self.peer
+        inner.takes_over = self
         tls.set_protocol(inner)
         inner.connection_made(tls)
+        self.host.release(self)  # nothing left to release once the connection took it
 
 
 class TlsListener:

@@ -99,9 +99,9 @@ class ProxyPrelude(Prelude):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.host.release(self)
         t = self.transport
         if t is None or t.is_closing():
+            self.host.release(self)
             return None
         inner = self._factory()
         if client is not None and log.isEnabledFor(logging.DEBUG):
@@ -111,8 +111,10 @@ class ProxyPrelude(Prelude):
                 format_address(self.peer),
             )
         inner.peer = client if client is not None else self.peer
+        inner.takes_over = self  # the connection takes this prelude's place
         t.set_protocol(inner)
         inner.connection_made(t)
+        self.host.release(self)  # nothing left to release once the connection took it
         if data and not t.is_closing():
             inner.data_received(data)
         return inner

@@ -53,6 +53,9 @@ class Registry:
 
     def admit(self, conn: Connection) -> bool:
         """Register a new connection; False when it must be refused."""
+        prelude, conn.takes_over = conn.takes_over, None
+        if isinstance(prelude, Prelude) and prelude in self.preludes:
+            return self._take_place(conn, prelude)
         if self._full():
             log.debug(
                 "refusing %s: %s open",
@@ -66,6 +69,24 @@ class Registry:
         self._stats.accepted += 1
         self.connections.add(conn)
         self._limits.counted(len(self.connections) + len(self.preludes))
+        return True
+
+    def _take_place(self, conn: Connection, prelude: Prelude) -> bool:
+        """Move a finished prelude's place to the connection that serves its peer.
+
+        The place never becomes free in between: under ``--workers`` another process
+        could otherwise take the last one, and a finished handshake would be refused.
+        The per-IP count moves with it; a PROXY prelude counted none (the real client
+        is known only now), so the client is counted here, and may be refused.
+        """
+        ip = self.preludes.pop(prelude)
+        if ip is None:
+            admitted, ip = self._count_ip(conn.peer)
+            if not admitted:
+                self._limits.counted(len(self.connections) + len(self.preludes))
+                return False
+        self._stats.accepted += 1
+        self.connections.add(conn)
         return True
 
     def forget(self, conn: Connection) -> None:
@@ -112,7 +133,8 @@ class Registry:
         return admitted
 
     def release(self, prelude: Prelude) -> None:
-        """The prelude is over; idempotent (a handshake may end after its transport)."""
+        """The prelude is over; idempotent (a handshake may end after its transport, and
+        a prelude whose connection took its place has nothing left to release)."""
         if prelude not in self.preludes:
             return
         ip = self.preludes.pop(prelude)
