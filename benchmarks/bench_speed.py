@@ -7,7 +7,7 @@ ratio of their median messages/s and each side's CPU time per message.  The targ
 bench >= 90 % of loadgen against benchmarks/echo_epoll.c, a minimal C epoll echo server
 (``--server aecho`` measures against ``aecho serve`` instead, ``both`` against each).
 
-    .venv/bin/python benchmarks/bench_speed.py [--server c|aecho|both] [--rounds 7]
+    .venv/bin/python benchmarks/bench_speed.py [--server c|aecho|both] [--rounds 7] [--workers 2]
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ TARGET = 0.9
 
 
 def run_bench(
-    port: int, connections: int, size: int, duration: float, warmup: float
-) -> tuple[float, float]:
-    """One ``aecho bench`` run: (msgs/s, its CPU seconds per message, start-up included)."""
+    port: int, connections: int, size: int, duration: float, warmup: float, workers: int = 1
+) -> tuple[float, float, list[float]]:
+    """One ``aecho bench`` run: (msgs/s, its CPU seconds per message, start-up included,
+    the share of a core each of its processes used in the measured window)."""
     cmd = [sys.executable, "-m", "aecho", "bench", "127.0.0.1", str(port)]
     cmd += ["-c", str(connections), "-s", str(size), "-d", str(duration)]
-    cmd += ["--warmup", str(warmup), "--json"]
+    cmd += ["--warmup", str(warmup), "--workers", str(workers), "--json"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -50,7 +51,7 @@ def run_bench(
     if data["errors"] or data["mismatches"]:
         raise RuntimeError(f"aecho bench saw errors: {data['errors_by_kind']}")
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return float(data["msgs_per_s"]), cpu / max(data["messages"], 1)
+    return float(data["msgs_per_s"]), cpu / max(data["messages"], 1), data["bench_cpu"]
 
 
 def echo_epoll_path() -> Path:
@@ -59,45 +60,61 @@ def echo_epoll_path() -> Path:
 
 
 def compare(argv: list[str], args: argparse.Namespace) -> float:
-    """Alternate loadgen and aecho bench against one server; return the median ratio."""
-    c_rates: list[float] = []
-    py_rates: list[float] = []
-    c_cpu: list[float] = []
-    py_cpu: list[float] = []
-    head = ("round", "loadgen msgs/s", "srv cpu", "bench msgs/s", "srv cpu")
-    print("{:>5}  {:>15}  {:>7}  {:>13}  {:>7}".format(*head))
+    """Alternate loadgen, one aecho bench process (and, with ``--workers N``, a bench of N
+    processes) against one server; return the median ratio of one bench process."""
+    sides = ["loadgen", "bench"] + (["workers"] if args.workers > 1 else [])
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    cpu: dict[str, list[float]] = {side: [] for side in sides}
+    bench_busy: list[float] = []
+    head = ["round", "loadgen msgs/s", "srv cpu", "bench msgs/s", "srv cpu", "bench cpu"]
+    if args.workers > 1:
+        head += [f"bench -w {args.workers}", "srv cpu"]
+    widths = [max(len(h), 7) for h in head]
+    print("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
     with server_process(argv) as (proc, port):
         for i in range(args.rounds):
-            row = []
-            for which in ("loadgen", "bench"):
+            cells = [str(i + 1)]
+            for side in sides:
                 settle()
                 cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
-                if which == "loadgen":
+                if side == "loadgen":
                     r = run_loadgen(
                         port, args.connections, args.size, args.duration, warmup=args.warmup
                     )
                     if r.get("errors") or r.get("mismatches"):
                         raise RuntimeError(f"loadgen saw errors: {r}")
                     rate = float(r["msgs_per_s"])
-                    c_rates.append(rate)
-                    c_cpu.append(r["loadgen_cpu_s"] / max(r["messages"], 1))
+                    per_message = r["loadgen_cpu_s"] / max(r["messages"], 1)
                 else:
-                    rate, cpu = run_bench(
-                        port, args.connections, args.size, args.duration, args.warmup
+                    workers = args.workers if side == "workers" else 1
+                    rate, per_message, shares = run_bench(
+                        port, args.connections, args.size, args.duration, args.warmup, workers
                     )
-                    py_rates.append(rate)
-                    py_cpu.append(cpu)
+                    if side == "bench":
+                        bench_busy.append(shares[0])
+                rates[side].append(rate)
+                cpu[side].append(per_message)
                 # The server's CPU share (of one core) shows which side was the bottleneck.
-                busy = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
-                row += [rate, busy]
-            print(f"{i + 1:>5}  {row[0]:>15,.0f}  {row[1]:>6.0%}  {row[2]:>13,.0f}  {row[3]:>6.0%}")
-    ratio = median(py_rates) / median(c_rates)
+                srv = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+                cells += [f"{rate:,.0f}", f"{srv:.0%}"]
+                if side == "bench":
+                    cells.append(f"{bench_busy[-1]:.0%}")
+            print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    ratio = median(rates["bench"]) / median(rates["loadgen"])
     print(
-        f"median: loadgen {median(c_rates):,.0f} msgs/s, aecho bench {median(py_rates):,.0f} "
-        f"msgs/s, ratio {ratio:.2f} (target >= {TARGET})\n"
+        f"median: loadgen {median(rates['loadgen']):,.0f} msgs/s, aecho bench "
+        f"{median(rates['bench']):,.0f} msgs/s, ratio {ratio:.2f} (target >= {TARGET})\n"
         f"CPU per message (user+sys, start-up included): loadgen "
-        f"{median(c_cpu) * 1e6:.1f} us, aecho bench {median(py_cpu) * 1e6:.1f} us\n"
+        f"{median(cpu['loadgen']) * 1e6:.1f} us, aecho bench {median(cpu['bench']) * 1e6:.1f} us\n"
+        f"aecho bench kept {median(bench_busy):.0%} of a core busy in its window (median)"
     )
+    if args.workers > 1:
+        spread = median(rates["workers"]) / median(rates["loadgen"])
+        print(
+            f"aecho bench --workers {args.workers}: {median(rates['workers']):,.0f} msgs/s, "
+            f"ratio {spread:.2f} to loadgen"
+        )
+    print()
     return ratio
 
 
@@ -109,6 +126,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("-c", "--connections", type=int, default=500)
     ap.add_argument("-s", "--size", type=int, default=64)
+    ap.add_argument(
+        "--workers", type=int, default=1, help="also run aecho bench --workers N in each round"
+    )
     args = ap.parse_args()
     loadgen_path()  # compile before anything is timed
     servers = {"aecho": aecho_serve(), "c": [str(echo_epoll_path())]}

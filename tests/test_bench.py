@@ -4,7 +4,9 @@ measured window, and merging the workers' results."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -12,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
-from aecho.bench import runner
+from aecho.bench import report, runner
 from aecho.bench.connection import ERROR_KINDS, reply_function
 from aecho.bench.histogram import Histogram
-from aecho.bench.results import Result
+from aecho.bench.results import Result, Setup
 from aecho.config import BenchConfig, ConfigError, Framing
 from tests.conftest import Echo, ServerProcess, bench_cli, running_server, threaded_server
 
@@ -218,3 +221,62 @@ def test_workers_merge_histograms_exactly(serve_process: Callable[..., ServerPro
     assert result.hist.total == 2001
     assert result.hist.counts == [a + b for a, b in zip(*(p.counts for p in parts), strict=True)]
     assert result.hist.max == max(p.max for p in parts)
+
+
+# -- how busy bench itself was ---------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("busy", [False, True])
+async def test_bench_measures_its_own_cpu(
+    busy: bool, serve_process: Callable[..., ServerProcess]
+) -> None:
+    """The share of a core the bench process used in the window: low for a light open-loop
+    load, near one core when something in the process keeps the CPU busy all along."""
+    server = serve_process()
+    cfg = cfg_for(server.port, connections=2, messages=None, duration=1.0, rate=100)
+    spinning = threading.Event()
+
+    def spin() -> None:
+        while not spinning.is_set():
+            sum(range(1000))  # pure computation: holds a core (and the GIL, in slices)
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    if busy:
+        spinner.start()
+    try:
+        result = await runner.measure(replace(cfg, warmup=0.2))
+    finally:
+        spinning.set()
+        if busy:
+            spinner.join()
+    assert_clean(result)
+    (share,) = result.cpu
+    assert (share > 0.6) if busy else (share < 0.3), share
+    note = report.busy_note(result)
+    assert (note is not None) is (share >= report.BUSY_SHARE)
+
+
+def test_a_busy_bench_is_named_in_the_table_json_and_warnings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A result whose bench process kept >= 90 % of a core busy says so: a yellow row in the
+    table, the JSON's warnings, and one line on stderr; the exit status is not changed."""
+    cfg = BenchConfig(host="127.0.0.1", port=7, duration=1.0).validate()
+    setup = Setup.from_cfg(cfg)
+    quiet = replace(Result.empty(setup), cpu=[0.42])
+    busy = replace(Result.empty(setup), cpu=[0.97, 0.5])
+    assert report.busy_note(quiet) is None
+    note = report.busy_note(busy)
+    assert note is not None and note.startswith("the busiest of 2 bench processes kept 97%")
+    assert report.show(busy, replace(cfg, json=True)) == 0  # a warning, not a failure
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["bench_cpu"] == [0.97, 0.5] and data["warnings"] == [note]
+    assert f"aecho bench: warning: {note}" in err
+    table = io.StringIO()
+    report.print_table(busy, Console(file=table, width=200))
+    assert "bench cpu" in table.getvalue() and "97%, 50% of a core each" in table.getvalue()
+    report.show(quiet, replace(cfg, json=True))
+    out, err = capsys.readouterr()
+    assert json.loads(out)["warnings"] == [] and "warning" not in err

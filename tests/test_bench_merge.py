@@ -24,6 +24,7 @@ MERGED = (
     "duration_ns", "duration_s", "messages", "sent", "bytes", "msgs_per_s", "mib_per_s",
     "sent_mib_per_s", "errors", "mismatches", "errors_by_kind", "latency_us",
     "connect_latency_us", "histogram", "connect_histogram", "timeline", "timeline_msgs_per_s",
+    "bench_cpu",
 )  # fmt: skip
 
 

@@ -29,6 +29,7 @@ ERROR_LABELS = {
     "mismatch": "mismatches",
 }
 USUAL_FD_LIMITS = (256, 1024, 4096)  # common soft RLIMIT_NOFILE values
+BUSY_SHARE = 0.9  # a bench process this busy may be what limited the measurement
 
 
 class Progress:
@@ -105,6 +106,16 @@ def print_table(result: Result, console: Console | None = None) -> None:
     table.add_row("latency max", format_ns(h.max) if h.total else "-")
     ch = result.connect_hist
     table.add_row("connect p99", format_ns(ch.percentile(99)) if ch.total else "-")
+    if result.cpu:
+        shares = ", ".join(f"{share:.0%}" for share in result.cpu)
+        busy = (result.busiest_cpu or 0.0) >= BUSY_SHARE
+        table.add_row(
+            "bench cpu",
+            Text(
+                f"{shares} of a core{' each' if len(result.cpu) > 1 else ''}",
+                style="yellow" if busy else "",
+            ),
+        )
     for kind, n in result.errors.items():
         if n:
             table.add_row(Text(ERROR_LABELS[kind], style="red"), Text(f"{n:,}", style="red"))
@@ -113,9 +124,26 @@ def print_table(result: Result, console: Console | None = None) -> None:
     console.print(table)
 
 
+def busy_note(result: Result, name: str = "bench") -> str | None:
+    """A warning when a bench process kept (almost) its whole core busy in the window:
+    then it, not the server, may be what limited the rate (and added to the latency)."""
+    busiest = result.busiest_cpu
+    if busiest is None or busiest < BUSY_SHARE:
+        return None
+    n = len(result.cpu)
+    who = name if n == 1 else f"the busiest of {n} {name} processes"
+    return (
+        f"{who} kept {busiest:.0%} of a core busy: the load generator may be what limited "
+        "this measurement, not the server; spread the load with --workers or over more "
+        "machines (aecho bench merge)"
+    )
+
+
 def print_json(result: Result, failures: list[str] | None = None) -> None:
     data = to_json(result)
     data["failures"] = verdict(result) if failures is None else failures
+    note = busy_note(result)
+    data["warnings"] = [] if note is None else [note]
     sys.stdout.write(json.dumps(data) + "\n")
     sys.stdout.flush()
 
@@ -150,9 +178,17 @@ def show(result: Result, cfg: BenchConfig) -> int:
         from aecho.bench.plot import write_plot
 
         write_plot(result, cfg.plot)
+    print_notes(result, "aecho bench")
     for line in failures:
         print(f"aecho bench: {line}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def print_notes(result: Result, prefix: str) -> None:
+    """What does not fail the run but may make its figures wrong, on stderr."""
+    note = busy_note(result)
+    if note is not None:
+        print(f"{prefix}: warning: {note}", file=sys.stderr)
 
 
 def verdict(
@@ -290,6 +326,14 @@ def show_search(search: Search, cfg: BenchConfig) -> int:
         from aecho.bench.plot import write_search_plot
 
         write_search_plot(search, cfg.plot)
+    busy = [st for st in search.steps if (st.result.busiest_cpu or 0.0) >= BUSY_SHARE]
+    if busy:
+        slowest = min(busy, key=lambda st: st.result.msgs_per_s)
+        print(
+            f"aecho bench: warning: at {slowest.result.msgs_per_s:,.0f} msgs/s "
+            f"(step {slowest.label}) {busy_note(slowest.result)}",
+            file=sys.stderr,
+        )
     if search.best is None:
         print(f"aecho bench: {answer_line(search)}", file=sys.stderr)
         return 1

@@ -115,6 +115,9 @@ class WorkerResult:
     seconds: list[dict[int, int]]  # latencies recorded per second (sparse bucket counts)
     aborted: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
+    # The share of one core each bench process kept busy during the window (CPU time over
+    # wall time; one entry per process, none for a run whose window never opened).
+    cpu: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -138,6 +141,12 @@ class Result:
     notes: dict[str, Any] = field(default_factory=dict)
     failure: str | None = None  # why the run failed as a whole
     workers: list[WorkerResult] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # as WorkerResult.cpu, every process
+
+    @property
+    def busiest_cpu(self) -> float | None:
+        """The largest share of a core one bench process used in the window."""
+        return max(self.cpu) if self.cpu else None
 
     @property
     def duration_s(self) -> float:
@@ -205,6 +214,7 @@ class Result:
             seconds=[dict(s) for s in self.seconds],
             aborted=self.aborted,
             notes=dict(self.notes),
+            cpu=list(self.cpu),
         )
 
     @classmethod
@@ -253,6 +263,7 @@ class Result:
             aborted=any(p.aborted for p in parts),
             notes=notes,
             workers=parts,
+            cpu=[share for p in parts for share in p.cpu],
         )
 
 
@@ -346,6 +357,7 @@ def to_json(r: Result) -> dict[str, Any]:
         "timeline_msgs_per_s": [n * 1e9 / TICK_NS for n in r.timeline],
         "diagnosis": r.notes,
         "embedded_server_pid": r.server_pid,
+        "bench_cpu": r.cpu,
     }
     if r.failure is not None:
         out["error"] = r.failure
@@ -397,6 +409,7 @@ def from_json(data: dict[str, Any]) -> Result:
         server_pid=data["embedded_server_pid"],
         notes=dict(data["diagnosis"]),
         failure=data.get("error"),
+        cpu=[float(share) for share in data["bench_cpu"]],
     )
 
 

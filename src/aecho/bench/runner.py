@@ -127,6 +127,7 @@ def merge_main(paths: list[str], as_json: bool, plot_path: str | None = None) ->
     if plot_path:
         plot.write_plot(merged, plot_path)
     failures = report.verdict(merged)
+    report.print_notes(merged, "aecho bench merge")
     for line in failures:
         print(f"aecho bench merge: {line}", file=sys.stderr)
     return 1 if failures else 0

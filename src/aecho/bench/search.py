@@ -200,6 +200,7 @@ def to_json(search: Search) -> dict[str, Any]:
                 "latency_us": latency_json(r.hist, ("p50", "p90", "p99", "p999", "max")),
                 "passed": st.passed,
                 "stopped_early": r.aborted,
+                "bench_cpu": r.cpu,
             }
         )
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import ssl
@@ -108,6 +109,10 @@ class Worker(Tally):
         self.seconds: list[dict[int, int]] = []
         self.sampled_counts = [0] * len(self.hist.counts)
         self.last_progress: tuple[int, int] | None = None
+        # (CLOCK_MONOTONIC, this process's CPU time) when the window opened, both in ns;
+        # the share of a core this process kept busy in the window (None: never opened).
+        self.cpu_from: tuple[int, int] | None = None
+        self.cpu_share: float | None = None
 
     # connect phase
 
@@ -188,12 +193,17 @@ class Worker(Tally):
         if self.fast:
             self.fast_from = self.measure_ns
         loop = asyncio.get_running_loop()
+        loop.call_later(max(0, self.measure_ns - monotonic_ns()) / 1e9, self._open_cpu_window)
         if cfg.duration is not None:
             self._stop_at(loop, self.measure_ns + int(cfg.duration * 1e9))
         if self.on_progress is not None:
             self.on_progress(self.progress(monotonic_ns()))
         ticker = asyncio.create_task(self._tick())
         pacer = None
+        # The hot path makes no reference cycles, but its tuples would set off a young
+        # collection every few hundred messages: the cyclic collector waits until the end.
+        collecting = gc.isenabled()
+        gc.disable()
         if not self.live or self.stop_asked:
             self.stop_sending()
         elif self.closed_loop:
@@ -211,6 +221,8 @@ class Worker(Tally):
                     await asyncio.wait_for(self.done.wait(), self.plan.drain_s)
         finally:
             end = monotonic_ns()
+            if collecting:
+                gc.enable()
             self.sending = False
             self.fast_from = NEVER
             # -n: the window ends with the last reply (or now, if none came).
@@ -223,6 +235,20 @@ class Worker(Tally):
             self._finish_timeline()
             await self._diagnose()
             self.close_all()
+
+    def _open_cpu_window(self) -> None:
+        if self.window_end_ns is None:
+            self.cpu_from = (monotonic_ns(), time.process_time_ns())
+
+    def close_window(self, now: int) -> None:
+        """As :meth:`Tally.close_window`, and how busy this process was in the window: a
+        load generator that used its whole core may be what limited the measurement."""
+        if self.window_end_ns is None and self.cpu_from is not None:
+            since, cpu = self.cpu_from
+            wall = monotonic_ns() - since
+            if wall > 0:
+                self.cpu_share = (time.process_time_ns() - cpu) / wall
+        super().close_window(now)
 
     async def _diagnose(self) -> None:
         """Look into what a failing run cannot tell from its own side (see results.NOTES)."""
@@ -424,4 +450,5 @@ class Worker(Tally):
             seconds=list(self.seconds),
             aborted=self.aborted,
             notes=dict(self.notes),
+            cpu=[] if self.cpu_share is None else [round(self.cpu_share, 4)],
         )
