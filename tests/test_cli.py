@@ -274,6 +274,25 @@ def test_bench_duration_default_is_shown_and_n_alone_still_counts_messages(
     assert "either -d/--duration or -n/--messages" in both.output
 
 
+def test_bench_workers_take_a_number_or_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench --workers is spelled as serve's: N, or auto for one per CPU."""
+    seen: list[BenchConfig] = []
+
+    def fake_bench(config: BenchConfig) -> int:
+        seen.append(config)
+        return 0
+
+    monkeypatch.setattr("aecho.bench.main", fake_bench)
+    cpus = os.cpu_count() or 1
+    for spelled in ("3", "auto"):
+        result = runner.invoke(cli.app, ["bench", "-c", "500", "--workers", spelled])
+        assert result.exit_code == 0, result.output
+    assert [c.workers for c in seen] == [3, cpus]
+    for bad, said in (("0", "at least 1 (or auto)"), ("two", "a whole number or auto")):
+        result = runner.invoke(cli.app, ["bench", "--workers", bad])
+        assert result.exit_code == 2 and said in result.output, result.output
+
+
 def test_serve_help_is_grouped_into_panels() -> None:
     help_text = runner.invoke(cli.app, ["serve", "--help"], env=WIDE).stdout
     panels = re.findall(r"╭─ (.+?) ─", help_text)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from aecho.commandline import DURATION, RATE, SIZE
+from aecho.commandline import DURATION, RATE, SIZE, WORKERS
 from aecho.config import DEFAULT_PORT, DEFAULT_SEARCH_STEP, DEFAULT_SEARCH_WARMUP, LoopKind, Offload
 from aecho.config import Framing as FramingKind
 
@@ -58,7 +58,11 @@ ConnectRate = Annotated[
     float | None, typer.Option(help="Open connections at most this fast (per second).", **RATE)
 ]
 Workers = Annotated[
-    int, typer.Option(min=1, help="Load-generating processes; results merged exactly.")
+    int,
+    typer.Option(
+        help="Load-generating processes, results merged exactly (auto: one per CPU).",
+        **WORKERS,
+    ),
 ]
 Unix = Annotated[str | None, typer.Option(help="Measure the server on this Unix socket.")]
 Timeout = Annotated[

@@ -372,7 +372,7 @@ class BenchConfig:
         if self.connect_rate is not None and self.connect_rate <= 0:
             raise ConfigError("--connect-rate must be a positive number of connections per second")
         if self.workers < 1:
-            raise ConfigError("--workers must be at least 1")
+            raise ConfigError("--workers must be at least 1 (or auto)")
         if self.workers > self.connections:
             raise ConfigError(
                 f"--workers {self.workers} is more than -c {self.connections}: "

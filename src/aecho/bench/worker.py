@@ -200,10 +200,6 @@ class Worker(Tally):
             self.on_progress(self.progress(monotonic_ns()))
         ticker = asyncio.create_task(self._tick())
         pacer = None
-        # The hot path makes no reference cycles, but its tuples would set off a young
-        # collection every few hundred messages: the cyclic collector waits until the end.
-        collecting = gc.isenabled()
-        gc.disable()
         if not self.live or self.stop_asked:
             self.stop_sending()
         elif self.closed_loop:
@@ -214,6 +210,11 @@ class Worker(Tally):
                         conn.send(now)
         else:
             pacer = asyncio.create_task(self._pace(start_ns))
+        # The hot path makes no reference cycles, but its tuples would set off a young
+        # collection every few hundred messages, and a collection's pause would land in
+        # the measured latencies: the cyclic collector waits until the end.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             await self.stopped.wait()
             if not self.aborted:

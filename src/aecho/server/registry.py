@@ -79,12 +79,9 @@ class Registry:
         The per-IP count moves with it; a PROXY prelude counted none (the real client
         is known only now), so the client is counted here, and may be refused.
         """
-        ip = self.preludes.pop(prelude)
-        if ip is None:
-            admitted, ip = self._count_ip(conn.peer)
-            if not admitted:
-                self._limits.counted(len(self.connections) + len(self.preludes))
-                return False
+        if self.preludes.pop(prelude) is None and not self._count_ip(conn.peer)[0]:
+            self._limits.counted(len(self.connections) + len(self.preludes))
+            return False
         self._stats.accepted += 1
         self.connections.add(conn)
         return True
