@@ -115,6 +115,23 @@ def test_runs_started_together_on_two_machines(
     assert merged["latency_us"]["max"] == max(r["latency_us"]["max"] for r in runs)
 
 
+def test_files_from_before_bench_measured_its_cpu_still_merge(
+    two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    """A file written before ``bench_cpu`` existed merges; the busy share stays unknown
+    for it, and the other file's shares are kept."""
+    _, result = two_workers
+    old = to_json(result)
+    del old["bench_cpu"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    new = write(tmp_path / "new.json", result)
+    code, out, err = bench_cli("merge", str(tmp_path / "old.json"), new, "--json")
+    assert code == 0, err
+    merged = json.loads(out)
+    assert merged["bench_cpu"] == result.cpu and len(result.cpu) == 2
+    assert merged["messages"] == 2 * result.messages
+
+
 def test_merge_refuses_what_does_not_add_up(
     two_workers: tuple[BenchConfig, Result], tmp_path: Path
 ) -> None:

@@ -409,7 +409,8 @@ def from_json(data: dict[str, Any]) -> Result:
         server_pid=data["embedded_server_pid"],
         notes=dict(data["diagnosis"]),
         failure=data.get("error"),
-        cpu=[float(share) for share in data["bench_cpu"]],
+        # Files from before bench measured its own CPU have none: still merged.
+        cpu=[float(share) for share in data.get("bench_cpu", [])],
     )
 
 
