@@ -298,6 +298,17 @@ def histogram_json(h: Histogram) -> dict[str, Any]:
     return {"unit": "ns", "sub_bits": SUB_BITS, **h.to_dict()}
 
 
+def server_json(s: Setup, pid: int | None) -> dict[str, Any]:
+    """What bench knows of the server it measured, as ``--json`` gives it."""
+    return {
+        "embedded": s.embedded,
+        "pid": pid,
+        "handler": s.handler,
+        "framing": s.framing,
+        "offload": s.offload,
+    }
+
+
 def to_json(r: Result) -> dict[str, Any]:
     """The ``--json`` object: the keys README.md documents, what was measured, and the full
     histogram and timeline, so results from several machines can be merged exactly."""
@@ -305,13 +316,7 @@ def to_json(r: Result) -> dict[str, Any]:
     started = datetime.fromtimestamp(r.start_unix_ns / 1e9, UTC)
     out: dict[str, Any] = {
         "target": s.target,
-        "server": {
-            "embedded": s.embedded,
-            "pid": r.server_pid,
-            "handler": s.handler,
-            "framing": s.framing,
-            "offload": s.offload,
-        },
+        "server": server_json(s, r.server_pid),
         "connections": s.connections,
         "connected": r.connected,
         "workers": s.workers,

@@ -55,7 +55,7 @@ def main(cfg: BenchConfig) -> int:
 
                 search = find_max_rate(cfg, setup, measure_step, report.print_step)
                 if cfg.plot:
-                    add_handle(search, cfg, setup, measure_step, report.print_step)
+                    add_handle(search, cfg, measure_step, report.print_step)
                 search.server_pid = pid
             else:
                 result = run(cfg, on_progress, setup)

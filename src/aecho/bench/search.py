@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aecho.bench.errors import BenchError
-from aecho.bench.results import Result, Setup, latency_json
+from aecho.bench.results import Result, Setup, latency_json, server_json
 from aecho.config import BenchConfig
 
 # How a step runs: (config, setup, drain_s, goal_ns) -> its result (runner.run, or a model).
@@ -85,25 +85,15 @@ def find_max_rate(
         BenchError: not one connection could be opened for the first step.
     """
     assert cfg.max_p99_ms is not None
-    goal_ms = cfg.max_p99_ms
-    goal_ns = int(goal_ms * 1e6)
-    # Replies owed when a passing step's window closes arrive within about the goal.
-    drain_s = min(cfg.timeout, max(1.0, 20 * goal_ms / 1e3))
-    base = replace(cfg, find_max_rate=False, plot=None, max_p99_ms=None, rate=None)
-    search = Search(setup, goal_ms)
+    search = Search(setup, cfg.max_p99_ms)
+    base = _step_config(cfg)
 
     def step(rate: float | None) -> Step:
-        step_cfg = base if rate is None else replace(base, rate=rate)
-        step_setup = replace(setup, rate=rate)
-        result = measure(step_cfg, step_setup, drain_s, goal_ns)
-        done = Step(rate, result, rate is not None and passes(result, goal_ms, rate))
-        search.steps.append(done)
-        if on_step is not None:
-            on_step(done)
-        if result.interrupted:
+        done = _run_step(search, base, measure, rate, on_step)
+        if done.result.interrupted:
             raise KeyboardInterrupt
         if rate is not None and not done.passed:
-            settle(base, setup, measure, goal_ns)
+            settle(base, setup, measure, _goal_ns(search))
         return done
 
     try:
@@ -134,7 +124,6 @@ def find_max_rate(
 def add_handle(
     search: Search,
     cfg: BenchConfig,
-    setup: Setup,
     measure: Measure,
     on_step: Callable[[Step], None] | None = None,
 ) -> None:
@@ -143,22 +132,43 @@ def add_handle(
     best = search.max_rate
     if best is None or search.interrupted:
         return
-    assert cfg.max_p99_ms is not None
-    goal_ns = int(cfg.max_p99_ms * 1e6)
-    drain_s = min(cfg.timeout, max(1.0, 20 * cfg.max_p99_ms / 1e3))
-    base = replace(cfg, find_max_rate=False, plot=None, max_p99_ms=None)
+    base = _step_config(cfg)
     for share in HANDLE:
         rate = _round(best * share)
         if any(st.rate == rate for st in search.steps):
             continue
-        result = measure(replace(base, rate=rate), replace(setup, rate=rate), drain_s, goal_ns)
-        step = Step(rate, result, passes(result, cfg.max_p99_ms, rate))
-        search.steps.append(step)
-        if on_step is not None:
-            on_step(step)
-        if result.interrupted:
+        if _run_step(search, base, measure, rate, on_step).result.interrupted:
             search.interrupted = True
             return
+
+
+def _step_config(cfg: BenchConfig) -> BenchConfig:
+    """What every step runs: a plain closed-loop run of ``cfg``, which a step's rate turns
+    into an open-loop one."""
+    return replace(cfg, find_max_rate=False, plot=None, max_p99_ms=None, rate=None)
+
+
+def _goal_ns(search: Search) -> int:
+    return int(search.goal_ms * 1e6)
+
+
+def _run_step(
+    search: Search,
+    base: BenchConfig,
+    measure: Measure,
+    rate: float | None,
+    on_step: Callable[[Step], None] | None,
+) -> Step:
+    """One step at ``rate`` (None: the closed-loop probe), added to the search."""
+    # Replies owed when a passing step's window closes arrive within about the goal.
+    drain_s = min(base.timeout, max(1.0, 20 * search.goal_ms / 1e3))
+    step_cfg = base if rate is None else replace(base, rate=rate)
+    result = measure(step_cfg, replace(search.setup, rate=rate), drain_s, _goal_ns(search))
+    done = Step(rate, result, rate is not None and passes(result, search.goal_ms, rate))
+    search.steps.append(done)
+    if on_step is not None:
+        on_step(done)
+    return done
 
 
 def settle(cfg: BenchConfig, setup: Setup, measure: Measure, goal_ns: int) -> None:
@@ -205,13 +215,7 @@ def to_json(search: Search) -> dict[str, Any]:
         )
     return {
         "target": s.target,
-        "server": {
-            "embedded": s.embedded,
-            "pid": search.server_pid,
-            "handler": s.handler,
-            "framing": s.framing,
-            "offload": s.offload,
-        },
+        "server": server_json(s, search.server_pid),
         "connections": s.connections,
         "workers": s.workers,
         "size": s.size,
