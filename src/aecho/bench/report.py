@@ -170,17 +170,29 @@ def show(result: Result, cfg: BenchConfig) -> int:
         BenchError: the plot cannot be written.
     """
     failures = verdict(result, cfg.max_p99_ms, cfg.min_rate)
-    if cfg.json:
+    return present(result, failures, as_json=cfg.json, plot=cfg.plot, prefix="aecho bench")
+
+
+def present(
+    result: Result, failures: list[str], *, as_json: bool, plot: str | None, prefix: str
+) -> int:
+    """The table or the JSON object, the plot, then warnings and failures on stderr, each
+    line after ``prefix``; the exit status (1: the run failed).
+
+    Raises:
+        BenchError: the plot cannot be written.
+    """
+    if as_json:
         print_json(result, failures)
     else:
         print_table(result)
-    if cfg.plot:
+    if plot:
         from aecho.bench.plot import write_plot
 
-        write_plot(result, cfg.plot)
-    print_notes(result, "aecho bench")
+        write_plot(result, plot)
+    print_notes(result, prefix)
     for line in failures:
-        print(f"aecho bench: {line}", file=sys.stderr)
+        print(f"{prefix}: {line}", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -120,17 +120,10 @@ def merge_main(paths: list[str], as_json: bool, plot_path: str | None = None) ->
     setup = Setup.combined([r.setup for r in results], paths)
     merged = Result.merge(setup, [r.as_part() for r in results])
     merged.interrupted = any(r.interrupted for r in results)
-    if as_json:
-        report.print_json(merged)
-    else:
-        report.print_table(merged)
-    if plot_path:
-        plot.write_plot(merged, plot_path)
     failures = report.verdict(merged)
-    report.print_notes(merged, "aecho bench merge")
-    for line in failures:
-        print(f"aecho bench merge: {line}", file=sys.stderr)
-    return 1 if failures else 0
+    return report.present(
+        merged, failures, as_json=as_json, plot=plot_path, prefix="aecho bench merge"
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:
