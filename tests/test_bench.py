@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.text import Text
 
 from aecho.bench import report, runner
 from aecho.bench.connection import ERROR_KINDS, reply_function
@@ -274,9 +275,13 @@ def test_a_busy_bench_is_named_in_the_table_json_and_warnings(
     data = json.loads(out)
     assert data["bench_cpu"] == [0.97, 0.5] and data["warnings"] == [note]
     assert f"aecho bench: warning: {note}" in err
-    table = io.StringIO()
-    report.print_table(busy, Console(file=table, width=200))
-    assert "bench cpu" in table.getvalue() and "97%, 50% of a core each" in table.getvalue()
+    for result, colour, text in ((busy, True, "97%, 50% of a core each"), (quiet, False, "42%")):
+        table = io.StringIO()
+        console = Console(file=table, width=200, force_terminal=True, color_system="standard")
+        report.print_table(result, console)
+        row = next(line for line in table.getvalue().splitlines() if "bench cpu" in line)
+        assert ("\x1b[33m" in row) is colour, repr(row)  # yellow
+        assert text in Text.from_ansi(row).plain
     report.show(quiet, replace(cfg, json=True))
     out, err = capsys.readouterr()
     assert json.loads(out)["warnings"] == [] and "warning" not in err
