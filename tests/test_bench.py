@@ -21,7 +21,8 @@ from aecho.bench import report, runner
 from aecho.bench.connection import ERROR_KINDS, reply_function
 from aecho.bench.histogram import Histogram
 from aecho.bench.results import Result, Setup
-from aecho.config import BenchConfig, ConfigError, Framing
+from aecho.bench.search import Search, Step
+from aecho.config import BenchConfig, ConfigError, Framing, LoopKind
 from tests.conftest import Echo, ServerProcess, bench_cli, running_server, threaded_server
 
 
@@ -285,3 +286,57 @@ def test_a_busy_bench_is_named_in_the_table_json_and_warnings(
     report.show(quiet, replace(cfg, json=True))
     out, err = capsys.readouterr()
     assert json.loads(out)["warnings"] == [] and "warning" not in err
+
+
+@pytest.mark.parametrize("loop", [LoopKind.asyncio, LoopKind.uvloop])
+def test_a_light_open_loop_is_not_reported_busy(
+    loop: LoopKind, serve_process: Callable[..., ServerProcess]
+) -> None:
+    """3,000 msgs/s on 2 connections is a small part of what one bench process sustains:
+    it reads well under 90 % of a core on either loop.  (The pacer once slept for less
+    than a millisecond, which uvloop rounds to a 0 ms timer: it spun, and read 100 %.)"""
+    server = serve_process()
+    cfg = cfg_for(server.port, connections=2, messages=None, duration=1.0, rate=3000)
+    result = runner.run(replace(cfg, warmup=0.2, loop=loop))
+    assert_clean(result)
+    assert result.messages > 2500
+    (share,) = result.cpu
+    assert share < 0.5, share
+    assert report.busy_note(result) is None
+
+
+def test_a_window_too_short_to_tell_gets_no_share(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    """Over one message the share would measure bench's own bookkeeping: no figure, no
+    warning, and no row in the table."""
+    server = serve_process()
+    for _ in range(3):
+        result = runner.run(cfg_for(server.port, connections=1, messages=1, warmup=0.0))
+        assert result.messages == 1 and result.cpu == []
+        assert report.busy_note(result) is None
+
+
+def test_the_search_warning_names_the_lowest_rate_bench_was_busy_at(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A step stopped early may have achieved next to nothing: the warning names the
+    lowest rate asked for at which bench was busy, not the lowest rate achieved."""
+    cfg = BenchConfig(host="127.0.0.1", port=7, duration=1.0, max_p99_ms=20.0).validate()
+    setup = Setup.from_cfg(replace(cfg, find_max_rate=False, max_p99_ms=None))
+
+    def step(rate: float, messages: int, cpu: float) -> Step:
+        hist = Histogram()
+        for _ in range(messages):
+            hist.record(1_000_000)
+        done = replace(
+            Result.empty(setup), hist=hist, messages=messages, duration_ns=10**9, cpu=[cpu]
+        )
+        return Step(rate, done, passed=messages > 0)
+
+    search = Search(setup, goal_ms=20.0)
+    search.steps = [step(5_000, 5_000, 0.5), step(7_500, 7_500, 0.95), step(90_000, 0, 0.99)]
+    report.show_search(search, replace(cfg, json=True))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("aecho bench: warning: at step 7,500 msgs/s, bench kept 95%")

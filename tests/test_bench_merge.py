@@ -132,6 +132,18 @@ def test_files_from_before_bench_measured_its_cpu_still_merge(
     assert merged["messages"] == 2 * result.messages
 
 
+@pytest.mark.parametrize("share", [float("nan"), -0.5, None])
+def test_a_file_with_an_impossible_bench_cpu_is_refused(
+    share: float | None, two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    _, result = two_workers
+    data = to_json(result)
+    data["bench_cpu"] = [share]
+    (tmp_path / "odd.json").write_text(json.dumps(data))
+    code, _, err = bench_cli("merge", str(tmp_path / "odd.json"))
+    assert code == 1 and "not an 'aecho bench --json' result" in err, err
+
+
 def test_merge_refuses_what_does_not_add_up(
     two_workers: tuple[BenchConfig, Result], tmp_path: Path
 ) -> None:

@@ -340,10 +340,11 @@ def show_search(search: Search, cfg: BenchConfig) -> int:
         write_search_plot(search, cfg.plot)
     busy = [st for st in search.steps if (st.result.busiest_cpu or 0.0) >= BUSY_SHARE]
     if busy:
-        slowest = min(busy, key=lambda st: st.result.msgs_per_s)
+        # The lowest rate asked for (a step stopped early may have achieved next to none).
+        first = min(busy, key=lambda st: st.result.msgs_per_s if st.rate is None else st.rate)
+        rate = "" if first.rate is None else " msgs/s"
         print(
-            f"aecho bench: warning: at {slowest.result.msgs_per_s:,.0f} msgs/s "
-            f"(step {slowest.label}) {busy_note(slowest.result)}",
+            f"aecho bench: warning: at step {first.label}{rate}, {busy_note(first.result)}",
             file=sys.stderr,
         )
     if search.best is None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -415,8 +416,20 @@ def from_json(data: dict[str, Any]) -> Result:
         notes=dict(data["diagnosis"]),
         failure=data.get("error"),
         # Files from before bench measured its own CPU have none: still merged.
-        cpu=[float(share) for share in data.get("bench_cpu", [])],
+        cpu=[_share(share) for share in data.get("bench_cpu", [])],
     )
+
+
+def _share(value: Any) -> float:
+    """A share of a core read from a file.
+
+    Raises:
+        ValueError: not a finite number at or above 0.
+    """
+    share = float(value)
+    if not math.isfinite(share) or share < 0:
+        raise ValueError(f"bench_cpu {value!r}")
+    return share
 
 
 def load(path: str) -> Result:

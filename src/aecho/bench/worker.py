@@ -28,7 +28,12 @@ log = logging.getLogger("aecho.bench")
 PROGRESS_EVERY = 3  # ticks between progress reports
 FD_SLACK = 64  # descriptors a bench process needs besides its connections
 CONNECT_CONCURRENCY = 256  # half-open connects at once: more overflows small listen backlogs
-PACER_EARLY_NS = 500_000  # --rate: send up to this early rather than wake for each message
+# --rate: the pacer sleeps at least a timer tick (uvloop's timers count whole
+# milliseconds: a shorter sleep is a 0 ms timer, and the pacer would spin between
+# messages), and sends what is due within a tick early rather than late (an early
+# message is timed from its real send, a late one from when it was due).
+PACER_TICK_NS = 1_000_000
+CPU_WINDOW_NS = 200_000_000  # the shortest window whose CPU share is reported
 LATE_SHARE = 0.011  # a search step fails once this share of its replies is late (p99: 1 %)
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -243,11 +248,16 @@ class Worker(Tally):
 
     def close_window(self, now: int) -> None:
         """As :meth:`Tally.close_window`, and how busy this process was in the window: a
-        load generator that used its whole core may be what limited the measurement."""
+        load generator that used its whole core may be what limited the measurement.
+
+        The CPU is the whole process's (a server run in the same process counts too).
+        A window shorter than CPU_WINDOW_NS gets no share: over a few messages it
+        measures bench's own bookkeeping, not a load.
+        """
         if self.window_end_ns is None and self.cpu_from is not None:
             since, cpu = self.cpu_from
             wall = monotonic_ns() - since
-            if wall > 0:
+            if wall >= CPU_WINDOW_NS:
                 self.cpu_share = (time.process_time_ns() - cpu) / wall
         super().close_window(now)
 
@@ -317,7 +327,7 @@ class Worker(Tally):
         k = 0
         while self.sending:
             now = time.monotonic_ns()
-            due_count = int((now + PACER_EARLY_NS - start_ns) / period) + 1
+            due_count = int((now + PACER_TICK_NS - start_ns) / period) + 1
             while m < due_count and self.sending:
                 due = start_ns + int(m * period)
                 for _ in range(len(conns)):
@@ -331,8 +341,8 @@ class Worker(Tally):
                     self.stop_sending()
                     return
                 m += 1
-            next_due = start_ns + int(m * period) - PACER_EARLY_NS
-            await asyncio.sleep(max(0.0, (next_due - time.monotonic_ns()) / 1e9))
+            next_due = start_ns + int(m * period) - PACER_TICK_NS
+            await asyncio.sleep(max(PACER_TICK_NS, next_due - time.monotonic_ns()) / 1e9)
 
     def _stop_at(self, loop: asyncio.AbstractEventLoop, deadline: int) -> None:
         # Timers may fire early (uvloop counts from when its loop iteration began): re-arm.
