@@ -48,8 +48,8 @@ class StatsCollector(Collector):
         keys = sorted({key for labels, _ in labelled for key in labels})
         open_now = GaugeMetricFamily(
             "aecho_connections_open",
-            "Connections open now (those still sending a PROXY header excluded)"
-            + (", per serving process." if keys else "."),
+            "Connections open now (those still in a TLS handshake or sending a PROXY header "
+            "excluded)" + (", per serving process." if keys else "."),
             labels=keys or None,
         )
         if keys:
