@@ -287,7 +287,10 @@ def test_bench_workers_take_a_number_or_auto(monkeypatch: pytest.MonkeyPatch) ->
     for spelled in ("3", "auto"):
         result = runner.invoke(cli.app, ["bench", "-c", "500", "--workers", spelled])
         assert result.exit_code == 0, result.output
-    assert [c.workers for c in seen] == [3, cpus]
+    # auto never asks for more processes than there are connections to share out.
+    result = runner.invoke(cli.app, ["bench", "-c", "1", "--workers", "auto"])
+    assert result.exit_code == 0, result.output
+    assert [c.workers for c in seen] == [3, cpus, 1]
     for bad, said in (("0", "at least 1 (or auto)"), ("two", "a whole number or auto")):
         result = runner.invoke(cli.app, ["bench", "--workers", bad])
         assert result.exit_code == 2 and said in result.output, result.output

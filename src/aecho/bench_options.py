@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from aecho.commandline import DURATION, RATE, SIZE, WORKERS
+from aecho.commandline import DURATION, LOAD_WORKERS, RATE, SIZE
 from aecho.config import DEFAULT_PORT, DEFAULT_SEARCH_STEP, DEFAULT_SEARCH_WARMUP, LoopKind, Offload
 from aecho.config import Framing as FramingKind
 
@@ -60,8 +60,9 @@ ConnectRate = Annotated[
 Workers = Annotated[
     int,
     typer.Option(
-        help="Load-generating processes, results merged exactly (auto: one per CPU).",
-        **WORKERS,
+        help="Load-generating processes, results merged exactly (auto: one per CPU, at "
+        "most one per connection).",
+        **LOAD_WORKERS,
     ),
 ]
 Unix = Annotated[str | None, typer.Option(help="Measure the server on this Unix socket.")]

@@ -57,6 +57,7 @@ from aecho.config import (
     check_plot_file,
 )
 from aecho.process.logs import LogLevel, more_verbose, setup_logging
+from aecho.units import AUTO_WORKERS
 
 
 class _Aecho(Group):
@@ -401,6 +402,8 @@ def bench(
             host, port = host_and_port(host, port, DEFAULT_HOST, DEFAULT_PORT)
         except ValueError as exc:
             fail(str(exc), 2)
+    if workers == AUTO_WORKERS:
+        workers = max(1, min(os.cpu_count() or 1, connections))
     try:
         config = BenchConfig(
             host=host,

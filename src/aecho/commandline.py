@@ -26,7 +26,7 @@ import typer
 import typer.core
 
 from aecho import __version__
-from aecho.units import parse_duration, parse_rate, parse_size, parse_workers
+from aecho.units import parse_duration, parse_load_workers, parse_rate, parse_size, parse_workers
 
 PREFIX = "aecho: error: "
 
@@ -87,6 +87,7 @@ DURATION: dict[str, Any] = {"parser": _units(parse_duration), "metavar": "DURATI
 SIZE: dict[str, Any] = {"parser": _units(parse_size), "metavar": "SIZE"}
 RATE: dict[str, Any] = {"parser": _units(parse_rate), "metavar": "RATE"}
 WORKERS: dict[str, Any] = {"parser": _units(parse_workers), "metavar": "N|auto"}
+LOAD_WORKERS: dict[str, Any] = {"parser": _units(parse_load_workers), "metavar": "N|auto"}
 
 
 # -- usage errors in one line -----------------------------------------------------------------

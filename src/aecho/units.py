@@ -86,6 +86,9 @@ def parse_rate(text: str) -> float:
     return parts[0] * unit
 
 
+AUTO_WORKERS = -1  # what parse_load_workers makes of "auto", for bench to size
+
+
 def parse_workers(text: str) -> int:
     """``"4"`` -> 4; ``"auto"`` -> one per CPU.
 
@@ -94,6 +97,18 @@ def parse_workers(text: str) -> int:
     """
     if text == "auto":
         return os.cpu_count() or 1
+    return parse_load_workers(text)
+
+
+def parse_load_workers(text: str) -> int:
+    """As :func:`parse_workers`, but ``"auto"`` -> :data:`AUTO_WORKERS`: bench runs one
+    per CPU, but no more than it has connections.
+
+    Raises:
+        ValueError: neither a whole number nor auto.
+    """
+    if text == "auto":
+        return AUTO_WORKERS
     if not text.strip().isdigit():
         raise ValueError(f"{text!r} is not a number of processes: use a whole number or auto")
     return int(text)
