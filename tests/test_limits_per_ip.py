@@ -4,17 +4,21 @@ options' bad input."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from aecho.config import ServerConfig
+from aecho.config import ProxyMode, ServerConfig
 from aecho.server.connection import Connection
 from aecho.server.limits import SharedLimits, SharedTable
 from aecho.server.prelude import Prelude
 from aecho.server.registry import Registry
+from aecho.tls import client_context
 from tests.conftest import closed_without_reply, running_server
 
 
@@ -244,3 +248,54 @@ def test_a_proxy_header_counts_the_real_client_when_it_hands_over() -> None:
     conn = _taking_over(here, prelude, ("192.0.2.8", 5000))  # another client: served
     assert here.admit(conn)
     assert table.open_total() == 2 and table.ip_count("192.0.2.8") == 1
+
+
+async def _served(port: int, ssl_ctx: ssl.SSLContext | None, first: bytes) -> bool:
+    """Whether a client that sends ``first`` + ``hi`` gets ``hi`` back; False when the
+    server turns it away (closed or reset, before or after a TLS handshake)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx)
+    except (OSError, ssl.SSLError):
+        return False
+    try:
+        writer.write(first + b"hi")
+        return await asyncio.wait_for(reader.read(2), 10) == b"hi"
+    except (OSError, ssl.SSLError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("prelude", ["tls", "proxy", "untrusted proxy"])
+async def test_the_client_of_a_finished_prelude_is_served_at_the_limits(
+    prelude: str, pems: dict[str, str]
+) -> None:
+    """README: a TLS connection keeps its place when its handshake ends (a PROXY one when
+    its header does).  At --max-connections 1 and --max-connections-per-ip 1 the first
+    client is served, counted once, not twice, and holds the one place: a second is
+    turned away."""
+    options: dict[str, Any] = {"max_connections": 1, "max_connections_per_ip": 1}
+    ssl_ctx = None
+    first = b""
+    if prelude == "tls":
+        options |= {"tls_cert": pems["cert"], "tls_key": pems["key"]}
+        ssl_ctx = client_context(pems["ca"])
+    else:
+        options["proxy_protocol"] = ProxyMode.v1
+        if prelude == "proxy":
+            first = b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 7\r\n"  # from a trusted proxy
+        else:
+            options["proxy_allow_from"] = ("10.0.0.0/8",)
+    async with running_server(**options) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ssl_ctx)
+        writer.write(first + b"hi")
+        assert await asyncio.wait_for(reader.readexactly(2), 10) == b"hi"
+        assert len(server.connections) == 1 and not server.preludes
+        assert not await _served(server.port, ssl_ctx, first)
+        assert server.stats.accepted == 1
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
