@@ -4,6 +4,7 @@ measured window, and merging the workers' results."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import threading
@@ -257,6 +258,20 @@ async def test_bench_measures_its_own_cpu(
     assert (share > 0.6) if busy else (share < 0.3), share
     note = report.busy_note(result)
     assert (note is not None) is (share >= report.BUSY_SHARE)
+
+
+@pytest.mark.asyncio
+async def test_no_cyclic_collection_runs_in_the_window() -> None:
+    """The collector is off while bench measures (a collection's pause would land in the
+    latencies), and on again afterwards."""
+    assert gc.isenabled()
+    seen: list[bool] = []
+    async with running_server() as server:
+        cfg = cfg_for(server.port, connections=2, messages=None, duration=1.0)
+        result = await runner.measure(cfg, lambda _: seen.append(gc.isenabled()))
+    assert_clean(result)
+    assert seen.count(False) >= 2, seen  # live reports from inside the window
+    assert gc.isenabled()
 
 
 def test_a_busy_bench_is_named_in_the_table_json_and_warnings(
