@@ -310,3 +310,41 @@ def test_second_signal_forces_every_process(
         srv.signal(sig)
         assert srv.proc.wait(20) == 128 + sig
     assert wait_until(lambda: not any(map(alive, family)), 10)
+
+
+@pytest.mark.parametrize("retire", [signal.SIGHUP, signal.SIGTTOU], ids=["HUP", "TTOU"])
+def test_one_term_after_a_reload_or_ttou_is_still_graceful_for_the_retiring(
+    serve_process: Callable[..., ServerProcess], retire: signal.Signals
+) -> None:
+    """A process retired by HUP or TTOU already has its TERM: the supervisor's first stop
+    must not send it another, which would count as the second and cut its connections."""
+    srv = serve_process("--workers", "2", "--framing", "line", "--graceful-timeout", "30")
+    before = set(servers_of(srv))
+    conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) for _ in range(12)]
+    try:
+        for sock in conns:
+            sock.sendall(b"whole\n")
+            assert sock.recv(16) == b"whole\n"
+            sock.sendall(b"half")  # a line in progress holds its process in its stop
+        os.kill(srv.pid, retire)
+        if retire == signal.SIGHUP:
+            assert wait_until(lambda: len(set(servers_of(srv)) - before) == 2)
+            assert all(map(alive, before))  # retiring, each waiting for its lines
+        else:
+            assert wait_until(lambda: b"(1 worker)" in cmdline(srv.pid))
+        srv.signal(signal.SIGTERM)
+        assert srv.wait_stopping()
+        # A forced stop would close them at once; a graceful one waits for the lines.
+        deadline = time.monotonic() + 1.0
+        for sock in conns:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            with pytest.raises(TimeoutError):
+                sock.recv(16)
+        for sock in conns:
+            sock.settimeout(TIMEOUT)
+            sock.sendall(b" done\n")
+            assert sock.recv(16) == b"half done\n"
+    finally:
+        for sock in conns:
+            sock.close()
+    assert srv.proc.wait(TIMEOUT) == 0

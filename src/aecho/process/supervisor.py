@@ -423,6 +423,10 @@ class Supervisor:
                 log.warning("%s a third time: killing the serving processes", _name(signum))
                 sig = signal.SIGKILL
         for child in self.children.values():
+            if sig == signal.SIGTERM and child.state == "stopping":
+                # Retired by a reload or TTOU: it already has its TERM and is finishing
+                # its connections; another would count as the second, which forces.
+                continue
             child.state = "stopping"
             self._signal(child, sig)
 
