@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import trustme
 
 from aecho.process.pidfile import default_pidfile, lock_holder, parse_pid, pid_alive
-from tests.conftest import SERVING, Daemons, echo_once, run_aecho, wait_until
+from tests.conftest import SERVING, Daemons, echo_once, free_port, run_aecho, wait_until
 
 CMD_TIMEOUT = 60.0
 
@@ -164,17 +165,31 @@ def test_failure_inside_the_daemon_comes_back_through_the_pipe(
     assert wait_until(lambda: not pidfile.exists(), timeout=10)
 
 
-def test_readiness_timeout_stops_the_daemon(daemons: Daemons, tmp_path: Path) -> None:
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one", "workers"])
+def test_readiness_timeout_stops_the_daemon(
+    daemons: Daemons, tmp_path: Path, workers: tuple[str, ...]
+) -> None:
+    """Everything it started goes with it: no serving process is left holding the port."""
     (tmp_path / "slow_handler_mod.py").write_text(
         "import time\ntime.sleep(60)\n\ndef handle(data):\n    return data\n"
     )
     pidfile = tmp_path / "slow.pid"
     daemons.pidfiles.add(pidfile)
     env = {"PYTHONPATH": str(tmp_path), "AECHO_READY_TIMEOUT": "1"}
+    port = free_port()
     started = time.monotonic()
     result = run_aecho(
-        "serve", "--daemon", "--port", "0", "--pidfile", str(pidfile),
-        "--handler", "slow_handler_mod:handle", env=env,
+        "serve", "--daemon", "--port", str(port), "--pidfile", str(pidfile),
+        "--handler", "slow_handler_mod:handle", *workers, env=env,
     )  # fmt: skip
     assert time.monotonic() - started < 30
     assert result.returncode == 1
@@ -184,6 +199,7 @@ def test_readiness_timeout_stops_the_daemon(daemons: Daemons, tmp_path: Path) ->
     daemons.track(pid)
     assert not pid_alive(pid)
     assert not pidfile.exists()
+    assert wait_until(lambda: port_is_free(port), 10)
 
 
 def test_stale_pidfile_is_taken_over(daemons: Daemons, tmp_path: Path) -> None:

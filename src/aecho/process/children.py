@@ -152,9 +152,13 @@ def _serve_in_child(
         channel = StatsChannel(
             control, lambda n: set_process_title(server_title(address, index, n))
         )
-        code = run_server(
-            child_config, sockets, limits=limits, on_ready=channel.attach, supervised=True
-        )
+
+        def serving(server: Server) -> None:
+            # From now on the loop handles TERM: the supervisor's death stops it gracefully.
+            _die_with_parent(signal.SIGTERM)
+            channel.attach(server)
+
+        code = run_server(child_config, sockets, limits=limits, on_ready=serving, supervised=True)
         channel.send()  # the last word: the supervisor's totals stay exact
     except BaseException as exc:  # whatever it is, it must not unwind into the supervisor
         with contextlib.suppress(BaseException):
@@ -173,9 +177,10 @@ def _become_child(sockets: list[socket.socket], control: socket.socket, supervis
     for sig in SUPERVISOR_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     os.setpgid(0, 0)
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # Until it serves, a serving process cannot act on TERM: its loop may be held by
+    # start-up (a handler's import, say) for as long as that takes.  Killed outright if
+    # its supervisor dies by then, it can never be left holding the port unsupervised.
+    _die_with_parent(signal.SIGKILL)
     if os.getppid() != supervisor:  # it died before the death signal was armed
         os._exit(0)
     keep = {0, 1, 2, control.fileno(), *(s.fileno() for s in sockets), *log_file_fds()}
@@ -184,6 +189,13 @@ def _become_child(sockets: list[socket.socket], control: socket.socket, supervis
         if fd not in keep:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _die_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 class StatsChannel:
