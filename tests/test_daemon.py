@@ -468,3 +468,30 @@ def test_relative_tls_paths_work_in_a_daemon(daemons: Daemons, tmp_path: Path) -
     ):
         tls.sendall(b"over tls\n")
         assert tls.recv(100) == b"over tls\n"
+
+
+@pytest.mark.parametrize("closed", ["<&-", ">&-", "2>&-"], ids=["stdin", "stdout", "stderr"])
+def test_a_daemon_started_with_a_std_descriptor_closed_serves_and_logs(
+    daemons: Daemons, tmp_path: Path, closed: str
+) -> None:
+    """A closed 0, 1 or 2 must not become the log file's descriptor (which detaching then
+    points at /dev/null), nor make detaching fail."""
+    pidfile, log_file = tmp_path / "c.pid", tmp_path / "c.log"
+    daemons.pidfiles.add(pidfile)
+    serve = [sys.executable, "-m", "aecho", "serve", "--daemon", "--port", "0"]
+    serve += ["--pidfile", str(pidfile), "--log-file", str(log_file)]
+    result = subprocess.run(
+        ["bash", "-c", 'exec "$@" ' + closed, "bash", *serve],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CMD_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    status = run_aecho("status", "--pidfile", str(pidfile))
+    assert status.returncode == 0, status.stdout
+    port = int(re.findall(r"serving on 127\.0\.0\.1:(\d+)", status.stdout)[0])
+    assert echo_once(port) == b"hello\x00\xff\n"
+    assert f"listening on 127.0.0.1:{port}" in log_file.read_text()
+    assert run_aecho("stop", "--pidfile", str(pidfile)).returncode == 0

@@ -56,7 +56,7 @@ from aecho.config import (
     ServerConfig,
     check_plot_file,
 )
-from aecho.process.logs import LogLevel, more_verbose, setup_logging
+from aecho.process.logs import LogLevel, more_verbose, open_std_fds, setup_logging
 from aecho.units import AUTO_WORKERS
 
 
@@ -176,6 +176,7 @@ def serve(
     from aecho.process.daemon import DaemonStarted
     from aecho.server.listeners import StartupError
 
+    open_std_fds()
     try:
         setup_logging(config.log_level, config.log_file)
     except OSError as exc:

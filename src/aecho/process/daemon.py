@@ -78,8 +78,9 @@ def detach(log_file: str | None, keep: Iterable[int], pidfile: str | None) -> Re
             or was not ready in time; or when the first fork failed.
     """
     ready_r, ready_w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None when the process started with it closed
+            stream.flush()
     try:
         pid = os.fork()
     except OSError as exc:

@@ -30,6 +30,23 @@ def more_verbose(level: str, steps: int) -> str:
     return order[max(0, index - steps)].value
 
 
+def open_std_fds() -> None:
+    """Put /dev/null on whichever of descriptors 0, 1 and 2 is closed.
+
+    Started with one of them closed, a process hands its number to the next file it
+    opens, a log file or a listener, and a daemon's redirection of its stdio would then
+    replace that file with /dev/null.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def setup_logging(level: str, log_file: str | None = None) -> None:
     """Log at ``level`` to ``log_file`` (appending), or to stderr.
 
