@@ -377,6 +377,16 @@ def test_bare_aecho_prints_help_and_no_error_line() -> None:
         (["stop"], "which server? give --pidfile PATH, or the --port N"),
         (["status", "--port", "7007", "--pidfile", "x.pid"], "give one of --pidfile and --port"),
         (["frob"], "no such command 'frob'"),
+        # An unset shell variable is a mistake, not "not given".
+        (["serve", "--unix", ""], "--unix must not be empty: give a path"),
+        (["serve", "--pidfile", ""], "--pidfile must not be empty: give a path"),
+        (["serve", "--log-file", ""], "--log-file must not be empty: give a path"),
+        (["serve", "--tls-cert", "", "--tls-key", "k"], "--tls-cert must not be empty"),
+        (["stop", "--pidfile", ""], "--pidfile must not be empty: give a path"),
+        (["status", "--unix", ""], "--unix must not be empty: give a path"),
+        (["client", "--unix", ""], "--unix must not be empty: give a path"),
+        (["bench", "--unix", "", "-d", "1"], "--unix must not be empty: give a path"),
+        (["bench", "127.0.0.1", "1", "-d", "1", "--plot", ""], "--plot must not be empty"),
     ],
 )
 def test_usage_errors_read_as_one_plain_line(args: list[str], expected: str) -> None:

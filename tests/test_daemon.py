@@ -336,9 +336,10 @@ def test_stop_never_signals_a_pid_written_into_a_live_pidfile(daemons: Daemons) 
         for command in ("stop", "status"):
             result = run_aecho(command, "--pidfile", str(d.pidfile))
             assert result.returncode == 1, result
-            out = result.stdout + result.stderr
-            assert f"names pid {bystander.pid}, but pid {d.pid} holds its lock" in out
-            assert out.count("\n") == 1
+            assert result.stdout == ""  # an error: one line on stderr, as every command's
+            assert result.stderr.startswith("aecho: error: ")
+            assert f"names pid {bystander.pid}, but pid {d.pid} holds its lock" in result.stderr
+            assert result.stderr.count("\n") == 1
         assert bystander.poll() is None
         assert echo_once(d.port) == b"hello\x00\xff\n"
     finally:
@@ -409,7 +410,8 @@ def test_status_of_an_unreadable_or_starting_pidfile(tmp_path: Path) -> None:
     folder.mkdir()
     result = run_aecho("status", "--pidfile", str(folder))
     assert result.returncode == 4
-    assert "status unknown" in result.stdout
+    assert result.stderr.startswith("aecho: error: status unknown: cannot read pidfile")
+    assert result.stdout == ""
     # Locked, nothing written yet: a server between taking the lock and writing its pid.
     starting = tmp_path / "starting.pid"
     fd = os.open(starting, os.O_RDWR | os.O_CREAT)

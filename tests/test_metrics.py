@@ -126,17 +126,17 @@ async def test_other_paths_and_methods() -> None:
         assert (await scrape(server.metrics_port))[0] == 200
 
 
-def test_metrics_port_in_use_one_line() -> None:
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one", "workers"])
+def test_metrics_port_in_use_one_line(workers: tuple[str, ...]) -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
+        serve = [sys.executable, "-m", "aecho", "serve", "--port", "0", *workers]
         res = subprocess.run(
-            [sys.executable, "-m", "aecho", "serve", "--port", "0", "--metrics-port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
+            [*serve, "--metrics-port", str(port)], capture_output=True, text=True, timeout=60
         )
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "metrics port" in res.stderr, res.stderr
     assert "in use" in res.stderr
+    assert res.stderr.rstrip().endswith("Choose another --metrics-port"), res.stderr

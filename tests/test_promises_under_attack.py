@@ -269,7 +269,8 @@ def test_stop_by_port_never_stops_a_server_on_another_port(tmp_path: Path) -> No
         for command in ("stop", "status"):
             result = run_aecho(command, "--port", str(other), env=env)
             assert result.returncode == 1, f"{command}: {result.stdout}"
-            assert f"not on port {other}" in result.stdout + result.stderr, result
+            assert result.stderr.startswith("aecho: error: "), result
+            assert f"not on port {other}" in result.stderr, result
         assert pid_alive(pid) and _echoes(port), "stop --port signalled the server elsewhere"
     finally:
         with contextlib.suppress(ProcessLookupError):

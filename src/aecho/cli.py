@@ -218,6 +218,9 @@ def _which_pidfile(pidfile: str | None, port: int | None, unix: str | None) -> s
     Raises:
         typer.BadParameter: none or more than one of the three was given.
     """
+    for name, path in (("--pidfile", pidfile), ("--unix", unix)):
+        if path == "":
+            fail(f"{name} must not be empty: give a path", 2)
     given = [name for name, v in (("--pidfile", pidfile), ("--port", port), ("--unix", unix)) if v]
     if not given:
         fail("which server? give --pidfile PATH, or the --port N (or --unix PATH) it serves on", 2)

@@ -209,15 +209,17 @@ def status(path: str, port: int | None = None, unix: str | None = None) -> Outco
     try:
         found = probe(path)
     except OSError as exc:
-        return Outcome(UNKNOWN, f"status unknown: cannot read pidfile {path}: {exc.strerror}")
+        why = f"status unknown: cannot read pidfile {path}: {exc.strerror}"
+        return Outcome(UNKNOWN, why, error=True)
     if found.state == "starting":
         return Outcome(RUNNING, f"starting (pidfile {path} is locked, no pid written yet)")
     if found.state == "foreign":
-        return Outcome(1, f"pidfile {path} does not name the server that holds it: {found.why}")
+        why = f"pidfile {path} does not name the server that holds it: {found.why}"
+        return Outcome(1, why, error=True)
     if found.state not in ("running", "unlocked") or found.pid is None:
         return Outcome(NOT_RUNNING, _not_running(path, found))
     if (refusal := _elsewhere(path, found.pid, port, unix)) is not None:
-        return Outcome(1, refusal.message)
+        return Outcome(1, refusal.message, error=True)
     parts = [f"running, pid {found.pid}"]
     title = process_title(found.pid).decode("utf-8", "replace")
     if address := address_from_title(title):

@@ -50,7 +50,7 @@ class MetricsEndpoint:
             sock.listen(64)
         except OSError as exc:
             sock.close()
-            raise bind_error(f"metrics port 127.0.0.1:{self.port}", exc) from exc
+            raise bind_error(f"metrics port 127.0.0.1:{self.port}", exc, "--metrics-port") from exc
         sock.setblocking(False)
         self.sock = sock
         self.port = sock.getsockname()[1]

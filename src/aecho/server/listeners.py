@@ -24,12 +24,14 @@ class StartupError(RuntimeError):
     """The server cannot start; str() is the one-line message for the operator."""
 
 
-def bind_error(where: str, exc: OSError) -> StartupError:
+def bind_error(where: str, exc: OSError, option: str = "--port") -> StartupError:
+    """The one line for a listener that cannot bind; ``option`` is the one that chose it."""
+    another = "--port, or --port 0 for any free port" if option == "--port" else option
     hints = {
         errno.EADDRINUSE: "address already in use: is another server on that port? "
-        "Choose another --port, or --port 0 for any free port",
+        f"Choose another {another}",
         errno.EADDRNOTAVAIL: "address not available on this machine: check --host",
-        errno.EACCES: "permission denied: ports below 1024 need privileges; use a higher --port",
+        errno.EACCES: f"permission denied: ports below 1024 need privileges; use a higher {option}",
     }
     reason = hints.get(exc.errno or 0, exc.strerror or str(exc))
     return StartupError(f"cannot listen on {where}: {reason}")

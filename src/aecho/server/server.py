@@ -215,7 +215,7 @@ class Server(Registry):
             await metrics.start(port)
         except OSError as exc:
             self._close_sockets()
-            raise bind_error(f"metrics port 127.0.0.1:{port}", exc) from exc
+            raise bind_error(f"metrics port 127.0.0.1:{port}", exc, "--metrics-port") from exc
         self._metrics = metrics
         log.info("metrics on http://127.0.0.1:%d/metrics", metrics.port)
 
