@@ -87,6 +87,10 @@ def ensure_fd_limit(connections: int, total: int, workers: int) -> None:
     )
 
 
+# Errors that may mean the server is full: its connection limit or its descriptors.
+FULL_SERVER_SIGNS = ("refused", "timeout", "closed")
+
+
 class Worker(Tally):
     """Drives ``plan.connections`` connections on the running event loop."""
 
@@ -107,6 +111,9 @@ class Worker(Tally):
         self.start_unix_ns = 0  # wall clock at measure_ns: what lines up runs and machines
         self.aborted = False  # a search step stopped early: it clearly failed
         self.notes: dict[str, Any] = {}  # what _diagnose found out
+        # The server's descriptors, looked at when the first sign of a full server came:
+        # by the end, other workers may have closed their connections already.
+        self.fds_probe: asyncio.Future[tuple[int, int, int] | None] | None = None
         # Replies completed in each TICK_NS slot of the window, and the latencies recorded
         # in each second (sparse bucket counts), sampled by _tick from the histogram.
         self.timeline: list[int] = []
@@ -261,11 +268,22 @@ class Worker(Tally):
                 self.cpu_share = (time.process_time_ns() - cpu) / wall
         super().close_window(now)
 
+    def error(self, kind: str, message: str) -> None:
+        super().error(kind, message)
+        if kind in FULL_SERVER_SIGNS and self.fds_probe is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to look with
+                loop = asyncio.get_running_loop()
+                self.fds_probe = loop.create_task(asyncio.to_thread(server_fds, self.cfg))
+
     async def _diagnose(self) -> None:
         """Look into what a failing run cannot tell from its own side (see results.NOTES)."""
         errors, cfg = self.errors, self.cfg
-        if errors["refused"] or errors["timeout"] or errors["closed"]:
-            fds = server_fds(cfg)
+        if any(errors[kind] for kind in FULL_SERVER_SIGNS):
+            seen = [server_fds(cfg)]
+            if self.fds_probe is not None:
+                seen.append(await self.fds_probe)
+            # The fullest reading: whether the server ran out of descriptors at some point.
+            fds = max((f for f in seen if f is not None), key=lambda f: f[1], default=None)
             if fds is not None:
                 self.notes["server_fds"] = list(fds)
         unanswered = errors["refused"] + errors["closed"] + errors["short"] + errors["reset"]
