@@ -281,8 +281,9 @@ def test_a_busy_bench_is_named_in_the_table_json_and_warnings(
     table, the JSON's warnings, and one line on stderr; the exit status is not changed."""
     cfg = BenchConfig(host="127.0.0.1", port=7, duration=1.0).validate()
     setup = Setup.from_cfg(cfg)
-    quiet = replace(Result.empty(setup), cpu=[0.42])
-    busy = replace(Result.empty(setup), cpu=[0.97, 0.5])
+    ran = replace(Result.empty(setup), messages=1000, duration_ns=1_000_000_000)
+    quiet = replace(ran, cpu=[0.42])
+    busy = replace(ran, cpu=[0.97, 0.5])
     assert report.busy_note(quiet) is None
     note = report.busy_note(busy)
     assert note is not None and note.startswith("the busiest of 2 bench processes kept 97%")

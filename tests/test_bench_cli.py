@@ -232,6 +232,42 @@ def test_sigterm_still_reports_and_stops_the_embedded_server() -> None:
         os.kill(data["embedded_server_pid"], 0)
 
 
+def test_a_window_too_short_for_a_reply_measured_nothing(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    server = serve_process()
+    out = run_bench("127.0.0.1", str(server.port), "-c", "2", "-d", "1e-9", "--json")
+    assert out.returncode == 1, out.stdout
+    data = json.loads(out.stdout)
+    assert data["messages"] == 0 and data["errors"] == 0
+    assert data["failures"] == [
+        "nothing was measured: no reply completed in the measured window (give a longer -d?)"
+    ]
+    assert out.stderr.count("nothing was measured") == 1
+
+
+def test_interrupted_in_the_warm_up_measured_nothing(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    server = serve_process()
+    proc = bench_process("127.0.0.1", str(server.port), "-d", "5", "--warmup", "60", "--json")
+    try:
+        assert proc.stderr is not None
+        assert "measuring" in proc.stderr.readline()  # readiness: printed once load starts
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    data = json.loads(out)
+    assert data["interrupted"] is True and data["messages"] == 0
+    assert data["failures"] == [
+        "nothing was measured: interrupted before a reply completed in the measured window"
+    ]
+
+
 def test_no_replies_means_no_percentiles_and_no_verified_claim() -> None:
     with threaded_server(Silent) as port:
         args = ["127.0.0.1", str(port), "-c", "2", "-d", "0.3", "--timeout", "0.5"]

@@ -371,6 +371,12 @@ def test_bare_aecho_prints_help_and_no_error_line() -> None:
         (["serve", "--log-level", "loud"], "invalid value for --log-level: 'loud' is not one of"),
         (["bench", "-c", "0"], "invalid value for -c/--connections: 0 is less than 1"),
         (["bench", "--max-p99", "soon"], "invalid value for --max-p99: 'soon' is not a number"),
+        # NaN compares false with everything: as a gate it would pass every run.
+        (["bench", "-d", "1", "--max-p99", "nan"], "--max-p99 must be a positive number of"),
+        (["bench", "-d", "1", "--max-p99", "inf"], "--max-p99 must be a positive number of"),
+        (["bench", "-d", "1", "--min-rate", "nan"], "--min-rate must be 0 or more messages"),
+        (["bench", "-d", "1", "--min-rate", "inf"], "--min-rate must be 0 or more messages"),
+        (["bench", "--find-max-rate", "--max-p99", "nan"], "--max-p99 must be a positive"),
         (["bench", "-d", "5x"], "invalid value for -d/--duration: '5x' is not a duration: use"),
         (["serve", "--daemon=yes"], "option '--daemon' does not take a value"),
         (["serve", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import os
 from dataclasses import dataclass
 
@@ -400,9 +401,12 @@ class BenchConfig:
             )
         if self.timeout <= 0:
             raise ConfigError("--timeout must be a positive number of seconds")
-        if self.max_p99_ms is not None and self.max_p99_ms <= 0:
+        # NaN compares false with everything: a gate of NaN would pass every run.
+        if self.max_p99_ms is not None and not (
+            math.isfinite(self.max_p99_ms) and self.max_p99_ms > 0
+        ):
             raise ConfigError("--max-p99 must be a positive number of milliseconds")
-        if self.min_rate is not None and self.min_rate < 0:
+        if self.min_rate is not None and not (math.isfinite(self.min_rate) and self.min_rate >= 0):
             raise ConfigError("--min-rate must be 0 or more messages per second")
         if self.framing is Framing.line and self.size > DEFAULT_MAX_LINE:
             raise ConfigError(
