@@ -191,3 +191,64 @@ def test_setup_names_only_what_was_asked() -> None:
         True,
         "inline",
     )
+
+
+def _edit(data: dict[str, Any], where: str, value: Any) -> None:
+    *path, last = where.split(".")
+    for key in path:
+        data = data[key]
+    data[last] = value
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("histogram.counts", {"3808": 1}),  # one past the last bucket
+        ("histogram.counts", {"-1": 1}),  # would count from the end of the list
+        ("histogram.counts", {"5": -1}),
+        ("timeline.latency_buckets", [{"99999": 1}]),
+        ("timeline.messages", [1.5]),
+        ("diagnosis", {"server_fds": [1]}),
+        ("diagnosis", [1]),
+        ("server.offload", ["inline"]),
+        ("start_unix_ns", 1e30),
+        ("start_unix_ns", -5),
+        ("duration_ns", float("inf")),
+        ("messages", -1),
+        ("errors_by_kind.timeout", True),
+        ("rate", float("nan")),
+        ("warmup_s", -1),
+        ("interrupted", "no"),
+        ("error", 7),
+    ],
+)
+def test_a_hand_edited_file_is_refused_in_one_line(
+    where: str, value: Any, two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    """Every value is checked as it is read, so none can fail the merge half-way (with a
+    traceback) or send it into a huge allocation."""
+    _, result = two_workers
+    good = write(tmp_path / "good.json", result)
+    data = json.loads(json.dumps(to_json(result)))  # a copy: it shares the result's dicts
+    _edit(data, where, value)
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    for extra in ((), ("--json",)):
+        code, out, err = bench_cli("merge", good, str(tmp_path / "bad.json"), *extra)
+        assert code == 1 and out == "", (where, out)
+        assert err.count("\n") == 1, err
+        assert "is not an 'aecho bench --json' result" in err, err
+
+
+def test_a_file_nested_too_deeply_or_runs_weeks_apart_are_refused_in_one_line(
+    two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    _, result = two_workers
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = bench_cli("merge", str(tmp_path / "deep.json"))
+    assert code == 1 and err.count("\n") == 1 and "nested too deeply" in err, err
+    later = replace(result, start_unix_ns=result.start_unix_ns + 30 * 86_400 * 10**9)
+    code, out, err = bench_cli(
+        "merge", write(tmp_path / "a.json", result), write(tmp_path / "b.json", later)
+    )
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "span 30.0 days" in err and "merge runs that ran at the same time" in err, err

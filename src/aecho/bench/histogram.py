@@ -51,6 +51,35 @@ def format_ns(ns: float, short: bool = False) -> str:
 
 
 BUCKETS = bucket_index(HIGHEST_NS) + 1
+
+
+def checked_bucket(index: Any) -> int:
+    """A bucket number read from a file.
+
+    Raises:
+        ValueError: not one of this histogram's buckets (a negative one would count from
+            the end of the list, silently).
+    """
+    i = natural(index)
+    if i >= BUCKETS:
+        raise ValueError(f"bucket {index!r} is out of range")
+    return i
+
+
+def natural(value: Any) -> int:
+    """A count read from a file: a whole number, 0 or more.
+
+    Raises:
+        ValueError, TypeError: it is not one.
+    """
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{value!r} is not a whole number")
+    n = int(value)
+    if n < 0:
+        raise ValueError(f"{value!r} is negative")
+    return n
+
+
 EMPTY_LOW = HIGHEST_NS + 1  # Histogram.low before the first value: above any value
 
 
@@ -180,13 +209,15 @@ class Histogram:
         """
         h = cls()
         for i, n in data["counts"].items():
-            h.counts[int(i)] += int(n)
-        h.total_ns = int(data["total_ns"])
-        h.max = int(data["max"])
-        if h.total != int(data["total"]):
+            h.counts[checked_bucket(i)] += natural(n)
+        h.total_ns = natural(data["total_ns"])
+        h.max = natural(data["max"])
+        if h.total != natural(data["total"]):
             raise ValueError("histogram counts do not add up to its total")
         if h.total:
-            h.low = int(data["min"])
+            h.low = natural(data["min"])
+            if not h.low <= h.max <= HIGHEST_NS:
+                raise ValueError("histogram min and max are out of order or range")
         return h
 
     def __eq__(self, other: object) -> bool:

@@ -103,6 +103,10 @@ def _target(cfg: BenchConfig, setup: Setup) -> Iterator[tuple[BenchConfig, Setup
         yield served, replace(setup, target=served.target), pid
 
 
+# Merged timelines line up by wall clock: runs far apart would make one mostly of zeros.
+MAX_MERGE_SPAN_NS = 7 * 86_400 * 1_000_000_000
+
+
 def merge_main(paths: list[str], as_json: bool, plot_path: str | None = None) -> int:
     """``aecho bench merge``: print the combined result of ``--json`` files; 1 if it holds
     errors.
@@ -117,6 +121,16 @@ def merge_main(paths: list[str], as_json: bool, plot_path: str | None = None) ->
     if plot_path:
         plot.check_plot()
     results = [load(path) for path in paths]
+    timed = [r for r in results if r.start_unix_ns]
+    if timed:
+        span = max(r.start_unix_ns + r.duration_ns for r in timed) - min(
+            r.start_unix_ns for r in timed
+        )
+        if span > MAX_MERGE_SPAN_NS:
+            raise BenchError(
+                f"these runs span {span / 86_400e9:.1f} days, so their timeline would too: "
+                "merge runs that ran at the same time"
+            )
     setup = Setup.combined([r.setup for r in results], paths)
     merged = Result.merge(setup, [r.as_part() for r in results])
     merged.interrupted = any(r.interrupted for r in results)
