@@ -37,6 +37,12 @@ MODES: dict[str, tuple[list[str], bytes, bytes, bytes]] = {
         ["--offload", "process", "--pool-size", "2", "--framing", "line", "--handler", "sha256"],
         b"a\n" * 32 * KiB, b"p\n", hashlib.sha256(b"p").hexdigest().encode() + b"\n",
     ),
+    # Smaller sends: each read holds fewer lines than a window, so the backlog, not the
+    # window, is what must wait while the write buffer is above its mark.
+    "sha256-line-process-16k": (
+        ["--offload", "process", "--pool-size", "2", "--framing", "line", "--handler", "sha256"],
+        b"a\n" * 8 * KiB, b"p\n", hashlib.sha256(b"p").hexdigest().encode() + b"\n",
+    ),
 }  # fmt: skip
 
 # The README promises < 64 MiB for 10 s (benchmarks/memory_bound.py); a shorter flood

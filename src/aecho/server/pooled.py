@@ -12,6 +12,7 @@ from aecho.server.budget import Budget
 from aecho.server.connection import (
     PAUSE_SHARED,
     PAUSE_WINDOW,
+    PAUSE_WRITE,
     FramedConnection,
     Host,
 )
@@ -33,7 +34,8 @@ class PooledConnection(FramedConnection):
     server-wide :class:`Budget`.  Past the window reading pauses until half of it is
     free; past the budget the connection queues there until it is woken.  Replies are
     written whatever the write buffer holds, but a buffer above its high-water mark
-    pauses reading too, so the buffer holds at most the mark plus one window.  Raw
+    pauses reading, and messages already read wait in the backlog instead of going to
+    the pool, so the buffer holds at most the mark plus the replies to one window.  Raw
     framing skips the framer (a chunk is the message, a reply goes back as it is).
     """
 
@@ -113,6 +115,12 @@ class PooledConnection(FramedConnection):
             self._early = None
 
     def _handle(self, messages: list[bytes], start: int) -> None:
+        if self._paused & PAUSE_WRITE:
+            # Replies can be many times their input (the sha256 of a short line): the
+            # write buffer stays near its mark only if nothing more goes to the pool
+            # until it drains (resume_writing takes the backlog up again).
+            self._defer(messages, start)
+            return
         budget = self._budget
         room = min(self._window - self._held, budget.limit - budget.held)
         if room <= 0:
