@@ -285,3 +285,29 @@ def test_idle_sockets_from_one_address_do_not_lock_out_tls_clients_from_another(
         for sock in attackers:
             sock.close()
     assert srv.stop() == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls-handshake"])
+async def test_a_silent_peer_gets_the_whole_idle_timeout(pems: dict[str, str], tls: bool) -> None:
+    """README: connections close between 1x and 1.25x the timeout, a TLS peer still in its
+    handshake included (it once lost a sweep: closed at 0.75x)."""
+    timeout = 0.8
+    options = {"tls_cert": pems["cert"], "tls_key": pems["key"]} if tls else {}
+    async with running_server(idle_timeout=timeout, tls_handshake_timeout=30, **options) as s:
+        loop = asyncio.get_running_loop()
+
+        async def silent(delay: float) -> float:
+            await asyncio.sleep(delay)  # spread over one sweep interval: every phase of it
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+            opened = loop.time()
+            try:
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+                return loop.time() - opened
+            finally:
+                writer.close()
+
+        spread = [i * timeout / 4 / 6 for i in range(6)]
+        closed_after = await asyncio.gather(*(silent(d) for d in spread))
+    assert min(closed_after) >= timeout * 0.99, closed_after
+    assert max(closed_after) <= timeout * 1.25 + 0.3, closed_after

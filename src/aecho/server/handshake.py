@@ -48,6 +48,7 @@ class TlsPrelude(Prelude):
         context: ssl.SSLContext,
     ) -> None:
         super().__init__(host)
+        self.active = True  # new counts as active: see Connection.connection_made
         self._factory = factory
         self._context = context
         # The accepted socket until the handshake's transport owns it.
