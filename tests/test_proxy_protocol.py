@@ -296,7 +296,12 @@ async def test_untrusted_peer_starting_like_a_signature_is_answered_at_once() ->
     async with running_server(
         proxy_protocol=ProxyMode.auto, proxy_allow_from=("10.0.0.0/8",)
     ) as server:
-        for first in (b"\r\n", b"PRO", b"\r\n\r\n\x00"):
+        v2_signature = encode_v2(("1.2.3.4", 1), ("5.6.7.8", 2))[:12]
+        # A signature alone is not a header: only a complete one in the first read is.
+        for first in (
+            b"\r\n", b"PRO", b"\r\n\r\n\x00", b"PROXY me a coffee\n", b"PROXY TCP4 1.2.3.4",
+            v2_signature + b" bye\n",
+        ):  # fmt: skip
             started = time.monotonic()
             assert await _exchange(server.port, b"", first) == first
             assert time.monotonic() - started < 1.0, f"{first!r} waited for a header"

@@ -16,7 +16,7 @@ from aecho.address import format_address
 from aecho.config import PROXY_HEADER_TIMEOUT
 from aecho.server.connection import Connection
 from aecho.server.prelude import Prelude, PreludeHost
-from aecho.server.proxy_protocol import ProxyError, ProxyHeaderReader, could_be_header
+from aecho.server.proxy_protocol import ProxyError, ProxyHeaderReader, could_be_header, parse
 
 log = logging.getLogger("aecho.server.proxy")
 
@@ -74,8 +74,14 @@ class ProxyPrelude(Prelude):
                 self._hand_over(header.source, self._reader.remainder)
             return
         # Only a trusted peer waits for a header: an untrusted one is decided by its
-        # first read, so data that merely starts like a signature is served at once.
-        if could_be_header(data, self.host.config.proxy_protocol):
+        # first read, so data that merely starts like a signature (or like a header
+        # that never ends) is served at once, as it would be without the option.
+        mode = self.host.config.proxy_protocol
+        try:
+            header = parse(data, mode) if could_be_header(data, mode) else None
+        except ProxyError:
+            header = None  # not a header: the peer's own bytes
+        if header is not None:
             self._reject("PROXY header from a peer not in --proxy-allow-from")
         else:
             self._hand_over(None, data)
