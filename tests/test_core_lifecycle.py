@@ -246,6 +246,26 @@ def test_out_of_descriptors_pauses_accepting_and_recovers(
     assert server.output.count("out of file descriptors") == 1, server.output
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_stop_while_out_of_descriptors_is_quiet(
+    serve_process: Callable[..., ServerProcess], loop: str
+) -> None:
+    """asyncio's own accept loop scheduled a retry per backlog slot on EMFILE: thousands a
+    second, each an ERROR line once the listener had closed."""
+    server = serve_process("--loop", loop, preexec_fn=_limit_fds)
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(100)]
+    try:
+        assert wait_until(lambda: len(os.listdir(f"/proc/{server.pid}/fd")) >= 60)
+        time.sleep(1.5)  # out of descriptors past a retry's delay: retries would be due
+        assert server.stop() == 0
+    finally:
+        for sock in held:
+            sock.close()
+    assert " ERROR " not in server.output, server.output[-2000:]
+    assert server.output.count("out of file descriptors") == 1, server.output[-2000:]
+
+
 def _echoes_quietly(port: int) -> bool:
     try:
         return echo_once(port, timeout=2) == b"hello\x00\xff\n"

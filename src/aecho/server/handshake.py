@@ -1,9 +1,9 @@
-"""TLS listeners: a connection is counted from accept, then its handshake runs.
+"""TLS: a connection is counted from accept, then its handshake runs.
 
 Handing ``create_server`` an SSL context would make the loop do the handshake before
 any protocol of ours exists: a peer that connects and never finishes would hold a
 descriptor without counting against ``--max-connections`` or the per-IP limit.  So a
-TLS listener accepts here, admits the peer, and only then starts TLS on the socket
+TLS listener accepts (server.acceptor), admits the peer here, and only then starts TLS on the socket
 (``loop.connect_accepted_socket`` with ``--tls-handshake-timeout``).  Starting TLS on a
 transport that is already reading (``loop.start_tls``) is no way out: uvloop starts
 reading after ``connection_made`` whatever the protocol asked, and the ClientHello would
@@ -14,25 +14,17 @@ peer takes the TLS transport over.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from aecho.address import format_address
 from aecho.server.connection import Connection
 from aecho.server.prelude import Prelude, PreludeHost
 
 log = logging.getLogger("aecho.server.tls")
-
-# Connections taken per readiness of the listening socket, so one busy listener
-# cannot hold the loop (asyncio's own accept loop takes a backlog's worth).
-ACCEPT_BATCH = 64
-# Accepting pauses this long when the process is out of descriptors (as asyncio does).
-ACCEPT_RETRY_S = 1.0
-OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class TlsPrelude(Prelude):
@@ -102,66 +94,17 @@ class TlsPrelude(Prelude):
         self.host.release(self)  # nothing left to release once the connection took it
 
 
-class TlsListener:
-    """Accepts on one listening socket and starts a :class:`TlsPrelude` for each peer."""
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        host: PreludeHost,
-        factory: Callable[[], Connection],
-        context: ssl.SSLContext,
-        out_of_descriptors: Callable[[], None],
-    ) -> None:
-        self.sock = sock
-        self._host = host
-        self._factory = factory
-        self._context = context
-        self._out_of_descriptors = out_of_descriptors
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._retry: asyncio.TimerHandle | None = None
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.sock.fileno(), self._accept)
-
-    def close(self) -> None:
-        """Stop accepting and close the listening socket (connections stay)."""
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        if self._loop is not None and self.sock.fileno() >= 0:
-            self._loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-
-    def take_queued(self, limit: int) -> None:
-        """Take what waits in the listening socket's queue (before closing it at a stop)."""
-        if self.sock.fileno() >= 0:
-            self._accept(limit)
-
-    def _accept(self, limit: int = ACCEPT_BATCH) -> None:
-        for _ in range(limit):
-            try:
-                conn, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in OUT_OF_DESCRIPTORS and self._loop is not None:
-                    self._out_of_descriptors()
-                    self._loop.remove_reader(self.sock.fileno())
-                    self._retry = self._loop.call_later(ACCEPT_RETRY_S, self._resume)
-                else:
-                    log.debug("accept failed: %r", exc)
-                return
-            conn.setblocking(False)
-            prelude = TlsPrelude(self._host, self._factory, conn, self._context)
-            prelude.peer = addr
-            if not self._host.hold(prelude, per_ip=True):
-                conn.close()
-                continue
-            prelude.start()
-
-    def _resume(self) -> None:
-        self._retry = None
-        if self._loop is not None and self.sock.fileno() >= 0:
-            self._loop.add_reader(self.sock.fileno(), self._accept)
+def start_tls(
+    host: PreludeHost,
+    factory: Callable[[], Connection],
+    context: ssl.SSLContext,
+    conn: socket.socket,
+    addr: Any,
+) -> None:
+    """Count a peer just accepted on a TLS listener, then start its handshake."""
+    prelude = TlsPrelude(host, factory, conn, context)
+    prelude.peer = addr
+    if not host.hold(prelude, per_ip=True):
+        conn.close()
+        return
+    prelude.start()

@@ -25,6 +25,7 @@ from aecho.address import format_address
 from aecho.config import Framing, Offload, ProxyMode, ServerConfig
 from aecho.offload.handlers import load_handler
 from aecho.offload.pool import Pool
+from aecho.server.acceptor import Acceptor
 from aecho.server.budget import Budget
 from aecho.server.connection import (
     Connection,
@@ -32,7 +33,7 @@ from aecho.server.connection import (
     RawEchoConnection,
     Tracked,
 )
-from aecho.server.handshake import TlsListener
+from aecho.server.handshake import start_tls
 from aecho.server.limits import Limits
 from aecho.server.listeners import StartupError, bind_error, bind_listeners
 from aecho.server.pooled import PooledConnection
@@ -87,7 +88,8 @@ class Server(Registry):
         self._emfile_logged_at = -EMFILE_LOG_INTERVAL_S
         self._ssl: ssl.SSLContext | None = None
         self._udp: list[asyncio.BaseTransport] = []
-        self._tls: list[TlsListener] = []
+        # Listeners with an accept loop of ours (TLS; plain TCP under asyncio).
+        self._acceptors: list[Acceptor] = []
         self._fd_watch: asyncio.Task[None] | None = None
         self._metrics: Any = None
 
@@ -115,7 +117,7 @@ class Server(Registry):
     def addresses(self) -> list[object]:
         """The bound addresses (``(host, port, ...)`` tuples or Unix paths)."""
         socks = [sock for srv in self._servers for sock in srv.sockets]
-        socks += [t.sock for t in self._tls if t.sock.fileno() >= 0]
+        socks += [a.sock for a in self._acceptors if a.sock.fileno() >= 0]
         return [sock.getsockname() for sock in socks]
 
     @property
@@ -172,6 +174,7 @@ class Server(Registry):
             await self.pool.start()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
+        uvloop = type(loop).__module__.startswith("uvloop")
         for sock in self._sockets:
             if sock.type == socket.SOCK_DGRAM:
                 from aecho.server.udp import UdpEcho
@@ -182,20 +185,28 @@ class Server(Registry):
                 self._udp.append(transport)
                 log.info("answering UDP on %s", format_address(sock.getsockname()))
                 continue
+            take: Callable[[socket.socket, Any], None]
             if self._ssl is not None:
                 # TLS starts after the peer is counted (server.handshake).
-                tls = TlsListener(sock, self, self._factory, self._ssl, self._out_of_descriptors)
-                tls.start()
-                self._tls.append(tls)
+                take = functools.partial(start_tls, self, self._factory, self._ssl)
+            elif not uvloop:
+                take = self._take_accepted  # see server.acceptor: asyncio's own misbehaves
+            else:
+                srv = await loop.create_server(
+                    self._factory, sock=sock, backlog=cfg.effective_backlog
+                )
+                self._servers.append(srv)
                 continue
-            srv = await loop.create_server(self._factory, sock=sock, backlog=cfg.effective_backlog)
-            self._servers.append(srv)
+            sock.listen(cfg.effective_backlog)
+            acceptor = Acceptor(sock, take, self._out_of_descriptors)
+            acceptor.start()
+            self._acceptors.append(acceptor)
         for addr in self.addresses:
             log.info("listening on %s", format_address(addr))
         if self._ssl is not None:
             log.info("TLS on, certificate %s", cfg.tls_cert)
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="aecho-idle-sweeper")
-        if self._servers and type(loop).__module__.startswith("uvloop"):
+        if self._servers:  # uvloop's accept loop: it tells no one of EMFILE
             fd = self._servers[0].sockets[0].fileno()
             self._fd_watch = asyncio.create_task(self._watch_descriptors(fd), name="aecho-fd-watch")
 
@@ -254,10 +265,10 @@ class Server(Registry):
         accepted here and served like the rest; only the few microseconds between
         the last accept and the close are left.
         """
-        tls = {listener.sock for listener in self._tls}
+        ours = {acceptor.sock for acceptor in self._acceptors}
         queued: list[socket.socket] = []
         for sock in self._sockets or ():
-            if sock.type != socket.SOCK_STREAM or sock.fileno() < 0 or sock in tls:
+            if sock.type != socket.SOCK_STREAM or sock.fileno() < 0 or sock in ours:
                 continue
             while len(queued) < MAX_QUEUED:
                 try:
@@ -268,22 +279,26 @@ class Server(Registry):
                     log.warning("cannot take queued connections while stopping: %s", exc)
                     break
                 queued.append(conn)
-        for listener in self._tls:
-            listener.take_queued(MAX_QUEUED)  # counted and handshaken like any other
+        for acceptor in self._acceptors:
+            acceptor.take_queued(MAX_QUEUED)  # counted (and handshaken) like any other
         self._stop_listening()
         for conn in queued:
-            adopt = asyncio.create_task(self._adopt(conn))
-            self._adopting.add(adopt)
-            adopt.add_done_callback(self._adopting.discard)
+            self._take_accepted(conn, None)
         if queued:
             log.info("took %d queued connections before closing the listeners", len(queued))
+
+    def _take_accepted(self, conn: socket.socket, addr: object) -> None:
+        """Serve a socket accepted here: its transport is made on the loop."""
+        adopt = asyncio.create_task(self._adopt(conn))
+        self._adopting.add(adopt)
+        adopt.add_done_callback(self._adopting.discard)
 
     async def _adopt(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(self._factory, conn)
         except OSError as exc:
-            log.debug("queued connection lost while stopping: %r", exc)
+            log.debug("connection lost before it could be served: %r", exc)
             conn.close()
 
     def _tracked(self) -> list[Tracked]:
@@ -363,8 +378,8 @@ class Server(Registry):
     def _stop_listening(self) -> None:
         for srv in self._servers:
             srv.close()
-        for tls in self._tls:
-            tls.close()
+        for acceptor in self._acceptors:
+            acceptor.close()
         for transport in self._udp:
             transport.close()
 
