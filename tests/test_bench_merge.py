@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from aecho.bench import runner
-from aecho.bench.results import Result, Setup, from_json, to_json
+from aecho.bench.reading import from_json
+from aecho.bench.results import Result, Setup, to_json
 from aecho.config import BenchConfig, Framing
 from tests.conftest import ServerProcess, bench_cli
 

@@ -16,7 +16,8 @@ from time import monotonic_ns
 from typing import Any
 
 from aecho.bench.errors import BenchError
-from aecho.bench.results import Result, Setup, WorkerResult, load
+from aecho.bench.reading import load
+from aecho.bench.results import Result, Setup, WorkerResult
 from aecho.bench.worker import ProgressFn, Worker, WorkerPlan
 from aecho.config import BenchConfig, ConfigError
 from aecho.tls import client_context

@@ -1,0 +1,167 @@
+"""A ``--json`` result read back (``aecho bench merge``), every value checked as it is
+read: a hand-edited or corrupt file is refused in one line, and a merge never meets a value
+that would fail it, or send it into a huge allocation, half-way."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aecho.bench.connection import ERROR_KINDS
+from aecho.bench.errors import BenchError
+from aecho.bench.histogram import SUB_BITS, Histogram, checked_bucket, natural
+from aecho.bench.results import Result, Setup
+
+T = TypeVar("T")
+
+
+def from_json(data: dict[str, Any]) -> Result:
+    """The result a ``--json`` object describes.
+
+    Raises:
+        KeyError, TypeError, ValueError, AttributeError, OverflowError: ``data`` is not
+            such an object, or holds a value no run can have.
+    """
+    if data["histogram"].get("sub_bits") != SUB_BITS:
+        raise ValueError("its histogram has other buckets than this version's")
+    server, planned, timeline = data["server"], data["planned"], data["timeline"]
+    setup = Setup(
+        target=str(data["target"]),
+        connections=natural(data["connections"]),
+        workers=natural(data["workers"]),
+        size=natural(data["size"]),
+        reply_size=natural(data["reply_size"]),
+        pipeline=natural(data["pipeline"]),
+        rate=_optional(_positive, data["rate"]),
+        framing=str(data["framing"]),
+        handler=str(data["handler"]),
+        embedded=_flag(server["embedded"]),
+        offload=_optional(_text, server["offload"]),
+        warmup_s=_seconds(data["warmup_s"]),
+        duration_s=_optional(_seconds, planned["duration_s"]),
+        messages=_optional(natural, planned["messages"]),
+        tls=_flag(data["tls"]),
+    )
+    return Result(
+        setup=setup,
+        hist=Histogram.from_dict(data["histogram"]),
+        connect_hist=Histogram.from_dict(data["connect_histogram"]),
+        errors={kind: natural(data["errors_by_kind"][kind]) for kind in ERROR_KINDS},
+        first_errors={_text(k): _text(v) for k, v in data["first_errors"].items()},
+        messages=natural(data["messages"]),
+        bytes=natural(data["bytes"]),
+        sent=natural(data["sent"]),
+        connected=natural(data["connected"]),
+        start_unix_ns=_clock(data["start_unix_ns"]),
+        duration_ns=_clock(data["duration_ns"]),
+        timeline=[natural(n) for n in timeline["messages"]],
+        seconds=[
+            {checked_bucket(i): natural(n) for i, n in s.items()}
+            for s in timeline["latency_buckets"]
+        ],
+        interrupted=_flag(data["interrupted"]),
+        aborted=_flag(data["stopped_early"]),
+        server_pid=_optional(natural, data["embedded_server_pid"]),
+        notes=_notes(data["diagnosis"]),
+        failure=_optional(_text, data.get("error")),
+        # Files from before bench measured its own CPU have none: still merged.
+        cpu=[_share(share) for share in data.get("bench_cpu", [])],
+    )
+
+
+CLOCK_LIMIT_NS = 1 << 62  # past the year 2116, and past any duration
+
+
+def _optional(read: Callable[[Any], T], value: Any) -> T | None:
+    return None if value is None else read(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{value!r} is not true or false")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"{value!r} is not a number of seconds")
+    return seconds
+
+
+def _positive(value: Any) -> float:
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{value!r} is not a positive number")
+    return number
+
+
+def _clock(value: Any) -> int:
+    ns = natural(value)
+    if ns >= CLOCK_LIMIT_NS:
+        raise ValueError(f"{value!r} ns is out of range")
+    return ns
+
+
+def _notes(value: Any) -> dict[str, Any]:
+    """The diagnosis (see Worker._diagnose): only what report.verdict can read."""
+    if not isinstance(value, dict):
+        raise TypeError(f"diagnosis {value!r} is not an object")
+    notes: dict[str, Any] = {}
+    if "server_fds" in value:
+        fds = value["server_fds"]
+        if not isinstance(fds, list) or len(fds) != 3:
+            raise ValueError(f"server_fds {fds!r} is not [pid, open, limit]")
+        pid, count = natural(fds[0]), natural(fds[1])
+        limit = int(fds[2])  # -1: unlimited
+        if limit < -1:
+            raise ValueError(f"server_fds {fds!r} has an impossible limit")
+        notes["server_fds"] = [pid, count, limit]
+    if "tls" in value:
+        notes["tls"] = _flag(value["tls"])
+    return notes
+
+
+def _share(value: Any) -> float:
+    """A share of a core read from a file.
+
+    Raises:
+        ValueError: not a finite number at or above 0.
+    """
+    share = float(value)
+    if not math.isfinite(share) or share < 0:
+        raise ValueError(f"bench_cpu {value!r}")
+    return share
+
+
+def load(path: str) -> Result:
+    """Read a file written from ``aecho bench --json``.
+
+    Raises:
+        BenchError: it cannot be read or is not such a file (one-line reason).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise BenchError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise BenchError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise BenchError(f"{path} is not a bench result: nested too deeply") from None
+    if isinstance(data, dict) and "max_rate" in data:
+        raise BenchError(f"{path} is a --find-max-rate result: merge the results of plain runs")
+    try:
+        return from_json(data)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise BenchError(
+            f"{path} is not an 'aecho bench --json' result of this version ({exc!r} is wrong)"
+        ) from None
