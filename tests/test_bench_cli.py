@@ -3,6 +3,7 @@ one line, signals, the live line, the embedded server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -13,7 +14,9 @@ import ssl
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from tests.conftest import (
     free_port,
     run_bench,
     threaded_server,
+    wait_until,
 )
 
 JSON_KEYS = {"connections", "duration_s", "messages", "msgs_per_s", "mib_per_s", "errors"}
@@ -184,17 +188,28 @@ def test_duration_and_rate_leave_out_the_wait_for_owed_replies() -> None:
     assert len(data["timeline"]["messages"]) == 10
 
 
+def _bytes_sent(metrics_port: int) -> float:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return float(re.findall(r"^aecho_bytes_sent_total (\S+)$", text, re.M)[0])
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_stops_early_and_reports_the_time_that_ran(
     serve_process: Callable[..., ServerProcess], workers: int
 ) -> None:
-    server = serve_process()
+    metrics = free_port()
+    server = serve_process("--metrics-port", str(metrics))
     proc = bench_process(
         "127.0.0.1", str(server.port), "-d", "60", "-c", "4", "--workers", str(workers), "--json"
     )
     try:
         assert proc.stderr is not None
         assert "measuring" in proc.stderr.readline()  # readiness: printed once load starts
+        # Some replies went out: interrupted with none, a run has measured nothing (and
+        # fails, see test_interrupted_in_the_warm_up_measured_nothing).
+        assert wait_until(lambda: _bytes_sent(metrics) > 0)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
@@ -266,6 +281,41 @@ def test_interrupted_in_the_warm_up_measured_nothing(
     assert data["failures"] == [
         "nothing was measured: interrupted before a reply completed in the measured window"
     ]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_while_connecting_still_reports(workers: int) -> None:
+    """Interrupted in the connect phase (here slowed by --connect-rate), bench still prints
+    its JSON object and fails in one line: nothing was measured."""
+    accepted = threading.Event()
+
+    class Counted(Echo):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            accepted.set()
+
+    with threaded_server(Counted) as port:
+        proc = bench_process(
+            "127.0.0.1", str(port), "-c", "20", "--connect-rate", "2", "-d", "5", "--json",
+            "--workers", str(workers),
+        )  # fmt: skip
+        try:
+            assert accepted.wait(30)  # readiness: bench is connecting
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+            assert time.monotonic() - t0 < 5  # not the 10 s the other connections would take
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 1, err
+    data = json.loads(out)
+    assert data["interrupted"] is True and data["messages"] == 0
+    assert data["failures"] == [
+        "nothing was measured: interrupted before a reply completed in the measured window"
+    ]
+    assert "Traceback" not in err
 
 
 def test_no_replies_means_no_percentiles_and_no_verified_claim() -> None:

@@ -244,9 +244,9 @@ def _run_inline(
             interrupted = True
             worker.stop_sending()
 
-        await worker.connect()
-        installed = _add_stop_signals(loop, on_sigint)
+        installed = _add_stop_signals(loop, on_sigint)  # Ctrl-C while connecting too
         try:
+            await worker.connect()
             await worker.run(time.monotonic_ns())
         finally:
             for sig, previous in installed:
@@ -302,15 +302,6 @@ def worker_main(
             conn.send(("progress", plan.index, p))
 
         worker = Worker(cfg, plan, progress)
-        try:
-            await worker.connect()
-        except BenchError as exc:
-            conn.send(("fatal", plan.index, str(exc), exc.partial))
-            return
-        except ConfigError as exc:
-            conn.send(("fatal", plan.index, str(exc), None))
-            return
-        conn.send(("connected", plan.index, len(worker.conns)))
         loop = asyncio.get_running_loop()
         go: asyncio.Future[tuple[int, int]] = loop.create_future()
 
@@ -326,7 +317,15 @@ def worker_main(
                     go.set_result((-1, 0))
                 worker.stop_sending()
 
-        loop.add_reader(conn.fileno(), readable)
+        loop.add_reader(conn.fileno(), readable)  # "stop" may come while connecting
+        try:
+            await worker.connect()
+        except (BenchError, ConfigError) as exc:
+            loop.remove_reader(conn.fileno())
+            partial = exc.partial if isinstance(exc, BenchError) else None
+            conn.send(("fatal", plan.index, str(exc), partial))
+            return
+        conn.send(("connected", plan.index, len(worker.conns)))
         start, start_unix = await go
         if start >= 0:
             await worker.run(start, start_unix)
@@ -365,32 +364,42 @@ def _run_spawned(
         fatal: str | None = None
         lost: list[WorkerResult] = []  # what workers that could not connect counted
         waiting = set(range(len(pipes)))
-        while waiting:
-            ready = multiprocessing.connection.wait([pipes[i] for i in waiting], 60 + cfg.timeout)
-            if not ready:
-                raise BenchError("workers did not finish connecting in time")
-            for p in ready:
-                i = pipes.index(p)  # type: ignore[arg-type]
-                try:
-                    msg = pipes[i].recv()
-                except EOFError:
-                    fatal = fatal or f"worker {i} exited while connecting"
+        try:
+            while waiting:
+                ready = multiprocessing.connection.wait(
+                    [pipes[i] for i in waiting], 60 + cfg.timeout
+                )
+                if not ready:
+                    raise BenchError("workers did not finish connecting in time")
+                for p in ready:
+                    i = pipes.index(p)  # type: ignore[arg-type]
+                    try:
+                        msg = pipes[i].recv()
+                    except EOFError:
+                        fatal = fatal or f"worker {i} exited while connecting"
+                        waiting.discard(i)
+                        continue
                     waiting.discard(i)
-                    continue
-                waiting.discard(i)
-                if msg[0] == "fatal":
-                    fatal = fatal or msg[2]
-                    if msg[3] is not None:
-                        lost.append(msg[3])
-                else:
-                    connected += msg[2]
-        if fatal is not None and not connected:
-            raise BenchError(fatal, partial=_sum_parts(lost))
-        start = time.monotonic_ns() + 50_000_000
-        start_unix = time.time_ns() + start - time.monotonic_ns()
-        for p in pipes:
-            with contextlib.suppress(OSError):
-                p.send(("go", start, start_unix))
+                    if msg[0] == "fatal":
+                        fatal = fatal or msg[2]
+                        if msg[3] is not None:
+                            lost.append(msg[3])
+                    else:
+                        connected += msg[2]
+        except KeyboardInterrupt:
+            # Ctrl-C while connecting: each worker stops, and reports what it counted.
+            interrupted = True
+            for p in pipes:
+                with contextlib.suppress(OSError):
+                    p.send(("stop",))
+        if not interrupted:
+            if fatal is not None and not connected:
+                raise BenchError(fatal, partial=_sum_parts(lost))
+            start = time.monotonic_ns() + 50_000_000
+            start_unix = time.time_ns() + start - time.monotonic_ns()
+            for p in pipes:
+                with contextlib.suppress(OSError):
+                    p.send(("go", start, start_unix))
         pending = set(range(len(pipes)))
         while pending:
             try:

@@ -114,6 +114,7 @@ class Worker(Tally):
         # The server's descriptors, looked at when the first sign of a full server came:
         # by the end, other workers may have closed their connections already.
         self.fds_probe: asyncio.Future[tuple[int, int, int] | None] | None = None
+        self.connecting: list[asyncio.Task[None]] = []  # connection attempts under way
         # Replies completed in each TICK_NS slot of the window, and the latencies recorded
         # in each second (sparse bucket counts), sampled by _tick from the histogram.
         self.timeline: list[int] = []
@@ -167,16 +168,22 @@ class Worker(Tally):
             self.connect_hist.record(time.monotonic_ns() - t0)
             self.conns.append(proto)
 
-        tasks = []
+        tasks = self.connecting
         interval = self.plan.connections / cfg.connect_rate if cfg.connect_rate else 0.0
         start = time.monotonic()
         for i in range(self.plan.connections):
             if interval:
                 delay = start + i * (interval / self.plan.connections) - time.monotonic()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopped.wait(), delay)
+            if self.stop_asked:
+                break  # Ctrl-C while connecting: what is open is measured as nothing
             tasks.append(asyncio.create_task(one(self.plan.first_conn_id + i)))
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)  # stop_sending cancels them
+        tasks.clear()
+        if self.stop_asked:
+            return
         if not self.conns:
             why = self.first_errors.get("connect", f"cannot connect to {cfg.target}")
             raise BenchError(why, partial=self.result())
@@ -267,6 +274,14 @@ class Worker(Tally):
             if wall >= CPU_WINDOW_NS:
                 self.cpu_share = (time.process_time_ns() - cpu) / wall
         super().close_window(now)
+
+    def stop_sending(self, close_window: bool = True) -> None:
+        """As :meth:`Tally.stop_sending`; while connecting, stop that too."""
+        super().stop_sending(close_window)
+        if self.connecting:
+            self.stopped.set()  # wakes connect() from its --connect-rate pause
+            for task in self.connecting:
+                task.cancel()
 
     def error(self, kind: str, message: str) -> None:
         super().error(kind, message)
