@@ -97,3 +97,13 @@ def unprintable(data: bytes) -> bytes:
     if data == b"unprintable":
         raise _Unprintable()
     return data
+
+
+def held_at_gate(data: bytes) -> bytes:
+    """Echo once the file the line starts with (``GATE padding``) is gone (at most 60 s)."""
+    gate = data.split(b" ", 1)[0].decode()
+    for _ in range(6000):
+        if not os.path.exists(gate):
+            break
+        time.sleep(0.01)
+    return data
