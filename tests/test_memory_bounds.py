@@ -11,6 +11,7 @@ import pytest
 
 from aecho.config import MESSAGE_COST
 from aecho.server.budget import READ_ESTIMATE, Budget
+from aecho.server.connection import PAUSE_WRITE, FramedConnection
 from tests.conftest import ServerProcess, flood, running_server
 
 KiB = 1024
@@ -149,4 +150,33 @@ async def test_replies_that_outgrow_a_read_all_arrive_in_order_before_the_close(
         writer.close()
         await writer.wait_closed()
     assert len(got) == len(expected)
+    assert got == expected
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("offload", ["inline", "process"])
+async def test_a_peer_that_reads_late_still_gets_every_reply(offload: str) -> None:
+    """Replies fill the write buffer past its mark while the peer is not reading, and the
+    lines already read wait in the backlog; once the peer reads, the buffer drains and the
+    backlog must be taken up again (pooled connections once stalled there for good)."""
+    lines = [b"%d" % i for i in range(100_000)]
+    expected = b"".join(hashlib.sha256(line).hexdigest().encode() + b"\n" for line in lines)
+    async with running_server(framing="line", handler="sha256", offload=offload) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"\n".join(lines) + b"\n")
+
+        def held_by_the_write_buffer() -> bool:
+            return any(
+                isinstance(c, FramedConnection) and c._paused & PAUSE_WRITE and c._backlog
+                for c in server.connections
+            )
+
+        for _ in range(3000):  # the peer reads nothing until the buffer is past its mark
+            if held_by_the_write_buffer():
+                break
+            await asyncio.sleep(0.01)
+        assert held_by_the_write_buffer()
+        got = await asyncio.wait_for(reader.readexactly(len(expected)), 60)
+        writer.close()
+        await writer.wait_closed()
     assert got == expected

@@ -304,6 +304,10 @@ class FramedConnection(Connection):
         self._backlog_at = at
         self._pause(PAUSE_BACKLOG)
 
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._room_again()  # a backlog held back by the full write buffer
+
     def _room_again(self) -> None:
         """What held the backlog back has cleared: take it up from the loop, not from here."""
         if self._backlog is not None and self.transport is not None:
@@ -370,10 +374,6 @@ class InlineConnection(FramedConnection):
         super().__init__(host)
         self._handler = handler
         self._slice = host.config.write_low
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._room_again()
 
     def _handle(self, messages: list[bytes], start: int) -> None:
         transport = self.transport
