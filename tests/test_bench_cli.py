@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import subprocess
@@ -384,6 +385,44 @@ def test_connection_limit_is_named(serve_process: Callable[..., ServerProcess]) 
     assert code == 1
     assert "connection limit reached" in err
     assert "file descriptors" not in err.split("connection limit reached")[0]
+
+
+def test_a_full_server_while_connecting_is_counted_in_full(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    """With --connect-rate, each connection the full server turns away leaves none open
+    for a moment: bench must go on connecting (and count every refusal), not take it for
+    the end of the run."""
+    server = serve_process("--max-connections", "1")
+    with socket.create_connection(("127.0.0.1", server.port)) as holder:
+        holder.sendall(b"x")
+        assert holder.recv(1) == b"x"  # it holds the one place
+        code, out, _ = bench_cli(
+            "127.0.0.1", str(server.port), "-c", "6", "--connect-rate", "20", "-d", "0.5",
+            "--json",
+        )  # fmt: skip
+    assert code == 1
+    assert json.loads(out)["errors_by_kind"]["refused"] == 6
+
+
+def test_one_connection_turned_away_while_connecting_does_not_end_the_run() -> None:
+    class TurnFirstAway(Echo):
+        seen = 0
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            TurnFirstAway.seen += 1
+            if TurnFirstAway.seen == 1:
+                transport.close()
+
+    with threaded_server(TurnFirstAway) as port:
+        code, out, _ = bench_cli(
+            "127.0.0.1", str(port), "-c", "3", "--connect-rate", "20", "-d", "0.5", "--json"
+        )
+    data = json.loads(out)
+    assert code == 1  # one refusal
+    assert data["errors_by_kind"]["refused"] == 1
+    assert data["messages"] > 0 and data["connected"] == 2  # the two it let in
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -305,8 +305,10 @@ class BenchConn(asyncio.Protocol):
                 w.error("short", "the server closed the connection with replies owed")
             else:
                 w.error("closed", "the server closed the connection")
-        if not w.live:
-            w.stop_sending()  # nothing left to send on: the run ends now
+        if not w.live and w.sending:
+            # Nothing left to send on: the run ends now.  (While connecting, the last one
+            # lost may be followed by others still to come.)
+            w.stop_sending()
             w.done.set()
         elif not w.inflight and not w.sending:
             w.done.set()

@@ -242,7 +242,7 @@ def _run_inline(
         def on_sigint() -> None:
             nonlocal interrupted
             interrupted = True
-            worker.stop_sending()
+            worker.interrupt()
 
         installed = _add_stop_signals(loop, on_sigint)  # Ctrl-C while connecting too
         try:
@@ -315,7 +315,7 @@ def worker_main(
             elif msg[0] == "stop":
                 if not go.done():
                     go.set_result((-1, 0))
-                worker.stop_sending()
+                worker.interrupt()
 
         loop.add_reader(conn.fileno(), readable)  # "stop" may come while connecting
         try:

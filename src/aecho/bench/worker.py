@@ -115,6 +115,7 @@ class Worker(Tally):
         # by the end, other workers may have closed their connections already.
         self.fds_probe: asyncio.Future[tuple[int, int, int] | None] | None = None
         self.connecting: list[asyncio.Task[None]] = []  # connection attempts under way
+        self.interrupted = False  # see interrupt()
         # Replies completed in each TICK_NS slot of the window, and the latencies recorded
         # in each second (sparse bucket counts), sampled by _tick from the histogram.
         self.timeline: list[int] = []
@@ -177,12 +178,15 @@ class Worker(Tally):
                 if delay > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.stopped.wait(), delay)
-            if self.stop_asked:
+            if self.interrupted:
                 break  # Ctrl-C while connecting: what is open is measured as nothing
             tasks.append(asyncio.create_task(one(self.plan.first_conn_id + i)))
-        await asyncio.gather(*tasks, return_exceptions=True)  # stop_sending cancels them
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)  # interrupt() cancels
         tasks.clear()
-        if self.stop_asked:
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):  # not a cancellation: a bug, not a refusal
+                raise outcome
+        if self.interrupted:
             return
         if not self.conns:
             why = self.first_errors.get("connect", f"cannot connect to {cfg.target}")
@@ -275,9 +279,10 @@ class Worker(Tally):
                 self.cpu_share = (time.process_time_ns() - cpu) / wall
         super().close_window(now)
 
-    def stop_sending(self, close_window: bool = True) -> None:
-        """As :meth:`Tally.stop_sending`; while connecting, stop that too."""
-        super().stop_sending(close_window)
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM (or the parent's word): stop sending, and stop connecting."""
+        self.interrupted = True
+        self.stop_sending()
         if self.connecting:
             self.stopped.set()  # wakes connect() from its --connect-rate pause
             for task in self.connecting:
