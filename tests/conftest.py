@@ -195,6 +195,18 @@ def round_trip(sock: socket.socket, payload: bytes, lines: int | None = None) ->
     return got
 
 
+def read_line(sock: socket.socket) -> bytes:
+    """Read up to and including the next newline (less, if the peer closes first); reads
+    of 100 bytes at most, so what follows the line stays in the socket."""
+    got = b""
+    while not got.endswith(b"\n"):
+        data = sock.recv(100)
+        if not data:
+            break
+        got += data
+    return got
+
+
 def echo_once(
     port: int, payload: bytes = b"hello\x00\xff\n", host: str = "127.0.0.1", timeout: float = 30.0
 ) -> bytes:

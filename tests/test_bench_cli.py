@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tests.conftest import (
     threaded_server,
     wait_until,
 )
+from tests.test_workers import scrape
 
 JSON_KEYS = {"connections", "duration_s", "messages", "msgs_per_s", "mib_per_s", "errors"}
 JSON_KEYS |= {"mismatches", "latency_us"}
@@ -189,13 +189,6 @@ def test_duration_and_rate_leave_out_the_wait_for_owed_replies() -> None:
     assert len(data["timeline"]["messages"]) == 10
 
 
-def _bytes_sent(metrics_port: int) -> float:
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return float(re.findall(r"^aecho_bytes_sent_total (\S+)$", text, re.M)[0])
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_stops_early_and_reports_the_time_that_ran(
     serve_process: Callable[..., ServerProcess], workers: int
@@ -210,7 +203,7 @@ def test_ctrl_c_stops_early_and_reports_the_time_that_ran(
         assert "measuring" in proc.stderr.readline()  # readiness: printed once load starts
         # Some replies went out: interrupted with none, a run has measured nothing (and
         # fails, see test_interrupted_in_the_warm_up_measured_nothing).
-        assert wait_until(lambda: _bytes_sent(metrics) > 0)
+        assert wait_until(lambda: scrape(metrics)["aecho_bytes_sent_total"] > 0)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

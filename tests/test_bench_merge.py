@@ -221,6 +221,13 @@ def _edit(data: dict[str, Any], where: str, value: Any) -> None:
         ("warmup_s", -1),
         ("interrupted", "no"),
         ("error", 7),
+        ("messages", 10**400),  # no float holds it: the rate could not be computed
+        ("messages", "5"),
+        ("bytes", True),
+        ("target", 5),
+        ("errors_by_kind.timeout", 2),  # and no first_errors["timeout"] to name it
+        ("diagnosis", {"server_fds": [1, 2, 1.5]}),
+        ("warmup_s", "0.5"),
     ],
 )
 def test_a_hand_edited_file_is_refused_in_one_line(
@@ -253,3 +260,17 @@ def test_a_file_nested_too_deeply_or_runs_weeks_apart_are_refused_in_one_line(
     )
     assert code == 1 and out == "" and err.count("\n") == 1
     assert "span 30.0 days" in err and "merge runs that ran at the same time" in err, err
+
+
+def test_the_fullest_look_at_the_servers_descriptors_wins_the_merge(
+    two_workers: tuple[BenchConfig, Result],
+) -> None:
+    """Each process of --workers looks at the server at its own moment; one that looked
+    after the others had closed their connections must not hide that it ran out."""
+    _, result = two_workers
+    part = Result.empty(result.setup).as_part()
+    late = replace(part, notes={"server_fds": [7, 274, 1024]})
+    full = replace(part, notes={"server_fds": [7, 1020, 1024]})
+    for order in ([late, full], [full, late]):
+        merged = Result.merge(result.setup, order)
+        assert merged.notes["server_fds"] == [7, 1020, 1024]

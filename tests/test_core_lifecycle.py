@@ -24,6 +24,7 @@ from tests.conftest import (
     cmdline,
     descendants,
     echo_once,
+    read_line,
     rss_kib,
     running_server,
     wait_until,
@@ -306,12 +307,12 @@ def test_sigterm_lets_a_line_in_progress_complete_then_closes(
     )
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"first\nhel")
-        assert _read_line(sock) == b"first\n"  # the same read carried "hel"
+        assert read_line(sock) == b"first\n"  # the same read carried "hel"
         server.signal(signal.SIGTERM)
         assert server.wait_stopping()
         time.sleep(0.5)  # the peer pauses mid-line, far longer than a shutdown sweep
         sock.sendall(b"lo\n")
-        assert _read_line(sock) == b"hello\n"
+        assert read_line(sock) == b"hello\n"
         # No new message is started: the connection ends once the reply is out (a
         # line sent after that meets a closed socket: EOF, or a reset).
         with contextlib.suppress(OSError):
@@ -319,16 +320,6 @@ def test_sigterm_lets_a_line_in_progress_complete_then_closes(
         with contextlib.suppress(ConnectionResetError):
             assert sock.recv(100) == b""
     assert server.proc.wait(15) == 0
-
-
-def _read_line(sock: socket.socket) -> bytes:
-    got = b""
-    while not got.endswith(b"\n"):
-        data = sock.recv(100)
-        if not data:
-            break
-        got += data
-    return got
 
 
 def _stock_shell_limits() -> None:

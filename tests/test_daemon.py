@@ -14,13 +14,22 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trustme
 
 from aecho.process.pidfile import default_pidfile, lock_holder, parse_pid, pid_alive
-from tests.conftest import SERVING, Daemons, echo_once, free_port, run_aecho, wait_until
+from tests.conftest import (
+    SERVING,
+    Daemons,
+    ServerProcess,
+    echo_once,
+    free_port,
+    run_aecho,
+    wait_until,
+)
 
 CMD_TIMEOUT = 60.0
 
@@ -497,3 +506,21 @@ def test_a_daemon_started_with_a_std_descriptor_closed_serves_and_logs(
     assert echo_once(port) == b"hello\x00\xff\n"
     assert f"listening on 127.0.0.1:{port}" in log_file.read_text()
     assert run_aecho("stop", "--pidfile", str(pidfile)).returncode == 0
+
+
+def _close_stdout() -> None:
+    os.close(1)
+
+
+def test_a_server_started_with_stdout_closed_gives_its_children_a_stdout(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    """The /dev/null put on a closed 1 is inherited, as stdio is: the programs the server
+    starts (pool workers, what a handler runs) find a descriptor 1 of their own."""
+    srv = serve_process(preexec_fn=_close_stdout)
+    with open(f"/proc/{srv.pid}/fdinfo/1", encoding="ascii") as f:
+        flags = int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
+    assert not flags & 0o2000000, oct(flags)  # O_CLOEXEC
+    assert os.readlink(f"/proc/{srv.pid}/fd/1") == os.devnull
+    assert echo_once(srv.port) == b"hello\x00\xff\n"
+    assert srv.stop() == 0

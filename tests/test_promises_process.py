@@ -25,6 +25,7 @@ from tests.conftest import (
     cmdline,
     descendants,
     echo_once,
+    read_line,
     run_aecho,
     wait_until,
 )
@@ -39,16 +40,6 @@ def servers_of(srv: ServerProcess) -> set[int]:
 
 def pool_workers_of(srv: ServerProcess) -> list[int]:
     return [p for p in descendants(srv.pid) if cmdline(p).startswith(b"aecho: pool worker")]
-
-
-def read_line(sock: socket.socket) -> bytes:
-    got = b""
-    while not got.endswith(b"\n"):
-        data = sock.recv(100)
-        if not data:
-            break
-        got += data
-    return got
 
 
 def text_of(path: Path) -> str:

@@ -298,8 +298,8 @@ def test_at_a_stop_a_silent_connection_gets_a_second_for_its_first_bytes(
         server.signal(signal.SIGTERM)
         assert server.wait_stopping()
         stopping_at = time.monotonic()
-        # Late in that second, but within it.
-        time.sleep(0.7)
+        # Half-way through that second: late, with room left on a busy machine.
+        time.sleep(0.5)
         assert round_trip(late, b"first bytes\x00\xff") == b"first bytes\x00\xff"
         # Then both are closed: the silent one after its second, not at the grace deadline.
         assert _recv_all(late) == b""
@@ -362,8 +362,9 @@ def test_a_read_of_tiny_lines_does_not_hold_the_loop(
             with contextlib.suppress(BlockingIOError):
                 while chunk := flood.recv(65536):
                     answered += len(chunk)
-    # 512 messages take about 10 ms; a whole read of them, hundreds.
-    assert max(latencies) < 0.25, f"a probe waited {max(latencies) * 1000:.0f} ms"
+    # 512 messages take about 10 ms; the whole read, over a second (the one probe that
+    # waits for it is the one to catch: hence the maximum, with room for a busy machine).
+    assert max(latencies) < 0.5, f"a probe waited {max(latencies) * 1000:.0f} ms"
     assert answered == lines
     assert len(latencies) >= 10, "the flood was over before it could be probed"
     assert server.stop() == 0

@@ -299,8 +299,8 @@ async def test_a_silent_peer_gets_the_whole_idle_timeout(pems: dict[str, str], t
 
         async def silent(delay: float) -> float:
             await asyncio.sleep(delay)  # spread over one sweep interval: every phase of it
+            opened = loop.time()  # the server counts from accept: not before this
             reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
-            opened = loop.time()
             try:
                 assert await asyncio.wait_for(reader.read(), 10) == b""
                 return loop.time() - opened

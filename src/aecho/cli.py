@@ -54,6 +54,7 @@ from aecho.config import (
     Offload,
     ProxyMode,
     ServerConfig,
+    check_paths,
     check_plot_file,
 )
 from aecho.process.logs import LogLevel, more_verbose, open_std_fds, setup_logging
@@ -215,12 +216,13 @@ UNIX_HELP = "Or the Unix socket a daemon serves on: its default pidfile, aecho-u
 def _which_pidfile(pidfile: str | None, port: int | None, unix: str | None) -> str:
     """The pidfile ``stop`` or ``status`` reads, named or found as ``serve --daemon`` names it.
 
-    Raises:
-        typer.BadParameter: none or more than one of the three was given.
+    Exits 2 (a usage error) when none or more than one of the three was given, or a
+    path is empty.
     """
-    for name, path in (("--pidfile", pidfile), ("--unix", unix)):
-        if path == "":
-            fail(f"{name} must not be empty: give a path", 2)
+    try:
+        check_paths(pidfile=pidfile, unix=unix)
+    except ConfigError as exc:
+        fail(str(exc), 2)
     given = [name for name, v in (("--pidfile", pidfile), ("--port", port), ("--unix", unix)) if v]
     if not given:
         fail("which server? give --pidfile PATH, or the --port N (or --unix PATH) it serves on", 2)

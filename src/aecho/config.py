@@ -120,7 +120,7 @@ def _check_port(port: int) -> None:
         raise ConfigError(f"port {port} is out of range: use 0 (any free port) to 65535")
 
 
-def _check_paths(**paths: str | None) -> None:
+def check_paths(**paths: str | None) -> None:
     """An empty path (an unset shell variable, say) is a mistake, never "not given".
 
     Raises:
@@ -203,7 +203,7 @@ class ServerConfig:
         _check_port(self.port)
         if not self.host:
             raise ConfigError("--host must not be empty")
-        _check_paths(
+        check_paths(
             unix=self.unix,
             pidfile=self.pidfile,
             log_file=self.log_file,
@@ -283,7 +283,7 @@ class ClientConfig:
     def _check(self) -> None:
         """Raises: ConfigError: a value is out of range."""
         _check_port(self.port)
-        _check_paths(unix=self.unix, cafile=self.cafile)
+        check_paths(unix=self.unix, cafile=self.cafile)
         if self.connect_timeout <= 0:
             raise ConfigError("--connect-timeout must be positive")
         if self.timeout < 0:
@@ -369,7 +369,7 @@ class BenchConfig:
         """
         if self.port is not None:
             _check_port(self.port)
-        _check_paths(unix=self.unix, plot=self.plot, cafile=self.cafile)
+        check_paths(unix=self.unix, plot=self.plot, cafile=self.cafile)
         if self.unix and (self.host is not None or self.port is not None):
             raise ConfigError("give either HOST PORT or --unix PATH, not both")
         if self.connections < 1:

@@ -54,30 +54,37 @@ BUCKETS = bucket_index(HIGHEST_NS) + 1
 
 
 def checked_bucket(index: Any) -> int:
-    """A bucket number read from a file.
+    """A bucket number read from a file, where JSON makes it an object's key (a string).
 
     Raises:
         ValueError: not one of this histogram's buckets (a negative one would count from
             the end of the list, silently).
     """
+    if isinstance(index, str) and index.isascii() and index.isdigit():
+        index = int(index)
     i = natural(index)
     if i >= BUCKETS:
         raise ValueError(f"bucket {index!r} is out of range")
     return i
 
 
+COUNT_LIMIT = 1 << 63  # past any count or nanosecond sum a run can reach
+
+
 def natural(value: Any) -> int:
-    """A count read from a file: a whole number, 0 or more.
+    """A count read from a file: a whole number, 0 or more (and below COUNT_LIMIT, so it
+    still converts to a float when a rate is computed from it).
 
     Raises:
         ValueError, TypeError: it is not one.
     """
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"{value!r} is not a whole number")
-    n = int(value)
-    if n < 0:
-        raise ValueError(f"{value!r} is negative")
-    return n
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is not int:  # not bool, not a numeric string
+        raise TypeError(f"{value!r} is not a whole number")
+    if not 0 <= value < COUNT_LIMIT:
+        raise ValueError(f"{value!r} is out of range")
+    return value
 
 
 EMPTY_LOW = HIGHEST_NS + 1  # Histogram.low before the first value: above any value
@@ -205,7 +212,7 @@ class Histogram:
         """Rebuild a histogram from :meth:`to_dict` output.
 
         Raises:
-            KeyError, ValueError, IndexError: ``data`` is not such output.
+            KeyError, ValueError, TypeError, AttributeError: ``data`` is not such output.
         """
         h = cls()
         for i, n in data["counts"].items():

@@ -28,15 +28,15 @@ def from_json(data: dict[str, Any]) -> Result:
         raise ValueError("its histogram has other buckets than this version's")
     server, planned, timeline = data["server"], data["planned"], data["timeline"]
     setup = Setup(
-        target=str(data["target"]),
+        target=_text(data["target"]),
         connections=natural(data["connections"]),
         workers=natural(data["workers"]),
         size=natural(data["size"]),
         reply_size=natural(data["reply_size"]),
         pipeline=natural(data["pipeline"]),
         rate=_optional(_positive, data["rate"]),
-        framing=str(data["framing"]),
-        handler=str(data["handler"]),
+        framing=_text(data["framing"]),
+        handler=_text(data["handler"]),
         embedded=_flag(server["embedded"]),
         offload=_optional(_text, server["offload"]),
         warmup_s=_seconds(data["warmup_s"]),
@@ -44,12 +44,17 @@ def from_json(data: dict[str, Any]) -> Result:
         messages=_optional(natural, planned["messages"]),
         tls=_flag(data["tls"]),
     )
+    errors = {kind: natural(data["errors_by_kind"][kind]) for kind in ERROR_KINDS}
+    first_errors = {_text(k): _text(v) for k, v in data["first_errors"].items()}
+    for kind, count in errors.items():
+        if count and kind not in first_errors:  # the verdict names the first of each kind
+            raise ValueError(f"{count} {kind} errors, and not the first of them")
     return Result(
         setup=setup,
         hist=Histogram.from_dict(data["histogram"]),
         connect_hist=Histogram.from_dict(data["connect_histogram"]),
-        errors={kind: natural(data["errors_by_kind"][kind]) for kind in ERROR_KINDS},
-        first_errors={_text(k): _text(v) for k, v in data["first_errors"].items()},
+        errors=errors,
+        first_errors=first_errors,
         messages=natural(data["messages"]),
         bytes=natural(data["bytes"]),
         sent=natural(data["sent"]),
@@ -90,15 +95,21 @@ def _text(value: Any) -> str:
     return value
 
 
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)
+
+
 def _seconds(value: Any) -> float:
-    seconds = float(value)
+    seconds = _number(value)
     if not (math.isfinite(seconds) and seconds >= 0):
         raise ValueError(f"{value!r} is not a number of seconds")
     return seconds
 
 
 def _positive(value: Any) -> float:
-    number = float(value)
+    number = _number(value)
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{value!r} is not a positive number")
     return number
@@ -121,9 +132,7 @@ def _notes(value: Any) -> dict[str, Any]:
         if not isinstance(fds, list) or len(fds) != 3:
             raise ValueError(f"server_fds {fds!r} is not [pid, open, limit]")
         pid, count = natural(fds[0]), natural(fds[1])
-        limit = int(fds[2])  # -1: unlimited
-        if limit < -1:
-            raise ValueError(f"server_fds {fds!r} has an impossible limit")
+        limit = -1 if fds[2] == -1 and type(fds[2]) is int else natural(fds[2])  # -1: none
         notes["server_fds"] = [pid, count, limit]
     if "tls" in value:
         notes["tls"] = _flag(value["tls"])
@@ -136,7 +145,7 @@ def _share(value: Any) -> float:
     Raises:
         ValueError: not a finite number at or above 0.
     """
-    share = float(value)
+    share = _number(value)
     if not math.isfinite(share) or share < 0:
         raise ValueError(f"bench_cpu {value!r}")
     return share

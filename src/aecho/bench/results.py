@@ -234,7 +234,12 @@ class Result:
             for kind, msg in p.first_errors.items():
                 first.setdefault(kind, msg)
             for key, value in p.notes.items():
-                notes.setdefault(key, value)
+                if key == "server_fds" and key in notes:
+                    # Each process looked at the server at its own moment: the fullest
+                    # reading says whether it ran out of descriptors.
+                    notes[key] = max(notes[key], value, key=lambda fds: fds[1])
+                else:
+                    notes.setdefault(key, value)
             if timed is not parts and not p.start_unix_ns:
                 continue  # never started, while others did: no place on the timeline
             _add_at(timeline, p.timeline, round((p.start_unix_ns - start) / TICK_NS))

@@ -417,6 +417,8 @@ def _run_spawned(
                     elif msg[0] in ("result", "fatal"):
                         if msg[0] == "result":
                             results[i] = msg[2]
+                        elif msg[3] is not None:  # it could not connect: what it counted
+                            lost.append(msg[3])
                         pending.discard(i)
             except KeyboardInterrupt:
                 # Workers ignore SIGINT: they stop sending, drain and report when told.

@@ -36,6 +36,9 @@ def open_std_fds() -> None:
     Started with one of them closed, a process hands its number to the next file it
     opens, a log file or a listener, and a daemon's redirection of its stdio would then
     replace that file with /dev/null.
+
+    Raises:
+        OSError: /dev/null cannot be opened.
     """
     for fd in (0, 1, 2):
         try:
@@ -45,6 +48,7 @@ def open_std_fds() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+            os.set_inheritable(fd, True)  # stdio, for the programs it starts as well
 
 
 def setup_logging(level: str, log_file: str | None = None) -> None:

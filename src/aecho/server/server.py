@@ -292,6 +292,8 @@ class Server(Registry):
         adopt = asyncio.create_task(self._adopt(conn))
         self._adopting.add(adopt)
         adopt.add_done_callback(self._adopting.discard)
+        # Cancelled (a forced stop) before it began, it never reached its own cleanup.
+        adopt.add_done_callback(lambda task: conn.close() if task.cancelled() else None)
 
     async def _adopt(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
