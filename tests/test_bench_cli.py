@@ -28,6 +28,7 @@ from tests.conftest import (
     Silent,
     SilentOnFirst,
     bench_cli,
+    descendants,
     free_port,
     run_bench,
     threaded_server,
@@ -631,3 +632,78 @@ def test_warming_up_shows_no_rate(serve_process: Callable[..., ServerProcess]) -
     assert warming, seen
     assert not any("msgs/s" in f for f in warming), warming
     assert any("msgs/s" in f for f in frames if "warming up" not in f)
+
+
+def _group_bench(*args: str) -> subprocess.Popen[str]:
+    """``aecho bench ARGS`` in a process group of its own: Ctrl-C on a terminal reaches
+    every process of the group, bench's spawned workers and embedded server too."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "aecho", "bench", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _handles(pid: int) -> bool:
+    """Whether ``pid`` neither ignores SIGINT nor SIGTERM (it does while starting workers)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+    return not ignored & ((1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1)))
+
+
+def _interrupt_group(proc: subprocess.Popen[str], sig: int, times: int = 1) -> tuple[str, str]:
+    try:
+        for _ in range(times):
+            os.killpg(proc.pid, sig)
+            time.sleep(0.06)  # the keys of an impatient user, not a readiness wait
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+@pytest.mark.parametrize("where", ["workers-starting", "embedded-server-starting"])
+def test_ctrl_c_before_anything_started_still_reports(
+    serve_process: Callable[..., ServerProcess], sig: int, where: str
+) -> None:
+    if where == "workers-starting":
+        server = serve_process()
+        proc = _group_bench(
+            "127.0.0.1", str(server.port), "-c", "4", "--workers", "2", "-d", "5", "--json"
+        )
+    else:
+        proc = _group_bench("-c", "4", "-d", "5", "--json")
+    # Readiness: bench has started its children (its workers, still importing, or the
+    # embedded server, still starting), and handles Ctrl-C again.
+    wanted = 2 if where == "workers-starting" else 1
+    assert wait_until(lambda: len(descendants(proc.pid)) >= wanted and _handles(proc.pid), 30)
+    out, err = _interrupt_group(proc, sig)
+    assert "Traceback" not in err, err
+    assert proc.returncode == 1, err
+    data = json.loads(out)
+    assert data["messages"] == 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aecho"), err
+
+
+def test_ctrl_c_pressed_again_and_again_still_reports(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    metrics = free_port()
+    server = serve_process("--metrics-port", str(metrics))
+    proc = _group_bench(
+        "127.0.0.1", str(server.port), "-c", "4", "--workers", "2", "-d", "60", "--json"
+    )
+    assert proc.stderr is not None
+    assert "measuring" in proc.stderr.readline()  # readiness: printed once load starts
+    assert wait_until(lambda: scrape(metrics)["aecho_bytes_sent_total"] > 0)
+    out, err = _interrupt_group(proc, signal.SIGINT, times=5)
+    assert "Traceback" not in err, err
+    data = json.loads(out)  # whole, however often Ctrl-C came while it was made
+    assert data["interrupted"] is True and data["messages"] > 0
+    # A Ctrl-C that comes once the report is out may still end the process as Ctrl-C does.
+    assert proc.returncode in (0, 130, -signal.SIGINT), err

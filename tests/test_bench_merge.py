@@ -228,6 +228,9 @@ def _edit(data: dict[str, Any], where: str, value: Any) -> None:
         ("errors_by_kind.timeout", 2),  # and no first_errors["timeout"] to name it
         ("diagnosis", {"server_fds": [1, 2, 1.5]}),
         ("warmup_s", "0.5"),
+        ("target", "\ud800"),  # a lone surrogate: JSON allows it, no terminal prints it
+        ("handler", "echo\nsecond line"),  # a refusal naming it would be two lines
+        ("first_errors", {"timeout": "one\ntwo"}),
     ],
 )
 def test_a_hand_edited_file_is_refused_in_one_line(
@@ -247,10 +250,15 @@ def test_a_hand_edited_file_is_refused_in_one_line(
         assert "is not an 'aecho bench --json' result" in err, err
 
 
-def test_a_file_nested_too_deeply_or_runs_weeks_apart_are_refused_in_one_line(
+def test_a_huge_file_one_nested_too_deeply_or_runs_weeks_apart_are_refused_in_one_line(
     two_workers: tuple[BenchConfig, Result], tmp_path: Path
 ) -> None:
     _, result = two_workers
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as f:
+        f.truncate(300 << 20)  # sparse: /dev/zero, say, is not a result either
+    code, _, err = bench_cli("merge", str(huge))
+    assert code == 1 and err.count("\n") == 1 and "is over 256 MiB" in err, err
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     code, _, err = bench_cli("merge", str(tmp_path / "deep.json"))
     assert code == 1 and err.count("\n") == 1 and "nested too deeply" in err, err

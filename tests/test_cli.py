@@ -377,6 +377,7 @@ def test_bare_aecho_prints_help_and_no_error_line() -> None:
         (["bench", "-d", "1", "--min-rate", "nan"], "--min-rate must be 0 or more messages"),
         (["bench", "-d", "1", "--min-rate", "inf"], "--min-rate must be 0 or more messages"),
         (["bench", "--find-max-rate", "--max-p99", "nan"], "--max-p99 must be a positive"),
+        (["bench", "-d", "1", "--rate", "1e-300"], "--rate must be at least 0.001 messages"),
         (["bench", "-d", "5x"], "invalid value for -d/--duration: '5x' is not a duration: use"),
         (["serve", "--daemon=yes"], "option '--daemon' does not take a value"),
         (["serve", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),

@@ -303,6 +303,7 @@ DEFAULT_BENCH_TIMEOUT = 10.0
 # Verification needs a sequence number in every payload; smaller payloads carry its low digits.
 BENCH_HEADER_SIZE = 23
 # --find-max-rate: each step's measured time and warm-up unless -d / --warmup say otherwise.
+MIN_RATE = 0.001  # below it a connection's period overflows the pacer's arithmetic
 DEFAULT_SEARCH_STEP = 2.0
 DEFAULT_SEARCH_WARMUP = 0.5
 
@@ -386,8 +387,10 @@ class BenchConfig:
             raise ConfigError("-s/--size must be at least 1 byte")
         if self.pipeline < 1:
             raise ConfigError("--pipeline must be at least 1")
-        if self.rate is not None and self.rate <= 0:
-            raise ConfigError("--rate must be a positive number of messages per second")
+        if self.rate is not None and not self.rate >= MIN_RATE:
+            raise ConfigError(
+                f"--rate must be at least {MIN_RATE:g} messages per second (one in 1000 s)"
+            )
         if self.warmup < 0:
             raise ConfigError("--warmup must be 0 or more seconds")
         if self.connect_rate is not None and self.connect_rate <= 0:

@@ -90,8 +90,11 @@ def _flag(value: Any) -> bool:
 
 
 def _text(value: Any) -> str:
+    """A string to print: one line, no control characters, encodable (no lone surrogates)."""
     if not isinstance(value, str):
         raise TypeError(f"{value!r} is not a string")
+    if not value.isprintable():
+        raise ValueError(f"{value!r} is not printable text")
     return value
 
 
@@ -151,6 +154,10 @@ def _share(value: Any) -> float:
     return share
 
 
+# A week-long run's --json is a few tens of MiB (its timeline is most of it).
+MAX_FILE_BYTES = 256 << 20
+
+
 def load(path: str) -> Result:
     """Read a file written from ``aecho bench --json``.
 
@@ -158,8 +165,11 @@ def load(path: str) -> Result:
         BenchError: it cannot be read or is not such a file (one-line reason).
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)  # /dev/zero is a file too
+        if len(raw) > MAX_FILE_BYTES:
+            raise BenchError(f"{path} is over {MAX_FILE_BYTES >> 20} MiB: not a bench result")
+        data = json.loads(raw)
     except OSError as exc:
         raise BenchError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:

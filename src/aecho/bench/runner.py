@@ -50,18 +50,32 @@ def main(cfg: BenchConfig) -> int:
     progress = report.Progress(cfg) if live else None
     on_progress = progress.update if progress is not None else _announce(cfg)
     try:
-        with _target(cfg, setup) as (cfg, setup, pid):
-            if cfg.find_max_rate:
-                from aecho.bench.search import add_handle, find_max_rate
+        try:
+            with _target(cfg, setup) as (cfg, setup, pid):
+                if cfg.find_max_rate:
+                    from aecho.bench.search import add_handle, find_max_rate
 
-                search = find_max_rate(cfg, setup, measure_step, report.print_step)
-                if cfg.plot:
-                    add_handle(search, cfg, measure_step, report.print_step)
-                search.server_pid = pid
-            else:
-                result = run(cfg, on_progress, setup)
-                result.server_pid = pid
+                    search = find_max_rate(cfg, setup, measure_step, report.print_step)
+                    if cfg.plot:
+                        add_handle(search, cfg, measure_step, report.print_step)
+                    search.server_pid = pid
+                else:
+                    result = run(cfg, on_progress, setup)
+                    result.server_pid = pid
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM before the measurement could take it (the embedded server
+            # still starting, say): a failure like any other, reported as one.
+            raise BenchError("interrupted before anything was measured") from None
+        # From here on the report must come out whole, however often Ctrl-C is pressed.
+        _ignore(set(previous))
+        if progress is not None:
+            progress.stop()
+            progress = None
+        if cfg.find_max_rate:
+            return report.show_search(search, cfg)
+        return report.show(result, cfg)
     except BenchError as exc:
+        _ignore(set(previous))
         if cfg.json and cfg.find_max_rate:
             report.print_search_failure_json(setup, cfg, exc)
         elif cfg.json:
@@ -73,9 +87,6 @@ def main(cfg: BenchConfig) -> int:
         with contextlib.suppress(ValueError, TypeError):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    if cfg.find_max_rate:
-        return report.show_search(search, cfg)
-    return report.show(result, cfg)
 
 
 def measure_step(cfg: BenchConfig, setup: Setup, drain_s: float, goal_ns: int) -> Result:
@@ -294,7 +305,7 @@ def worker_main(
 
     # Ctrl-C reaches the whole process group; the parent decides and tells us to stop
     # (and if the parent dies, the pipe's EOF stops us).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # so it started (see _run_spawned)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     async def main() -> None:
@@ -349,13 +360,22 @@ def _run_spawned(
     ctx = multiprocessing.get_context("spawn")
     pipes: list[multiprocessing.connection.Connection] = []
     procs = []
-    for plan in worker_plans:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker_main, args=(child, cfg, plan), daemon=True)
-        proc.start()
-        child.close()
-        pipes.append(parent)
-        procs.append(proc)
+    # A worker starts with SIGINT and SIGTERM ignored (an ignored signal stays ignored
+    # across exec): Ctrl-C reaches the whole process group, and one that came while a
+    # worker was still importing would kill it with a traceback.  The parent ignores
+    # them for the milliseconds it takes to start the workers: a Ctrl-C then is lost.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    handlers = _ignore(stop_signals)
+    try:
+        for plan in worker_plans:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(child, cfg, plan), daemon=True)
+            proc.start()
+            child.close()
+            pipes.append(parent)
+            procs.append(proc)
+    finally:
+        _restore(handlers)
     results: dict[int, WorkerResult] = {}
     progress: dict[int, dict[str, Any]] = {}
     interrupted = False
@@ -375,7 +395,7 @@ def _run_spawned(
                     i = pipes.index(p)  # type: ignore[arg-type]
                     try:
                         msg = pipes[i].recv()
-                    except EOFError:
+                    except (EOFError, OSError):
                         fatal = fatal or f"worker {i} exited while connecting"
                         waiting.discard(i)
                         continue
@@ -407,7 +427,7 @@ def _run_spawned(
                     i = pipes.index(p)  # type: ignore[arg-type]
                     try:
                         msg = pipes[i].recv()
-                    except EOFError:
+                    except (EOFError, OSError):
                         pending.discard(i)
                         continue
                     if msg[0] == "progress":
@@ -427,6 +447,8 @@ def _run_spawned(
                     with contextlib.suppress(OSError):
                         pipes[i].send(("stop",))
     finally:
+        # Further Ctrl-Cs must not cut the clean-up short: the report comes next.
+        handlers = _ignore(stop_signals)
         for p in pipes:
             with contextlib.suppress(OSError):
                 p.send(("stop",))
@@ -437,9 +459,24 @@ def _run_spawned(
                 proc.join(5)
         for p in pipes:
             p.close()
+        _restore(handlers)
     if not results:
         raise BenchError("no worker reported a result")
     return [results[i] for i in sorted(results)] + lost, interrupted
+
+
+def _ignore(signals: set[signal.Signals]) -> dict[signal.Signals, Any]:
+    """Ignore ``signals`` (in the main thread only); return what to restore."""
+    previous: dict[signal.Signals, Any] = {}
+    with contextlib.suppress(ValueError):  # not the main thread: not ours to change
+        for sig in signals:
+            previous[sig] = signal.signal(sig, signal.SIG_IGN)
+    return previous
+
+
+def _restore(previous: dict[signal.Signals, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _sum_parts(parts: list[WorkerResult]) -> WorkerResult | None:
