@@ -267,6 +267,41 @@ def test_a_stop_while_out_of_descriptors_is_quiet(
     assert server.output.count("out of file descriptors") == 1, server.output[-2000:]
 
 
+@pytest.mark.slow
+def test_a_stop_while_out_of_descriptors_serves_the_queued_ones(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    """Out of descriptors, peers wait in the accept queue (aecho's own accept loop, under
+    asyncio; uvloop's accepts and closes them); a stop takes and serves them, with no idle
+    sweeper running (--idle-timeout 0) and nothing else open."""
+    server = serve_process("--loop", "asyncio", "--idle-timeout", "0", preexec_fn=_limit_fds)
+    conns = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(90)]
+    try:
+        assert wait_until(lambda: len(os.listdir(f"/proc/{server.pid}/fd")) >= 60)
+        for i, sock in enumerate(conns):
+            sock.sendall(b"ping %d\n" % i)
+        # The served ones answer; the queued ones cannot until the stop takes them.
+        served: set[int] = set()
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 0.5:
+            ready, _, _ = select.select([c for c in conns if id(c) not in served], [], [], 0.1)
+            for sock in ready:
+                served.add(id(sock))
+                quiet_since = time.monotonic()
+        waiting = [(i, c) for i, c in enumerate(conns) if id(c) not in served]
+        assert served and waiting, (len(served), len(waiting))
+        for sock in conns:
+            if id(sock) in served:
+                sock.close()
+        server.signal(signal.SIGTERM)
+        for i, sock in waiting:
+            assert read_line(sock) == b"ping %d\n" % i
+        assert server.proc.wait(30) == 0
+    finally:
+        for sock in conns:
+            sock.close()
+
+
 def _echoes_quietly(port: int) -> bool:
     try:
         return echo_once(port, timeout=2) == b"hello\x00\xff\n"
@@ -275,7 +310,16 @@ def _echoes_quietly(port: int) -> bool:
 
 
 @pytest.mark.parametrize(
-    "args", [["--loop", "uvloop"], ["--loop", "asyncio"], ["--workers", "2"]], ids=str
+    "args",
+    [
+        ["--loop", "uvloop"],
+        ["--loop", "asyncio"],
+        ["--workers", "2"],
+        # No idle sweeper: nothing else yields to the loop before the stop's own sweep.
+        ["--loop", "uvloop", "--idle-timeout", "0"],
+        ["--loop", "asyncio", "--idle-timeout", "0"],
+    ],
+    ids=str,
 )
 def test_connections_waiting_in_the_accept_queue_are_served_at_stop(
     serve_process: Callable[..., ServerProcess], args: list[str]

@@ -320,13 +320,17 @@ class Server(Registry):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        open_at_stop = len(self.connections) + len(self.preludes)
+        open_at_stop = len(self.connections) + len(self.preludes) + len(self._adopting)
         for member in list(self.connections):
             member.drain()
         deadline = time.monotonic() + self._config.graceful_timeout
         # A connection is closed once it has been quiet for a whole sweep: nothing
         # arrived, nothing is owed.  Peers mid-exchange get their replies first.
-        while self._tracked() and time.monotonic() < deadline and not self._forced:
+        # Connections taken from the accept queue are tracked once their transports are
+        # made: until then they are in _adopting, and the stop waits for them as well.
+        while (
+            (self._tracked() or self._adopting) and time.monotonic() < deadline and not self._forced
+        ):
             for conn in self._tracked():
                 if conn.active:
                     conn.active = False
