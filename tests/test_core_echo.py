@@ -7,6 +7,8 @@ import itertools
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -156,3 +158,53 @@ def test_a_100_mib_message_is_echoed_exactly(echo_server: ServerProcess) -> None
     block = random.Random(100).randbytes(MiB)
     payload = b"".join(block[i:] + block[:i] for i in range(100))  # 100 MiB, no period of 1 MiB
     assert roundtrip(echo_server.port, [payload], timeout=120) == payload
+
+
+_MMAPPED_READS = """
+import ctypes
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+
+def mmapped_for_a_read():  # what asyncio allocates for each read: 256 KiB
+    block = bytearray(256 * 1024)
+    held = libc.mallinfo2().hblkhd
+    del block
+    return held
+
+from aecho.server.server import _raise_mmap_threshold
+
+before = mmapped_for_a_read() - libc.mallinfo2().hblkhd
+_raise_mmap_threshold()
+after = mmapped_for_a_read() - libc.mallinfo2().hblkhd
+print(before, after)
+"""
+
+
+def test_asyncio_reads_come_from_the_heap_not_from_mmap() -> None:
+    """A fresh process maps each 256 KiB read buffer (an mmap, an mremap and a munmap per
+    read: a third of the asyncio loop's throughput); after the server's start it does not."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MMAPPED_READS], capture_output=True, text=True, timeout=60
+    )
+    if "mallinfo2" in out.stderr:
+        pytest.skip("not glibc 2.33 or later")
+    before, after = map(int, out.stdout.split())
+    assert before >= 256 * 1024 and after == 0, out.stdout
+
+
+@pytest.mark.asyncio
+async def test_the_server_raises_the_threshold_on_the_asyncio_loop_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr("aecho.server.server._raise_mmap_threshold", lambda: calls.append(1))
+    async with running_server() as server:
+        assert server.port
+    uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    assert calls == ([] if uvloop else [1])

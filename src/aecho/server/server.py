@@ -56,6 +56,15 @@ EMFILE_LOG_INTERVAL_S = 10.0
 FD_WATCH_INTERVAL_S = 0.5
 
 
+def _raise_mmap_threshold() -> None:
+    """asyncio reads into a new 256 KiB bytes object each time, above glibc's first mmap
+    threshold (128 KiB): every read then costs an mmap, an mremap and a munmap, and the
+    asyncio loop serves a fraction of what it can.  glibc raises the threshold for good
+    when a block above it is freed whole: free one of 1 MiB."""
+    block = bytearray(1 << 20)
+    del block
+
+
 class Server(Registry):
     """Serves every connection on one event loop.
 
@@ -175,6 +184,8 @@ class Server(Registry):
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
         uvloop = type(loop).__module__.startswith("uvloop")
+        if not uvloop:
+            _raise_mmap_threshold()
         for sock in self._sockets:
             if sock.type == socket.SOCK_DGRAM:
                 from aecho.server.udp import UdpEcho
