@@ -439,7 +439,7 @@ class Server(Registry):
             log.warning(
                 "out of file descriptors with %s open: new connections "
                 "wait or are refused until some close (raise the limit with `ulimit -n`)",
-                plural(len(self.connections), "connection"),
+                plural(len(self.connections) + len(self.preludes), "connection"),
             )
 
     async def _sweep_idle(self) -> None:
