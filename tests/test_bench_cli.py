@@ -50,6 +50,26 @@ def bench_process(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def interrupt_when_measuring(
+    proc: subprocess.Popen[str], sig: int, also: Callable[[], bool] | None = None
+) -> tuple[str, float]:
+    """Once bench says it is measuring (its readiness line) and ``also`` holds, send
+    ``sig``: (stdout, seconds until it exited).  Killed if it outlives a minute."""
+    try:
+        assert proc.stderr is not None
+        assert "measuring" in proc.stderr.readline()
+        if also is not None:
+            assert wait_until(also)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        return out, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def on_a_terminal(args: list[str], timeout: float = 60) -> tuple[int, str, bytes]:
     """Run ``aecho bench ARGS`` with stderr on a pseudo-terminal: (exit code, what the
     terminal saw, stdout)."""
@@ -199,20 +219,12 @@ def test_ctrl_c_stops_early_and_reports_the_time_that_ran(
     proc = bench_process(
         "127.0.0.1", str(server.port), "-d", "60", "-c", "4", "--workers", str(workers), "--json"
     )
-    try:
-        assert proc.stderr is not None
-        assert "measuring" in proc.stderr.readline()  # readiness: printed once load starts
-        # Some replies went out: interrupted with none, a run has measured nothing (and
-        # fails, see test_interrupted_in_the_warm_up_measured_nothing).
-        assert wait_until(lambda: scrape(metrics)["aecho_bytes_sent_total"] > 0)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-        assert time.monotonic() - t0 < 15
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # Some replies went out first: interrupted with none, a run has measured nothing (and
+    # fails, see test_interrupted_in_the_warm_up_measured_nothing).
+    out, took = interrupt_when_measuring(
+        proc, signal.SIGINT, lambda: scrape(metrics)["aecho_bytes_sent_total"] > 0
+    )
+    assert took < 15
     assert proc.returncode == 0
     data = json.loads(out)
     assert data["interrupted"] is True
@@ -227,15 +239,7 @@ def test_ctrl_c_stops_early_and_reports_the_time_that_ran(
 
 def test_sigterm_still_reports_and_stops_the_embedded_server() -> None:
     proc = bench_process("-d", "60", "-c", "4", "--json")
-    try:
-        assert proc.stderr is not None
-        assert "measuring" in proc.stderr.readline()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    out, _ = interrupt_when_measuring(proc, signal.SIGTERM)
     data = json.loads(out)
     assert data["interrupted"] is True
     with pytest.raises(ProcessLookupError):
@@ -261,15 +265,7 @@ def test_interrupted_in_the_warm_up_measured_nothing(
 ) -> None:
     server = serve_process()
     proc = bench_process("127.0.0.1", str(server.port), "-d", "5", "--warmup", "60", "--json")
-    try:
-        assert proc.stderr is not None
-        assert "measuring" in proc.stderr.readline()  # readiness: printed once load starts
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    out, _ = interrupt_when_measuring(proc, signal.SIGINT)
     assert proc.returncode == 1
     data = json.loads(out)
     assert data["interrupted"] is True and data["messages"] == 0
