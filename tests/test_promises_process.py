@@ -22,24 +22,18 @@ from aecho.process.daemon import ready_timeout
 from tests.conftest import (
     ServerProcess,
     alive,
-    cmdline,
-    descendants,
     echo_once,
     read_line,
     run_aecho,
     wait_until,
 )
+from tests.test_workers import children_titled, servers_of
 
 TIMEOUT = 30.0
 
 
-def servers_of(srv: ServerProcess) -> set[int]:
-    """The serving processes (not their pool workers) of a supervisor."""
-    return {p for p in descendants(srv.pid) if cmdline(p).startswith(b"aecho: server") and alive(p)}
-
-
 def pool_workers_of(srv: ServerProcess) -> list[int]:
-    return [p for p in descendants(srv.pid) if cmdline(p).startswith(b"aecho: pool worker")]
+    return children_titled(srv.pid, b"aecho: pool worker")
 
 
 def text_of(path: Path) -> str:
@@ -227,7 +221,7 @@ def test_a_hup_replacement_that_never_serves_is_abandoned_and_the_old_keeps_serv
     handler, flag, env = flaky_handler
     env = {**env, "AECHO_READY_TIMEOUT": "3"}
     srv = serve_process("--workers", "2", "--handler", handler, env=env)
-    before = servers_of(srv)
+    before = set(servers_of(srv))
     assert len(before) == 2
     flag.write_text("hang" if how == "hangs" else "raise")
     srv.signal(signal.SIGHUP)
@@ -236,10 +230,10 @@ def test_a_hup_replacement_that_never_serves_is_abandoned_and_the_old_keeps_serv
         assert "was not ready within 3s" in srv.output, srv.output
     assert srv.proc.poll() is None
     assert all(map(alive, before))
-    assert wait_until(lambda: servers_of(srv) == before, 10), (servers_of(srv), before)
+    assert wait_until(lambda: set(servers_of(srv)) == before, 10), (servers_of(srv), before)
     for i in range(20):
         assert echo_once(srv.port, b"old %d\x00\xff\n" % i) == b"old %d\x00\xff\n" % i
-    assert servers_of(srv) == before
+    assert set(servers_of(srv)) == before
     assert srv.stop() == 0
 
 
