@@ -146,7 +146,7 @@ def _share(value: Any) -> float:
     """A share of a core read from a file.
 
     Raises:
-        ValueError: not a finite number at or above 0.
+        ValueError, TypeError: not a finite number at or above 0.
     """
     share = _number(value)
     if not math.isfinite(share) or share < 0:

@@ -227,15 +227,13 @@ def verdict(
             if kind == "timeout" and fds is not None and out_of_fds:
                 why = f"{why}: too few file descriptors: {_fds_text(fds)}"
             out.append(f"{errs[kind]} {ERROR_LABELS[kind]}: {why}")
-    nothing = not result.messages and not out
-    if nothing:
+    if not result.messages and not out:
         out.append(
             "nothing was measured: interrupted before a reply completed in the measured window"
             if result.interrupted
             else "nothing was measured: no reply completed in the measured window "
             "(give a longer -d?)"
         )
-    if nothing:
         return out  # the goals below cannot be judged: that one line says why
     if max_p99_ms is not None:
         p99 = result.hist.percentile(99) / 1e6

@@ -3,12 +3,12 @@
 Handing ``create_server`` an SSL context would make the loop do the handshake before
 any protocol of ours exists: a peer that connects and never finishes would hold a
 descriptor without counting against ``--max-connections`` or the per-IP limit.  So a
-TLS listener accepts (server.acceptor), admits the peer here, and only then starts TLS on the socket
-(``loop.connect_accepted_socket`` with ``--tls-handshake-timeout``).  Starting TLS on a
-transport that is already reading (``loop.start_tls``) is no way out: uvloop starts
-reading after ``connection_made`` whatever the protocol asked, and the ClientHello would
-reach the wrong protocol.  Once the handshake is done, the connection that serves the
-peer takes the TLS transport over.
+TLS listener accepts (server.acceptor), admits the peer here, and only then starts TLS
+on the socket (``loop.connect_accepted_socket`` with ``--tls-handshake-timeout``).
+Starting TLS on a transport that is already reading (``loop.start_tls``) is no way out:
+uvloop starts reading after ``connection_made`` whatever the protocol asked, and the
+ClientHello would reach the wrong protocol.  Once the handshake is done, the connection
+that serves the peer takes the TLS transport over.
 """
 
 from __future__ import annotations
