@@ -33,6 +33,6 @@ def merge(paths: list[str], as_json: bool, plot: str | None = None) -> int:
         aecho.bench.errors.BenchError: a file cannot be read, or the files measured
             different things.
     """
-    from aecho.bench.runner import merge_main
+    from aecho.bench.reading import merge_main
 
     return merge_main(paths, as_json, plot)

@@ -10,8 +10,11 @@ import resource
 import socket
 import ssl
 
+from aecho.bench.errors import BenchError
 from aecho.config import DEFAULT_HOST, BenchConfig
 from aecho.tls import client_context
+
+FD_SLACK = 64  # descriptors a bench process needs besides its connections
 
 
 def connect_error(cfg: BenchConfig, exc: BaseException) -> tuple[str, str]:
@@ -49,6 +52,28 @@ def connect_error(cfg: BenchConfig, exc: BaseException) -> tuple[str, str]:
             return "connect", f"cannot resolve {cfg.host!r}: {exc.strerror}"
         return "connect", f"cannot connect to {target}: {exc.strerror or exc}"
     return "connect", f"cannot connect to {target}: {exc}"
+
+
+def ensure_fd_limit(connections: int, total: int, workers: int) -> None:
+    """Raise the soft descriptor limit if this process needs more; fail if it cannot.
+
+    Raises:
+        BenchError: the hard limit is too low for ``connections`` sockets.
+    """
+    need = connections + FD_SLACK
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+            return
+    more = " or spread them over more --workers" if workers < total else ""
+    raise BenchError(
+        f"-c {total} needs about {need} file descriptors per process but the limit is "
+        f"{soft} (hard {hard}): raise it with 'ulimit -n {need}' (as root, or "
+        f"LimitNOFILE= for a service){more}"
+    )
 
 
 # -- the server's side, when it runs on this machine -----------------------------------------------

@@ -1,6 +1,6 @@
-"""A ``--json`` result read back (``aecho bench merge``), every value checked as it is
-read: a hand-edited or corrupt file is refused in one line, and a merge never meets a value
-that would fail it, or send it into a huge allocation, half-way."""
+"""``aecho bench merge``: ``--json`` results read back and added up.  Every value is
+checked as it is read: a hand-edited or corrupt file is refused in one line, and a merge
+never meets a value that would fail it, or send it into a huge allocation, half-way."""
 
 from __future__ import annotations
 
@@ -184,3 +184,40 @@ def load(path: str) -> Result:
         raise BenchError(
             f"{path} is not an 'aecho bench --json' result of this version ({exc!r} is wrong)"
         ) from None
+
+
+# Merged timelines line up by wall clock: runs far apart would make one mostly of zeros.
+MAX_MERGE_SPAN_NS = 7 * 86_400 * 1_000_000_000
+
+
+def merge_main(paths: list[str], as_json: bool, plot_path: str | None = None) -> int:
+    """``aecho bench merge``: print the combined result of ``--json`` files; 1 if it holds
+    errors.
+
+    Raises:
+        BenchError: a file cannot be read, the files measured different things, or the
+            plot cannot be drawn.
+    """
+    import aecho.bench.plot as plot
+    import aecho.bench.report as report
+
+    if plot_path:
+        plot.check_plot()
+    results = [load(path) for path in paths]
+    timed = [r for r in results if r.start_unix_ns]
+    if timed:
+        span = max(r.start_unix_ns + r.duration_ns for r in timed) - min(
+            r.start_unix_ns for r in timed
+        )
+        if span > MAX_MERGE_SPAN_NS:
+            raise BenchError(
+                f"these runs span {span / 86_400e9:.1f} days, so their timeline would too: "
+                "merge runs that ran at the same time"
+            )
+    setup = Setup.combined([r.setup for r in results], paths)
+    merged = Result.merge(setup, [r.as_part() for r in results])
+    merged.interrupted = any(r.interrupted for r in results)
+    failures = report.verdict(merged)
+    return report.present(
+        merged, failures, as_json=as_json, plot=plot_path, prefix="aecho bench merge"
+    )

@@ -16,7 +16,6 @@ from time import monotonic_ns
 from typing import Any
 
 from aecho.bench.errors import BenchError
-from aecho.bench.reading import load
 from aecho.bench.results import Result, Setup, WorkerResult
 from aecho.bench.worker import ProgressFn, Worker, WorkerPlan
 from aecho.config import BenchConfig, ConfigError
@@ -113,43 +112,6 @@ def _target(cfg: BenchConfig, setup: Setup) -> Iterator[tuple[BenchConfig, Setup
     with embedded_server(cfg) as (host, port, pid):
         served = replace(cfg, host=host, port=port)
         yield served, replace(setup, target=served.target), pid
-
-
-# Merged timelines line up by wall clock: runs far apart would make one mostly of zeros.
-MAX_MERGE_SPAN_NS = 7 * 86_400 * 1_000_000_000
-
-
-def merge_main(paths: list[str], as_json: bool, plot_path: str | None = None) -> int:
-    """``aecho bench merge``: print the combined result of ``--json`` files; 1 if it holds
-    errors.
-
-    Raises:
-        BenchError: a file cannot be read, the files measured different things, or the
-            plot cannot be drawn.
-    """
-    import aecho.bench.plot as plot
-    import aecho.bench.report as report
-
-    if plot_path:
-        plot.check_plot()
-    results = [load(path) for path in paths]
-    timed = [r for r in results if r.start_unix_ns]
-    if timed:
-        span = max(r.start_unix_ns + r.duration_ns for r in timed) - min(
-            r.start_unix_ns for r in timed
-        )
-        if span > MAX_MERGE_SPAN_NS:
-            raise BenchError(
-                f"these runs span {span / 86_400e9:.1f} days, so their timeline would too: "
-                "merge runs that ran at the same time"
-            )
-    setup = Setup.combined([r.setup for r in results], paths)
-    merged = Result.merge(setup, [r.as_part() for r in results])
-    merged.interrupted = any(r.interrupted for r in results)
-    failures = report.verdict(merged)
-    return report.present(
-        merged, failures, as_json=as_json, plot=plot_path, prefix="aecho bench merge"
-    )
 
 
 def _interrupt(signum: int, frame: object) -> None:

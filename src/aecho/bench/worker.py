@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import resource
 import ssl
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from time import monotonic_ns
 from typing import Any
 
 from aecho.bench.connection import NEVER, BenchConn, Tally
-from aecho.bench.diagnosis import connect_error, server_fds, speaks_tls
+from aecho.bench.diagnosis import connect_error, ensure_fd_limit, server_fds, speaks_tls
 from aecho.bench.errors import BenchError
 from aecho.bench.histogram import HIGHEST_NS, Histogram, bucket_index
 from aecho.bench.results import SECOND_NS, TICK_NS, WorkerResult
@@ -26,7 +25,6 @@ from aecho.tls import client_context
 log = logging.getLogger("aecho.bench")
 
 PROGRESS_EVERY = 3  # ticks between progress reports
-FD_SLACK = 64  # descriptors a bench process needs besides its connections
 CONNECT_CONCURRENCY = 256  # half-open connects at once: more overflows small listen backlogs
 # --rate: the pacer sleeps at least a timer tick (uvloop's timers count whole
 # milliseconds: a shorter sleep is a 0 ms timer, and the pacer would spin between
@@ -63,28 +61,6 @@ async def sleep_until(target_ns: int) -> None:
         if rest <= 0:
             return
         await asyncio.sleep(rest / 1e9)
-
-
-def ensure_fd_limit(connections: int, total: int, workers: int) -> None:
-    """Raise the soft descriptor limit if this process needs more; fail if it cannot.
-
-    Raises:
-        BenchError: the hard limit is too low for ``connections`` sockets.
-    """
-    need = connections + FD_SLACK
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= need:
-        return
-    if hard == resource.RLIM_INFINITY or hard >= need:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-            return
-    more = " or spread them over more --workers" if workers < total else ""
-    raise BenchError(
-        f"-c {total} needs about {need} file descriptors per process but the limit is "
-        f"{soft} (hard {hard}): raise it with 'ulimit -n {need}' (as root, or "
-        f"LimitNOFILE= for a service){more}"
-    )
 
 
 # Errors that may mean the server is full: its connection limit or its descriptors.
