@@ -255,7 +255,8 @@ async def test_bench_measures_its_own_cpu(
             spinner.join()
     assert_clean(result)
     (share,) = result.cpu
-    assert (share > 0.6) if busy else (share < 0.3), share
+    # Apart by a wide margin: a shared machine may give the spinner less than a core.
+    assert (share > 0.5) if busy else (share < 0.3), share
     note = report.busy_note(result)
     assert (note is not None) is (share >= report.BUSY_SHARE)
 
