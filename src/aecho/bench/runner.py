@@ -83,9 +83,8 @@ def main(cfg: BenchConfig) -> int:
     finally:
         if progress is not None:
             progress.stop()
-        with contextlib.suppress(ValueError, TypeError):
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with contextlib.suppress(ValueError):  # not the main thread: nothing was changed
+            _restore(previous)
 
 
 def measure_step(cfg: BenchConfig, setup: Setup, drain_s: float, goal_ns: int) -> Result:
@@ -437,8 +436,11 @@ def _ignore(signals: set[signal.Signals]) -> dict[signal.Signals, Any]:
 
 
 def _restore(previous: dict[signal.Signals, Any]) -> None:
+    """Put back handlers from :func:`signal.getsignal` or :func:`_ignore`; None (one not
+    installed from Python) cannot be put back, and is left as it is now."""
     for sig, handler in previous.items():
-        signal.signal(sig, handler)
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def _sum_parts(parts: list[WorkerResult]) -> WorkerResult | None:
