@@ -302,9 +302,12 @@ class Server(Registry):
         """Serve a socket accepted here: its transport is made on the loop."""
         adopt = asyncio.create_task(self._adopt(conn))
         self._adopting.add(adopt)
-        adopt.add_done_callback(self._adopting.discard)
-        # Cancelled (a forced stop) before it began, it never reached its own cleanup.
-        adopt.add_done_callback(lambda task: conn.close() if task.cancelled() else None)
+        adopt.add_done_callback(functools.partial(self._adopted, conn))
+
+    def _adopted(self, conn: socket.socket, adopt: asyncio.Task[None]) -> None:
+        self._adopting.discard(adopt)
+        if adopt.cancelled():  # by a forced stop, maybe before it began: its cleanup too
+            conn.close()
 
     async def _adopt(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
