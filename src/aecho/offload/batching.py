@@ -22,6 +22,9 @@ TASK_OVERHEAD_S = 0.0002
 MAX_MIN_BATCH = 512
 # A task is due back this long after it started, plus twice its expected work.
 DUE_GRACE_S = 0.005
+# A task carries no more than this much expected work, so that a worker comes back for
+# more often enough for the queue to be shared among connections (see Turns.take).
+TASK_TIME_S = 0.02
 
 
 def min_batch(cost: float) -> int:
@@ -32,6 +35,13 @@ def min_batch(cost: float) -> int:
     if cost <= 0:
         return MAX_MIN_BATCH
     return max(1, min(MAX_MIN_BATCH, math.ceil(TASK_OVERHEAD_S / cost)))
+
+
+def max_task(cost: float) -> int:
+    """The most messages one task may carry: about TASK_TIME_S of work, at most MAX_BATCH."""
+    if cost <= 0:
+        return MAX_BATCH
+    return max(1, min(MAX_BATCH, int(TASK_TIME_S / cost)))
 
 
 def task_count(queued: int, free_positions: int, smallest: int) -> int:

@@ -36,6 +36,7 @@ from aecho.offload.outcomes import (
     failure,
 )
 from aecho.offload.slots import Counters, Slot, Task
+from aecho.offload.turns import Turns
 from aecho.text import plural
 
 log = logging.getLogger("aecho.offload")
@@ -70,6 +71,8 @@ class Pool:
         self._messages: list[bytes] = []
         self._entries: list[Any] = []
         self._since = 0.0  # when the oldest queued message was queued
+        # Submissions a flush left queued, by connection, each taking its turn.
+        self._turns = Turns()
         # Submissions of a batch that killed its worker, to be run again one at a time.
         self._suspects: deque[Task] = deque()
         self._flush_pending = False
@@ -165,7 +168,7 @@ class Pool:
             if timer is not None:
                 timer.cancel()
         closed = PoolClosed("the server is stopping")
-        self._resolve_all(self._take(len(self._entries), len(self._messages)), closed)
+        self._resolve_all(self._take_all(), closed)
         self._give_up_suspects(closed)
         if timeout > 0 and any(s.tasks for s in self._slots):
             self._drained = asyncio.Event()
@@ -231,12 +234,12 @@ class Pool:
 
     def _flush(self) -> None:
         self._flush_pending = False
-        queued = len(self._messages)
+        queued = len(self._messages) + self._turns.messages
         if not queued and not self._suspects:
             return
         if self._closing:
             closed = PoolClosed("the server is stopping")
-            self._resolve_all(self._take(len(self._entries), queued), closed)
+            self._resolve_all(self._take_all(), closed)
             self._give_up_suspects(closed)
             return
         # Free task positions, idle workers first, then those with one task running.
@@ -258,13 +261,23 @@ class Pool:
         if queued < smallest and self._wait_for_a_return(positions[0]):
             return
         n_tasks = batching.task_count(queued, len(positions), smallest)
+        most = batching.max_task(self._cost)
+        if self._turns.messages or n_tasks * most < queued:
+            # Messages are left queued: the connections take turns, so that one that
+            # floods the pool does not keep another's message waiting behind its own.
+            self._turns.add(self._take(len(self._entries), len(self._messages)))
+            for slot in positions[:n_tasks]:
+                self._dispatch(slot, self._turns.take(most))
+                if not self._turns.messages:
+                    break
+            return
         for i in range(n_tasks):
             queued = len(self._messages)
-            if i == n_tasks - 1 and queued <= batching.MAX_BATCH:
+            if i == n_tasks - 1 and queued <= most:
                 # The rest of the queue; under load, usually the whole of it.
                 task = self._take(len(self._entries), queued)
             else:
-                target = batching.task_size(queued, n_tasks - i)
+                target = min(most, batching.task_size(queued, n_tasks - i))
                 entries = self._entries
                 n_entries = n_messages = 0
                 while n_entries < len(entries) and n_messages < target:
@@ -311,6 +324,10 @@ class Pool:
             del self._messages[:n_messages]
         return task
 
+    def _take_all(self) -> Task:
+        """Everything queued, as one task: to fail it (closing, or no worker to run it)."""
+        return self._turns.take_all(self._take(len(self._entries), len(self._messages)))
+
     def _dispatch(self, slot: Slot, task: Task) -> None:
         fresh = slot.worker
         assert fresh is not None and self._loop is not None
@@ -347,7 +364,7 @@ class Pool:
         if count:
             self._cost = 0.8 * self._cost + 0.2 * seconds / count
         self._resolve(task, replies, failed, now)
-        if self._messages or self._suspects:
+        if self._messages or self._turns.messages or self._suspects:
             self._flush()
         self._check_drained()
 
@@ -474,8 +491,8 @@ class Pool:
         if not any(slot.worker is not None for slot in self._slots):
             # Nothing can run them: say so rather than leave the peers waiting.
             died = WorkerDied("cannot start a worker process")
-            if self._messages:
-                self._resolve_all(self._take(len(self._entries), len(self._messages)), died)
+            if self._messages or self._turns.messages:
+                self._resolve_all(self._take_all(), died)
             self._give_up_suspects(died)
         if flush:
             self._flush()

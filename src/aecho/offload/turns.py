@@ -1,0 +1,128 @@
+"""Connections take turns at the pool: what a flush leaves queued waits by connection, and
+each task is shared among the connections with messages waiting.
+
+First come, first served had one peer's message wait behind every message of a peer that
+floods a costly handler.  docs/architecture.md ("Connections take turns") has the figures.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from aecho.offload.outcomes import Outcome
+from aecho.offload.slots import Task
+
+
+class Gather:
+    """A submission the pool cut into parts (see :meth:`Turns.take`): the parts' outcomes are
+    put back together and handed over once, as the one submission's.
+
+    Each part is queued as ``receive, offset, count``: the offset of its first message in
+    the submission stands where the submission's token stood.
+    """
+
+    __slots__ = ("callback", "missing", "outcomes", "token")
+
+    def __init__(self, callback: Any, token: Any, count: int) -> None:
+        self.callback = callback
+        self.token = token
+        self.outcomes: list[Outcome] = [None] * count  # type: ignore[list-item]
+        self.missing = count
+
+    def receive(self, offset: int, outcomes: list[Outcome], start: int, stop: int) -> None:
+        self.outcomes[offset : offset + stop - start] = outcomes[start:stop]
+        self.missing -= stop - start
+        if not self.missing:
+            self.callback(self.token, self.outcomes, 0, len(self.outcomes))
+
+
+def owner(callback: Any) -> Any:
+    """Whom a queued submission belongs to: the object its callback is bound to (a
+    connection), through a :class:`Gather` if the pool cut the submission."""
+    bound = getattr(callback, "__self__", callback)
+    if type(bound) is Gather:
+        return getattr(bound.callback, "__self__", bound.callback)
+    return bound
+
+
+class Turns:
+    """Submissions waiting by connection.  Each is ``[callback, token, count, messages,
+    when queued]``; the dict's order is the order of turns."""
+
+    __slots__ = ("messages", "queues")
+
+    def __init__(self) -> None:
+        self.queues: dict[Any, deque[list[Any]]] = {}
+        self.messages = 0  # messages waiting
+
+    def add(self, queued: Task) -> None:
+        """Queue what the pool had queued, by connection.  Each submission is moved here
+        once, so a long queue costs nothing more per task taken from it."""
+        queues = self.queues
+        entries, messages = queued.entries, queued.messages
+        at = 0
+        for k in range(0, len(entries), 3):
+            callback, token, count = entries[k : k + 3]
+            whose = owner(callback)
+            queue = queues.get(whose)
+            if queue is None:
+                queue = queues[whose] = deque()
+            queue.append([callback, token, count, messages[at : at + count], queued.queued_at])
+            at += count
+        self.messages += at
+
+    def take(self, target: int) -> Task:
+        """A task of up to ``target`` messages, shared among the connections waiting.
+
+        Connections take turns: each takes up to an even share of the task, from its
+        oldest messages on, then goes to the back of the order if it has more.  A
+        submission taken in part is cut in two (a :class:`Gather` puts its outcomes
+        together again) and its rest keeps its place.  A connection's messages keep their
+        order; between connections, order need not hold, since each connection writes its
+        replies in its own order.
+        """
+        queues = self.queues
+        share = max(1, target // max(1, len(queues)))
+        left = target
+        entries: list[Any] = []
+        messages: list[bytes] = []
+        oldest = float("inf")
+        while left and queues:
+            whose = next(iter(queues))
+            queue = queues.pop(whose)
+            want = min(share, left)
+            while want and queue:
+                item = queue[0]
+                callback, token, count, part, since = item
+                oldest = min(oldest, since)
+                if count <= want:
+                    queue.popleft()
+                    entries += (callback, token, count)
+                    messages += part
+                    want -= count
+                    left -= count
+                    continue
+                if type(getattr(callback, "__self__", None)) is not Gather:
+                    callback, token = Gather(callback, token, count).receive, 0
+                entries += (callback, token, want)
+                messages += part[:want]
+                item[:] = (callback, token + want, count - want, part[want:], since)
+                left -= want
+                want = 0
+            if queue:
+                queues[whose] = queue  # to the back of the order
+        self.messages -= target - left
+        return Task(entries, messages, oldest)
+
+    def take_all(self, queued: Task) -> Task:
+        """Everything waiting, and after it what the pool had queued, as one task."""
+        entries: list[Any] = []
+        messages: list[bytes] = []
+        for queue in self.queues.values():
+            for callback, token, count, part, _ in queue:
+                entries += (callback, token, count)
+                messages += part
+        self.queues.clear()
+        self.messages = 0
+        return Task(entries + queued.entries, messages + queued.messages, queued.queued_at)

@@ -1,0 +1,219 @@
+"""The worker pool shares its queue among connections: one that floods it with messages
+does not keep another's message waiting behind its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from aecho.config import Framing, Offload
+from aecho.offload import batching
+from aecho.offload.outcomes import Outcome
+from aecho.offload.pool import Pool
+from aecho.offload.slots import Task
+from aecho.offload.turns import Turns
+from aecho.server.stats import Stats
+from tests.conftest import running_server
+
+TIMEOUT = 60.0
+
+
+class Submitter:
+    """Stands for a connection: the pool tells connections apart by their callbacks' owner.
+
+    ``first`` is done at its first delivery, ``complete`` once ``expected`` replies are in;
+    every delivery is written in ``log`` (shared) under ``name``.
+    """
+
+    def __init__(self, name: int, expected: int, log: list[int]) -> None:
+        self.name = name
+        self.expected = expected
+        self.log = log
+        self.calls: list[list[Outcome]] = []
+        loop = asyncio.get_running_loop()
+        self.first = loop.create_future()
+        self.complete = loop.create_future()
+
+    def deliver(self, _token: object, outcomes: list[Outcome], start: int, stop: int) -> None:
+        self.calls.append(outcomes[start:stop])
+        self.log.append(self.name)
+        if not self.first.done():
+            self.first.set_result(None)
+        if sum(map(len, self.calls)) == self.expected:
+            self.complete.set_result(None)
+
+
+@pytest.mark.asyncio
+async def test_a_message_queued_behind_a_flood_goes_in_the_next_task() -> None:
+    """One connection submits 3,000 messages, another one message, in one loop iteration.
+    The second is in the first task; the first comes back once, whole and in order, though
+    the pool cut it into parts."""
+    pool = Pool("upper", size=1, timeout=30, stats=Stats())
+    await pool.start()
+    try:
+        log: list[int] = []
+        flood, probe = Submitter(0, 3000, log), Submitter(1, 1, log)
+        messages = [b"m%d" % i for i in range(3000)]
+        pool.submit_to(messages, flood.deliver, "flood")
+        pool.submit_one(b"probe", probe.deliver, "probe")
+        await asyncio.wait_for(flood.complete, TIMEOUT)
+        assert log == [1, 0]  # first come, first served would answer the flood first
+        assert probe.calls == [[b"PROBE"]]
+        assert flood.calls == [[m.upper() for m in messages]]
+    finally:
+        await pool.close(0)
+
+
+@pytest.mark.asyncio
+async def test_connections_take_turns_when_tasks_are_smaller_than_their_queues() -> None:
+    """Four connections with 600 messages each, every task smaller than what they queued:
+    each connection gets its turn, so all four finish close together rather than one after
+    another."""
+    pool = Pool("upper", size=1, timeout=30, stats=Stats())
+    await pool.start()
+    try:
+        log: list[int] = []
+        owners = [Submitter(i, 600, log) for i in range(4)]
+        for i, who in enumerate(owners):
+            for k in range(0, 600, 50):  # as reads of 50 messages each
+                pool.submit_to([b"c%d-%d" % (i, k + j) for j in range(50)], who.deliver, k)
+        await asyncio.wait_for(asyncio.gather(*(who.complete for who in owners)), TIMEOUT)
+        for i, who in enumerate(owners):
+            assert len(who.calls) == 12  # each submission answered once
+            got = [reply for call in who.calls for reply in call if isinstance(reply, bytes)]
+            assert sorted(got) == sorted(b"C%d-%d" % (i, k) for k in range(600))
+        # In turns, every connection has its first reply before any has its last.
+        first_replies = [log.index(i) for i in range(4)]
+        last_replies = [len(log) - 1 - log[::-1].index(i) for i in range(4)]
+        assert max(first_replies) < min(last_replies), log
+        assert pool.stats.messages == 2400
+    finally:
+        await pool.close(0)
+
+
+@pytest.mark.asyncio
+async def test_a_worker_dying_under_part_of_a_cut_submission_fails_that_part_only() -> None:
+    """The flood's submission is cut into parts; the worker dies under the part holding
+    ``crash``.  The submission still comes back once, every message in its place: that
+    part's messages as WorkerDied, the others echoed."""
+    pool = Pool("tests.handlers_for_tests:crash", size=1, timeout=30, stats=Stats())
+    await pool.start()
+    try:
+        log: list[int] = []
+        flood, probe = Submitter(0, 3000, log), Submitter(1, 1, log)
+        messages = [b"crash" if i == 1500 else b"m%d" % i for i in range(3000)]
+        pool.submit_to(messages, flood.deliver, "flood")
+        pool.submit_one(b"probe", probe.deliver, "probe")
+        await asyncio.wait_for(asyncio.gather(flood.complete, probe.complete), TIMEOUT)
+        assert probe.calls == [[b"probe"]]
+        [outcomes] = flood.calls
+        failed = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+        assert 1500 in failed and failed == list(range(failed[0], failed[-1] + 1))
+        assert len(failed) <= batching.MAX_BATCH
+        assert {type(outcomes[i]).__name__ for i in failed} == {"WorkerDied"}
+        assert all(outcomes[i] == messages[i] for i in range(3000) if i not in failed)
+        assert pool.stats.pool_restarts == 1
+    finally:
+        await pool.close(0)
+
+
+class Owner:
+    """A connection as Turns sees it: the owner of a bound callback."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def done(self, token: object, outcomes: list[Outcome], start: int, stop: int) -> None:
+        raise AssertionError("not delivered in this test")
+
+
+def _queue(*submissions: tuple[Owner, int]) -> Task:
+    entries: list[object] = []
+    messages: list[bytes] = []
+    for who, count in submissions:
+        entries += (who.done, who.name, count)
+        messages += [b"%s%d" % (who.name.encode(), i) for i in range(count)]
+    return Task(entries, messages, 1.0)
+
+
+def _owners(task: Task) -> list[str]:
+    return [m[:1].decode() for m in task.messages]
+
+
+def test_turns_serve_each_connection_in_order_and_send_the_served_to_the_back() -> None:
+    a, b, c, d = (Owner(n) for n in "abcd")
+    turns = Turns()
+    turns.add(_queue((a, 100), (b, 100), (c, 100)))
+    assert _owners(turns.take(3)) == ["a", "b", "c"]
+    turns.add(_queue((d, 1)))  # comes last: waits for one round at most
+    assert _owners(turns.take(2)) == ["a", "b"]
+    assert _owners(turns.take(2)) == ["c", "d"]
+    assert _owners(turns.take(2)) == ["a", "b"]
+    # Within a connection, the order of its messages holds.
+    task = turns.take(300)
+    assert [m for m in task.messages if m.startswith(b"a")] == [b"a%d" % i for i in range(3, 100)]
+    assert turns.messages == 0 and not turns.queues
+
+
+def test_an_even_share_is_taken_and_a_submission_cut_where_it_ends() -> None:
+    a, b = Owner("a"), Owner("b")
+    turns = Turns()
+    turns.add(_queue((a, 10), (a, 10), (b, 3)))
+    task = turns.take(8)  # shares of 4: a's first submission is cut, b's taken whole
+    assert task.messages == [b"a0", b"a1", b"a2", b"a3", b"b0", b"b1", b"b2", b"a4"]
+    assert turns.messages == 15
+    # The cut submission's parts name their offsets in it, for the Gather.
+    assert task.entries[1::3] == [0, "b", 4] and task.entries[2::3] == [4, 3, 1]
+    rest = turns.take_all(_queue()).entries
+    assert rest[1::3] == [5, "a"] and rest[2::3] == [5, 10]
+
+
+def test_a_task_carries_about_twenty_milliseconds_of_work() -> None:
+    assert batching.max_task(0.0) == batching.MAX_BATCH  # nothing measured yet
+    assert batching.max_task(1e-6) == batching.MAX_BATCH  # echo
+    assert batching.max_task(1e-3) == 20  # burn
+    assert batching.max_task(1.0) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_peer_is_answered_while_another_floods_a_costly_handler() -> None:
+    """One peer pipelines 3,000 lines to a handler costing 1 ms each (one worker: three
+    seconds of work).  Another peer's line, sent once the flood is under way, is answered
+    within a few tasks' worth of the flood's replies, not behind the flood's window of
+    about a thousand lines."""
+    async with running_server(
+        offload=Offload.process, pool_size=1, framing=Framing.line, handler="burn"
+    ) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        received = 0
+        under_way = asyncio.Event()
+
+        async def count_replies() -> None:
+            nonlocal received
+            while received < 3000:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                received += data.count(b"\n")
+                if received >= 50:
+                    under_way.set()
+
+        counting = asyncio.create_task(count_replies())
+        try:
+            writer.write(b"a\n" * 3000)
+            await asyncio.wait_for(under_way.wait(), TIMEOUT)
+            probe_reader, probe_writer = await asyncio.open_connection("127.0.0.1", server.port)
+            sent_at = received
+            probe_writer.write(b"probe\n")
+            assert await asyncio.wait_for(probe_reader.readline(), TIMEOUT) == b"probe\n"
+            behind = received - sent_at
+            probe_writer.close()
+            # First come, first served: 500 or more.  Shared: a few 20-line tasks.
+            assert behind < 200, behind
+        finally:
+            counting.cancel()
+            writer.close()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await counting
