@@ -24,6 +24,27 @@ def jitter(data: bytes) -> bytes:
     return data
 
 
+def _spin(seconds: float) -> None:
+    deadline = time.thread_time() + seconds
+    while time.thread_time() < deadline:
+        pass
+
+
+def costly_upper(data: bytes) -> bytes:
+    """``upper`` after 50 us of CPU: enough queued work for connections to take turns."""
+    _spin(50e-6)
+    return data.upper()
+
+
+def costly_crash(data: bytes) -> bytes:
+    """The worker dies on a message starting with ``crash``; echo the rest after 50 us of
+    CPU."""
+    if data.startswith(b"crash"):
+        os._exit(3)
+    _spin(50e-6)
+    return data
+
+
 def stall(data: bytes) -> bytes:
     """``stall PATH``: write this worker's pid to PATH, then hang (to be killed); echo the rest."""
     if data.startswith(b"stall "):

@@ -434,8 +434,9 @@ async def test_a_message_that_kills_its_worker_fails_alone_in_a_batch_it_shared(
 
 @pytest.mark.asyncio
 async def test_a_batch_that_hangs_fails_whole_and_the_pool_goes_on() -> None:
-    """A hung batch is not split: each of its submissions would wait out the timeout in
-    turn, with everything queued behind them.  Every message of it gets HandlerTimeout."""
+    """A hung batch of one connection's submissions (one callback's, as the pool sees it)
+    is not split: each would wait out the timeout in turn, with everything queued behind
+    them.  Every message of it gets HandlerTimeout."""
     pool = Pool(T + "hang", size=1, timeout=0.5, stats=Stats())
     await pool.start()
     try:

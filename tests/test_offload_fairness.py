@@ -18,6 +18,7 @@ from aecho.server.stats import Stats
 from tests.conftest import running_server
 
 TIMEOUT = 60.0
+T = "tests.handlers_for_tests:"
 
 
 class Submitter:
@@ -50,7 +51,7 @@ async def test_a_message_queued_behind_a_flood_goes_in_the_next_task() -> None:
     """One connection submits 3,000 messages, another one message, in one loop iteration.
     The second is in the first task; the first comes back once, whole and in order, though
     the pool cut it into parts."""
-    pool = Pool("upper", size=1, timeout=30, stats=Stats())
+    pool = Pool(T + "costly_upper", size=1, timeout=30, stats=Stats())
     await pool.start()
     try:
         log: list[int] = []
@@ -71,7 +72,7 @@ async def test_connections_take_turns_when_tasks_are_smaller_than_their_queues()
     """Four connections with 600 messages each, every task smaller than what they queued:
     each connection gets its turn, so all four finish close together rather than one after
     another."""
-    pool = Pool("upper", size=1, timeout=30, stats=Stats())
+    pool = Pool(T + "costly_upper", size=1, timeout=30, stats=Stats())
     await pool.start()
     try:
         log: list[int] = []
@@ -98,7 +99,7 @@ async def test_a_worker_dying_under_part_of_a_cut_submission_fails_that_part_onl
     """The flood's submission is cut into parts; the worker dies under the part holding
     ``crash``.  The submission still comes back once, every message in its place: that
     part's messages as WorkerDied, the others echoed."""
-    pool = Pool("tests.handlers_for_tests:crash", size=1, timeout=30, stats=Stats())
+    pool = Pool(T + "costly_crash", size=1, timeout=30, stats=Stats())
     await pool.start()
     try:
         log: list[int] = []
@@ -170,8 +171,78 @@ def test_an_even_share_is_taken_and_a_submission_cut_where_it_ends() -> None:
     assert rest[1::3] == [5, "a"] and rest[2::3] == [5, 10]
 
 
+@pytest.mark.asyncio
+async def test_a_peer_whose_messages_hang_fails_alone() -> None:
+    """One connection floods a handler with messages that hang; another's message,
+    sharing a task with them, runs again in a task of its own and is answered."""
+    pool = Pool(T + "hang", size=1, timeout=0.5, stats=Stats())
+    await pool.start()
+    try:
+        log: list[int] = []
+        flood, peer = Submitter(0, 100, log), Submitter(1, 1, log)
+        pool.submit_to([b"hang"] * 100, flood.deliver, "flood")
+        pool.submit_one(b"hello", peer.deliver, "peer")
+        await asyncio.wait_for(peer.complete, TIMEOUT)
+        assert peer.calls == [[b"hello"]]
+        # The flood's first task failed, then its part alone failed again: two timeouts.
+        assert pool.stats.pool_restarts == 2
+    finally:
+        await pool.close(0)
+
+
+def test_a_task_put_back_goes_ahead_of_what_its_connections_have_waiting() -> None:
+    a, b, c = Owner("a"), Owner("b"), Owner("c")
+    turns = Turns()
+    turns.add(_queue((a, 2), (b, 2)))
+    back = _queue((c, 1), (a, 1))  # a task sent out before, its worker gone
+    back.messages = [b"c-back", b"a-back"]
+    turns.put_back(back)
+    assert list(turns.order) == [c, a, b]
+    assert turns.take(10).messages == [b"c-back", b"a-back", b"a0", b"a1", b"b0", b"b1"]
+
+
+class Booked:
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, int]] = []
+
+    def observe(self, seconds: float, n: int = 1) -> None:
+        self.calls.append((seconds, n))
+
+
+def test_each_message_is_booked_at_its_own_age() -> None:
+    """A task shared among connections mixes old messages and new: each submission's
+    messages are booked from when they were queued, not all from the oldest."""
+    old, new = Owner("o"), Owner("n")
+    turns = Turns()
+    flood = _queue((old, 100))
+    flood.queued_at = 10.0
+    turns.add(flood)
+    probe = _queue((new, 1))
+    probe.queued_at = 19.5
+    turns.add(probe)
+    task = turns.take(4)
+    booked = Booked()
+    task.waited(20.0, booked)
+    assert booked.calls == [(10.0, 2), (0.5, 1), (10.0, 1)]  # shares of 2, in turns
+
+
+def test_turns_are_taken_when_the_queue_holds_more_than_fifty_milliseconds_of_work() -> None:
+    def turns(queued: int, capacity: int, cost: float, taking: bool = False) -> bool:
+        return batching.take_turns(queued, capacity, cost, taking)
+
+    assert not turns(queued=10, capacity=20, cost=1e-3)  # all taken now
+    assert not turns(queued=40, capacity=20, cost=1e-3)  # 40 ms: soon done
+    assert turns(queued=60, capacity=20, cost=1e-3)
+    assert not turns(queued=40_000, capacity=2048, cost=1e-6)  # echo: 40 ms
+    assert turns(queued=60, capacity=20, cost=0.0)  # cost not known yet
+    # Once taking turns, until under 25 ms of work.
+    assert turns(queued=30, capacity=20, cost=1e-3, taking=True)
+    assert not turns(queued=20, capacity=20, cost=1e-3, taking=True)
+    assert not turns(queued=8000, capacity=2048, cost=1e-6, taking=True)  # measured: echo
+
+
 def test_a_task_carries_about_twenty_milliseconds_of_work() -> None:
-    assert batching.max_task(0.0) == batching.MAX_BATCH  # nothing measured yet
+    assert batching.max_task(0.0) == batching.UNMEASURED_TASK  # a flood's first tasks too
     assert batching.max_task(1e-6) == batching.MAX_BATCH  # echo
     assert batching.max_task(1e-3) == 20  # burn
     assert batching.max_task(1.0) == 1

@@ -25,6 +25,11 @@ DUE_GRACE_S = 0.005
 # A task carries no more than this much expected work, so that a worker comes back for
 # more often enough for the queue to be shared among connections (see Turns.take).
 TASK_TIME_S = 0.02
+# Before a message's cost is measured: a flood's first tasks are shared too.
+UNMEASURED_TASK = 32
+# Connections take turns once the queue holds more work than this (or its cost is
+# unknown): below it, first come, first served keeps every wait that short anyway.
+TURNS_AFTER_S = 0.05
 
 
 def min_batch(cost: float) -> int:
@@ -40,8 +45,19 @@ def min_batch(cost: float) -> int:
 def max_task(cost: float) -> int:
     """The most messages one task may carry: about TASK_TIME_S of work, at most MAX_BATCH."""
     if cost <= 0:
-        return MAX_BATCH
+        return UNMEASURED_TASK
     return max(1, min(MAX_BATCH, int(TASK_TIME_S / cost)))
+
+
+def take_turns(queued: int, capacity: int, cost: float, taking: bool) -> bool:
+    """Whether ``queued`` messages, more than the free workers' ``capacity`` this time,
+    should be shared out in turns (see Turns.take).  Once ``taking`` them, until the work
+    queued falls under half the mark, so that the queue does not flap between the two."""
+    if cost <= 0:
+        return taking or queued > capacity
+    if taking:
+        return queued * cost > TURNS_AFTER_S / 2
+    return queued > capacity and queued * cost > TURNS_AFTER_S
 
 
 def task_count(queued: int, free_positions: int, smallest: int) -> int:

@@ -36,7 +36,7 @@ from aecho.offload.outcomes import (
     failure,
 )
 from aecho.offload.slots import Counters, Slot, Task
-from aecho.offload.turns import Turns
+from aecho.offload.turns import Turns, suspects_of
 from aecho.text import plural
 
 log = logging.getLogger("aecho.offload")
@@ -262,15 +262,18 @@ class Pool:
             return
         n_tasks = batching.task_count(queued, len(positions), smallest)
         most = batching.max_task(self._cost)
-        if self._turns.messages or n_tasks * most < queued:
-            # Messages are left queued: the connections take turns, so that one that
-            # floods the pool does not keep another's message waiting behind its own.
+        taking = bool(self._turns.messages)
+        if batching.take_turns(queued, n_tasks * most, self._cost, taking):
+            # Connections take turns: one flooding the pool keeps no other one waiting.
             self._turns.add(self._take(len(self._entries), len(self._messages)))
             for slot in positions[:n_tasks]:
                 self._dispatch(slot, self._turns.take(most))
                 if not self._turns.messages:
                     break
             return
+        if taking:  # too little work queued to be worth turns: first come, first served
+            flat = self._turns.take_all(self._take(len(self._entries), len(self._messages)))
+            self._entries, self._messages = flat.entries, flat.messages
         for i in range(n_tasks):
             queued = len(self._messages)
             if i == n_tasks - 1 and queued <= most:
@@ -362,7 +365,8 @@ class Pool:
         if tasks:
             slot.head_since = now
         if count:
-            self._cost = 0.8 * self._cost + 0.2 * seconds / count
+            cost = seconds / count  # a moving average, from the first measurement on
+            self._cost = 0.8 * self._cost + 0.2 * cost if self._cost else cost
         self._resolve(task, replies, failed, now)
         if self._messages or self._turns.messages or self._suspects:
             self._flush()
@@ -377,7 +381,7 @@ class Pool:
     ) -> None:
         stats = self.stats
         stats.messages += len(replies)
-        stats.offload_latency.observe(now - task.queued_at, len(replies))
+        task.waited(now, stats.offload_latency)
         outcomes: list[Outcome] = replies  # type: ignore[assignment]
         if failures:
             for index, (name, text, trace) in failures.items():
@@ -406,12 +410,12 @@ class Pool:
 
     def _evict(self, slot: Slot, exc: BaseException | None, why: str = "") -> None:
         """Replace the slot's worker.  The tasks queued behind its running task go
-        back to the front of the queue.
+        back, each connection's ahead of what it has waiting.
 
-        The running task fails with ``exc``, unless its worker died under a batch of
-        several connections' submissions: that batch is split, each submission to run
-        again in a task of its own, so that only the one that kills a worker fails (the
-        others' messages may be handled twice: at least once, never lost).
+        The running task fails with ``exc``, unless its worker died under several
+        submissions, or hung under several connections' (:func:`suspects_of`): then each
+        runs again in a task of its own, so that only the guilty one fails (the others'
+        messages may be handled twice: at least once, never lost).
         """
         culprit = slot.tasks.popleft() if slot.tasks and exc is not None else None
         innocent = list(slot.tasks)
@@ -426,16 +430,15 @@ class Pool:
         self.stats.pool_restarts += 1
         if culprit is None:
             log.warning("worker %s %s between tasks; replacing it", pid, why or "died")
-        # A batch that hung is not split: its submissions would each wait out the
-        # timeout in turn, with everything queued behind them.
-        elif isinstance(exc, WorkerDied) and len(culprit.entries) > 3 and not self._closing:
-            suspects = culprit.split()
+        # A batch that hung is split by connection only: each submission alone would
+        # wait out the timeout in turn, with everything queued behind them.
+        elif not self._closing and len(suspects := suspects_of(culprit, exc)) > 1:
             log.warning(
-                "worker %s: %s; replacing the worker and running the %s of its batch"
-                " again one at a time",
+                "worker %s: %s; replacing the worker and running its batch again in %d parts,"
+                " one at a time",
                 pid,
                 why or exc,
-                plural(len(suspects), "submission"),
+                len(suspects),
             )
             self._suspects.extendleft(reversed(suspects))
         else:
@@ -457,11 +460,8 @@ class Pool:
                 continue
             if task.alone:
                 self._suspects.appendleft(task)
-                continue
-            if not self._messages or task.queued_at < self._since:
-                self._since = task.queued_at
-            self._entries[:0] = task.entries
-            self._messages[:0] = task.messages
+            else:  # ahead of what its connections have waiting
+                self._turns.put_back(task)
 
     def _restart(self, slot: Slot) -> bool:
         """Start a worker for an empty slot; False (logged) if it cannot be started now."""

@@ -35,16 +35,32 @@ class Task:
     collector's youngest generation.
     """
 
-    __slots__ = ("alone", "entries", "messages", "queued_at")
+    __slots__ = ("ages", "alone", "entries", "messages", "queued_at")
 
     def __init__(
-        self, entries: list[Any], messages: list[bytes], queued_at: float, alone: bool = False
+        self,
+        entries: list[Any],
+        messages: list[bytes],
+        queued_at: float,
+        alone: bool = False,
+        ages: list[float] | None = None,
     ) -> None:
         self.entries = entries
         self.messages = messages
         self.queued_at = queued_at  # when its oldest message was queued
         # One submission, run again on its own after a batch it shared killed its worker.
         self.alone = alone
+        # When each submission was queued (flat: time, count, ...), if they differ much.
+        self.ages = ages
+
+    def waited(self, now: float, latency: Latency) -> None:
+        """Book each message's time from its queueing to ``now``."""
+        if self.ages is None:
+            latency.observe(now - self.queued_at, len(self.messages))
+            return
+        pairs = iter(self.ages)
+        for since, count in zip(pairs, pairs, strict=True):
+            latency.observe(now - since, int(count))
 
     def deliver(self, outcomes: list[Outcome]) -> None:
         """Tell every submission where its outcomes are: ``outcomes[start:stop]``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from aecho.offload.outcomes import Outcome
+from aecho.offload.outcomes import Outcome, WorkerDied
 from aecho.offload.slots import Task
 
 
@@ -46,21 +46,42 @@ def owner(callback: Any) -> Any:
     return bound
 
 
+def suspects_of(task: Task, exc: BaseException | None) -> list[Task]:
+    """The parts to run again, each alone, of a task whose worker died (one per
+    submission) or ran past its timeout (one per connection: a submission each would wait
+    out the timeout in turn, with everything queued behind them)."""
+    if isinstance(exc, WorkerDied):
+        return task.split()
+    parts: dict[Any, Task] = {}
+    start = 0
+    triples = iter(task.entries)
+    for callback, token, count in zip(triples, triples, triples, strict=True):
+        part = parts.get(whose := owner(callback))
+        if part is None:
+            part = parts[whose] = Task([], [], task.queued_at, alone=True)
+        part.entries += (callback, token, count)
+        part.messages += task.messages[start : start + count]
+        start += count
+    return list(parts.values())
+
+
 class Turns:
     """Submissions waiting by connection.  Each is ``[callback, token, count, messages,
-    when queued]``; the dict's order is the order of turns."""
+    when queued]``; ``order`` is the order of turns, a connection in it once."""
 
-    __slots__ = ("messages", "queues")
+    __slots__ = ("messages", "order", "queues")
 
     def __init__(self) -> None:
         self.queues: dict[Any, deque[list[Any]]] = {}
+        self.order: deque[Any] = deque()
         self.messages = 0  # messages waiting
 
     def add(self, queued: Task) -> None:
-        """Queue what the pool had queued, by connection.  Each submission is moved here
-        once, so a long queue costs nothing more per task taken from it."""
+        """Queue ``queued``'s submissions, each after what its connection has waiting.
+        Each submission is moved here once, so a long queue costs nothing more per task
+        taken from it."""
         queues = self.queues
-        entries, messages = queued.entries, queued.messages
+        entries, messages, since = queued.entries, queued.messages, queued.queued_at
         at = 0
         for k in range(0, len(entries), 3):
             callback, token, count = entries[k : k + 3]
@@ -68,9 +89,24 @@ class Turns:
             queue = queues.get(whose)
             if queue is None:
                 queue = queues[whose] = deque()
-            queue.append([callback, token, count, messages[at : at + count], queued.queued_at])
+                self.order.append(whose)
+            queue.append([callback, token, count, messages[at : at + count], since])
             at += count
         self.messages += at
+
+    def put_back(self, task: Task) -> None:
+        """Queue a task that was sent out, each submission before what its connection has
+        waiting, and the connections new here first in the order."""
+        staged = Turns()
+        staged.add(task)
+        for whose in reversed(staged.order):
+            queue = self.queues.get(whose)
+            if queue is None:
+                self.queues[whose] = staged.queues[whose]
+                self.order.appendleft(whose)
+            else:
+                queue.extendleft(reversed(staged.queues[whose]))
+        self.messages += staged.messages
 
     def take(self, target: int) -> Task:
         """A task of up to ``target`` messages, shared among the connections waiting.
@@ -82,24 +118,24 @@ class Turns:
         order; between connections, order need not hold, since each connection writes its
         replies in its own order.
         """
-        queues = self.queues
-        share = max(1, target // max(1, len(queues)))
+        queues, order = self.queues, self.order
+        share = max(1, target // max(1, len(order)))
         left = target
         entries: list[Any] = []
         messages: list[bytes] = []
-        oldest = float("inf")
-        while left and queues:
-            whose = next(iter(queues))
-            queue = queues.pop(whose)
+        ages: list[float] = []
+        while left and order:
+            whose = order.popleft()
+            queue = queues[whose]
             want = min(share, left)
             while want and queue:
                 item = queue[0]
                 callback, token, count, part, since = item
-                oldest = min(oldest, since)
                 if count <= want:
                     queue.popleft()
                     entries += (callback, token, count)
                     messages += part
+                    ages += (since, count)
                     want -= count
                     left -= count
                     continue
@@ -107,13 +143,16 @@ class Turns:
                     callback, token = Gather(callback, token, count).receive, 0
                 entries += (callback, token, want)
                 messages += part[:want]
+                ages += (since, want)
                 item[:] = (callback, token + want, count - want, part[want:], since)
                 left -= want
                 want = 0
             if queue:
-                queues[whose] = queue  # to the back of the order
+                order.append(whose)  # to the back of the order
+            else:
+                del queues[whose]
         self.messages -= target - left
-        return Task(entries, messages, oldest)
+        return Task(entries, messages, min(ages[::2], default=0.0), ages=ages)
 
     def take_all(self, queued: Task) -> Task:
         """Everything waiting, and after it what the pool had queued, as one task."""
@@ -124,5 +163,6 @@ class Turns:
                 entries += (callback, token, count)
                 messages += part
         self.queues.clear()
+        self.order.clear()
         self.messages = 0
         return Task(entries + queued.entries, messages + queued.messages, queued.queued_at)
