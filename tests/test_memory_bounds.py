@@ -12,6 +12,7 @@ import pytest
 from aecho.config import MESSAGE_COST
 from aecho.server.budget import READ_ESTIMATE, Budget
 from aecho.server.connection import PAUSE_WRITE, FramedConnection
+from aecho.server.pooled import PooledConnection
 from tests.conftest import ServerProcess, flood, running_server
 
 KiB = 1024
@@ -94,6 +95,38 @@ def test_budget_wakes_waiters_first_come_first_served_as_room_allows() -> None:
     budget.release(2 * READ_ESTIMATE)  # all free: room for four
     assert woken == ["a", "gone", "b", "c", "d"]
     assert budget.held == 0 and budget.waiting == 0
+
+
+def test_a_waiter_that_holds_nothing_is_woken_first_at_any_room() -> None:
+    """Connections flooding the pool fill the budget and queue; a peer's first message
+    stopped behind them is woken at the first room, not after each of them had a read."""
+    budget = Budget(4 * READ_ESTIMATE)
+    woken: list[str] = []
+    budget.held = 4 * READ_ESTIMATE
+    for name in ("a", "b"):
+        budget.wait(_Waiter(name, woken))
+    budget.wait(_Waiter("peer", woken), holding=False)
+    assert budget.waiting == 3
+    budget.release(1000)  # room for a message, not for a read
+    assert woken == ["peer"]
+    budget.release(READ_ESTIMATE)
+    assert woken == ["peer", "a"]
+
+
+@pytest.mark.parametrize("held", [0, 1000])
+def test_a_connection_stopped_by_the_budget_says_whether_it_holds_anything(held: int) -> None:
+    class Stopped:  # the state _hold_back reads and writes
+        _held, _window, _paused = held, 256 * 1024, 0
+        _budget = Budget(4 * READ_ESTIMATE)
+
+        def _pause(self, reason: int) -> None:
+            self._paused |= reason
+
+    conn = Stopped()
+    conn._budget.held = conn._budget.limit
+    PooledConnection._hold_back(conn)  # type: ignore[arg-type]
+    budget = conn._budget
+    assert (len(budget.first), len(budget.waiters)) == ((0, 1) if held else (1, 0))
 
 
 @pytest.mark.asyncio

@@ -288,3 +288,54 @@ async def test_a_peer_is_answered_while_another_floods_a_costly_handler() -> Non
             writer.close()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await counting
+
+
+@pytest.mark.asyncio
+async def test_a_peer_is_answered_while_others_fill_the_pools_budget() -> None:
+    """Four peers flood a 1 ms handler with 2-byte lines, enough to fill a 64 KiB budget
+    and queue for room.  Another peer's line, sent once the flood is under way, is
+    answered within a few tasks, not after the flood."""
+    async with running_server(
+        offload=Offload.process,
+        pool_size=1,
+        framing=Framing.line,
+        handler="burn",
+        pool_budget=64 * 1024,
+        pool_window=32 * 1024,
+    ) as server:
+        received = 0
+        under_way = asyncio.Event()
+        writers: list[asyncio.StreamWriter] = []
+
+        async def flood() -> None:
+            nonlocal received
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writers.append(writer)
+            writer.write(b"a\n" * 3000)
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                received += data.count(b"\n")
+                if received >= 100:
+                    under_way.set()
+
+        flooding = [asyncio.create_task(flood()) for _ in range(4)]
+        try:
+            await asyncio.wait_for(under_way.wait(), TIMEOUT)
+            assert server.budget.waiting > 0  # the budget is full, peers queue for room
+            probe_reader, probe_writer = await asyncio.open_connection("127.0.0.1", server.port)
+            sent_at = received
+            probe_writer.write(b"probe\n")
+            assert await asyncio.wait_for(probe_reader.readline(), TIMEOUT) == b"probe\n"
+            behind = received - sent_at
+            probe_writer.close()
+            assert behind < 300, behind  # the flood owes 11,900 more
+        finally:
+            for task in flooding:
+                task.cancel()
+            for writer in writers:
+                writer.close()
+            for task in flooding:
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await task

@@ -91,7 +91,7 @@ class PooledConnection(FramedConnection):
             self._pause(PAUSE_WINDOW)
         if self._budget.held >= self._budget.limit and not self._paused & PAUSE_SHARED:
             self._pause(PAUSE_SHARED)
-            self._budget.wait(self)
+            self._budget.wait(self, holding=self._held > 0)
 
     def wake(self) -> bool:
         """The budget has room again (see :class:`Budget`)."""
@@ -172,7 +172,7 @@ class PooledConnection(FramedConnection):
                 self._held -= charge
                 budget = self._budget
                 budget.held -= charge
-                if budget.waiters:
+                if budget.waiters or budget.first:
                     budget.wake()
                 self.tx += len(reply)
                 transport.write(reply)
