@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from aecho.config import MESSAGE_COST
+from aecho.offload.handlers import BUILTINS
 from aecho.server.budget import READ_ESTIMATE, Budget
 from aecho.server.connection import PAUSE_WRITE, FramedConnection
 from aecho.server.pooled import PooledConnection
@@ -54,6 +55,15 @@ PROBE_P99_LIMIT_MS = 100
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_every_built_in_reply_fits_in_its_message_and_its_cost(name: str) -> None:
+    """The bounds count bytes read, plus MESSAGE_COST a message: they hold only while no
+    reply is larger than that, as README.md says of every built-in handler."""
+    handler = BUILTINS[name]
+    for message in (b"", b"a", b"ab" * 3, bytes(range(256)) * 4, b"x" * 256 * 1024):
+        assert len(handler(message)) <= len(message) + MESSAGE_COST, (name, len(message))
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_peers_that_never_read_keep_memory_bounded_and_the_loop_responsive(
     serve_process: Callable[..., ServerProcess], mode: str
