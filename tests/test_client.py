@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,9 @@ from typing import IO
 
 import pytest
 
+from aecho.client.connection import Plain
+from aecho.client.pipe import _Pipe, _Stdin
+from aecho.config import ClientConfig
 from tests.conftest import ServerProcess, terminal
 
 ServeProcess = Callable[..., ServerProcess]
@@ -313,3 +318,42 @@ def test_two_interactive_clients_at_once_keep_both_histories(
             assert term.finish() == 0
     lines = (tmp_path / "aecho" / "client_history").read_text().splitlines()
     assert sorted(lines) == ["from the first", "from the second"]
+
+
+def test_end_of_input_taken_with_the_last_chunk_still_half_closes() -> None:
+    """stdin's last chunk and its end both wait in the queue when the loop looks, their
+    wake-ups already read: the half-close follows the chunk out, though nothing else wakes
+    the loop for it (it waited for the server, which waited for the end of input)."""
+
+    source = _Stdin(io.BytesIO(b"anyone there?\n"))
+    source.start()
+    deadline = time.monotonic() + 10
+    while source._chunks.qsize() < 2 and time.monotonic() < deadline:  # chunk, then None
+        time.sleep(0.01)
+    assert source._chunks.qsize() == 2
+    source.wake.recv(4096)  # both wake-ups read at once, as by a loop woken by the first
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+
+        def echo_until_eof() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                got = b""
+                while chunk := conn.recv(100):  # until the half-close
+                    got += chunk
+                conn.sendall(got)
+
+        server = threading.Thread(target=echo_until_eof)
+        server.start()
+        sock = socket.create_connection(("127.0.0.1", port))
+        out = io.BytesIO()
+        config = ClientConfig(port=port, timeout=5.0)
+        try:
+            _Pipe(config, sock, Plain(sock), source, out).run()  # before: no reply in 5 s
+        finally:
+            sock.close()
+            source.close()
+            server.join(10)
+    assert out.getvalue() == b"anyone there?\n"

@@ -145,6 +145,10 @@ class _Pipe:
                 if self.wire.ready:
                     self._take_input()
                 self._send()
+                # End of input taken with the last chunk goes out once that has: nothing
+                # else may wake the loop for it.
+                if self.wire.ready and self._finish_input():
+                    self._send()  # TLS: the close_notify
                 writing = selectors.EVENT_WRITE if self.to_send else 0
                 sel.modify(self.sock, selectors.EVENT_READ | writing)
                 deadline = handshake_deadline if not self.wire.ready else self._deadline()
@@ -185,13 +189,24 @@ class _Pipe:
                 self.to_send += self.wire.outgoing()
                 self.put_bytes += len(chunk)
                 self.put_lines += chunk.count(b"\n")
-        if self.input_done and not self.finished and not self.to_send:
-            try:
-                self.wire.finish()
-            except OSError as exc:
-                raise broke(self.where, exc) from exc
-            self.finished = self.owed = True
-            self.quiet_since = time.monotonic()
+        self._finish_input()
+
+    def _finish_input(self) -> bool:
+        """At end of input, once everything before it went out: half-close (TLS: a
+        close_notify); whether it did so now.
+
+        Raises:
+            ClientError: the half-close failed.
+        """
+        if not self.input_done or self.finished or self.to_send:
+            return False
+        try:
+            self.wire.finish()
+        except OSError as exc:
+            raise broke(self.where, exc) from exc
+        self.finished = self.owed = True
+        self.quiet_since = time.monotonic()
+        return True
 
     def _send(self) -> None:
         """Raises: ClientError: the connection broke or the server has closed it."""
