@@ -20,7 +20,14 @@ from aecho.bench.histogram import Histogram
 from aecho.bench.results import Result, Setup
 from aecho.bench.search import MAX_STEPS, PRECISION, Measure, find_max_rate, passes, settle
 from aecho.config import BenchConfig, Framing
-from tests.conftest import ServerProcess, Silent, bench_cli, run_bench, threaded_server
+from tests.conftest import (
+    ServerProcess,
+    Silent,
+    SilentOnFirst,
+    bench_cli,
+    run_bench,
+    threaded_server,
+)
 
 
 def model(capacity: float, calls: list[float | None]) -> Measure:
@@ -252,3 +259,19 @@ def test_a_server_that_never_answers_fails_fast() -> None:
     data = json.loads(out)
     assert data["max_rate"] is None
     assert "no rate held p99 within 5 ms" in err
+
+
+def test_a_step_stopped_early_shows_the_late_replies_that_failed_it() -> None:
+    """One connection of four never answers: the step stops once its replies are late, and
+    its p99 counts them (at the age they had), not only the three that came back fast."""
+    SilentOnFirst.accepted = 0
+    goal_ns = 5_000_000
+    with threaded_server(SilentOnFirst) as port:
+        cfg = BenchConfig(
+            host="127.0.0.1", port=port, connections=4, rate=400, duration=5.0, timeout=5.0
+        ).validate()
+        result = runner.measure_step(cfg, Setup.from_cfg(cfg), 1.0, goal_ns)
+    assert result.aborted
+    assert result.messages > 0  # the three answering connections were measured
+    assert result.hist.percentile(99) > goal_ns
+    assert not passes(result, goal_ns / 1e6, 400)

@@ -18,7 +18,7 @@ from aecho.bench.connection import NEVER, BenchConn, Tally
 from aecho.bench.diagnosis import connect_error, ensure_fd_limit, server_fds, speaks_tls
 from aecho.bench.errors import BenchError
 from aecho.bench.histogram import HIGHEST_NS, Histogram, bucket_index
-from aecho.bench.results import SECOND_NS, TICK_NS, WorkerResult
+from aecho.bench.results import SECOND_NS, TICK_NS, WorkerResult, slot_count
 from aecho.config import BENCH_HEADER_SIZE, DEFAULT_HOST, DEFAULT_PORT, BenchConfig, Framing
 from aecho.tls import client_context
 
@@ -47,11 +47,6 @@ class WorkerPlan:
     drain_s: float  # how long replies owed at the window's end are waited for
     # A search step's p99 goal: the step stops once more than 1 % of its replies are late.
     goal_ns: int | None = None
-
-
-def slot_count(span_ns: int, slot_ns: int) -> int:
-    """Slots of ``slot_ns`` for a window of ``span_ns``: rounded, at least one if any."""
-    return max(1, (span_ns + slot_ns // 2) // slot_ns) if span_ns > 0 else 0
 
 
 async def sleep_until(target_ns: int) -> None:
@@ -227,6 +222,8 @@ class Worker(Tally):
             self.fast_from = NEVER
             # -n: the window ends with the last reply (or now, if none came).
             self.close_window(self.last_reply_ns or end)
+            if self.aborted:
+                self._book_overdue(end)
             for task in (ticker, pacer):
                 if task is not None:
                     task.cancel()
@@ -408,6 +405,19 @@ class Worker(Tally):
                 if due >= self.measure_ns:
                     late += 1
         return late > allowed
+
+    def _book_overdue(self, now: int) -> None:
+        """A search step stopped early: the replies it still owed past the goal count at
+        the age they had by ``now`` (the least they could still take), so its percentiles
+        show the late replies that failed it rather than only the ones that came back."""
+        goal = self.plan.goal_ns
+        if goal is None:
+            return
+        record = self.hist.record
+        for conn in self.conns:
+            for _, due in conn.out:
+                if due >= self.measure_ns and now - due > goal:
+                    record(now - due)
 
     def _sample(self, now: int) -> None:
         """Put the replies counted since the last sample in the slot that just ended.
