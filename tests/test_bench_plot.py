@@ -5,6 +5,7 @@ and p99 over time with the target rate, and the run's parameters."""
 from __future__ import annotations
 
 import html
+import json
 import re
 import struct
 from collections.abc import Callable
@@ -12,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from aecho.bench import plot, report
+from aecho.bench.errors import BenchError
+from aecho.bench.results import Result, Setup
+from aecho.bench.search import Search
+from aecho.config import BenchConfig
 from tests.conftest import ServerProcess, Silent, bench_cli, threaded_server
 
 pytest.importorskip("matplotlib")
@@ -92,13 +98,47 @@ def test_search_plot(serve_process: Callable[..., ServerProcess], tmp_path: Path
     assert len(re.findall(r"step [\d,]+: .*: pass", err)) >= 4
 
 
-def test_unwritable_plot_is_one_line(
-    serve_process: Callable[..., ServerProcess], tmp_path: Path
+def test_unwritable_plot_is_refused_before_anything_is_measured(tmp_path: Path) -> None:
+    """A --plot file that cannot be written is a usage error, found before the run (no
+    server is started or driven) and said in one line; --json prints nothing then."""
+    for path, why in (
+        (tmp_path / "no" / "x.png", "no such directory"),
+        (tmp_path, "name a .png or .svg file"),
+        (tmp_path / "dir.svg", "it is a directory"),
+    ):
+        if path.name == "dir.svg":
+            path.mkdir()
+        for command in (["-n", "20", "--json"], ["merge", "nothing.json"]):
+            code, out, err = bench_cli(*command, "--plot", str(path))
+            assert code == 2, err
+            assert out == ""
+            assert len(err.strip().splitlines()) == 1 and why in err, err
+
+
+@pytest.mark.parametrize("search", [False, True], ids=["run", "search"])
+def test_a_plot_that_fails_after_the_run_is_one_failure_more(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], search: bool
 ) -> None:
-    server = serve_process()
-    code, _, err = bench_cli(
-        "127.0.0.1", str(server.port), "-n", "20", "--plot", str(tmp_path / "no" / "x.png")
-    )
+    """The disk fills while the run measures: --json still prints one object, which says
+    why, and the exit status is 1."""
+
+    def broken(_: object, path: str) -> None:
+        raise BenchError(f"cannot write --plot {path}: No space left on device")
+
+    monkeypatch.setattr(plot, "write_plot", broken)
+    monkeypatch.setattr(plot, "write_search_plot", broken)
+    cfg = BenchConfig(
+        host="127.0.0.1", port=7, duration=1.0, json=True, plot="x.png",
+        find_max_rate=search, max_p99_ms=5.0 if search else None,
+    ).validate()  # fmt: skip
+    setup = Setup.from_cfg(cfg)
+    if search:
+        code = report.show_search(Search(setup, goal_ms=5.0), cfg)
+    else:
+        code = report.show(Result.empty(setup), cfg)
+    lines = capsys.readouterr().out.splitlines()
     assert code == 1
-    assert err.strip().endswith("No such file or directory")
-    assert "cannot write --plot" in err
+    assert len(lines) == 1
+    data = json.loads(lines[0])
+    said = data["error"] if search else data["failures"][-1]
+    assert said == "cannot write --plot x.png: No space left on device"

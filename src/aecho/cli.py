@@ -479,6 +479,8 @@ def bench_merge(results: bo.Results, json_out: bo.Json = False, plot: bo.Plot = 
         fail(str(exc), 2)
     try:
         code = merge(results, json_out, plot)
+    except ConfigError as exc:  # a --plot file that cannot be written
+        fail(str(exc), 2)
     except BenchError as exc:
         fail(str(exc))
     raise typer.Exit(code)

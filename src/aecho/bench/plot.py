@@ -4,13 +4,16 @@ the file's suffix.  matplotlib is imported here only, and only when a plot is as
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aecho.bench.errors import BenchError
 from aecho.bench.histogram import Histogram, format_ns
 from aecho.bench.results import SECOND_NS, TICK_NS, Result, Setup
 from aecho.bench.search import Search, Step
+from aecho.config import ConfigError
 from aecho.text import needs
 
 if TYPE_CHECKING:
@@ -22,16 +25,31 @@ NINES = (50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
 COLORS = {"p50": "tab:blue", "p99": "tab:orange", "p99.9": "tab:red", "rate": "tab:green"}
 
 
-def check_plot() -> None:
-    """Fail early when ``--plot`` cannot work.
+def check_plot(path: str) -> None:
+    """Fail before anything is measured when ``--plot path`` cannot work.
 
     Raises:
         BenchError: matplotlib is not installed.
+        aecho.config.ConfigError: ``path`` cannot be written (no such directory, one we
+            may not write to, or a directory itself).
     """
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise BenchError(needs("--plot", "matplotlib", "plot")) from None
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        why = "it is a directory"
+    elif not folder.is_dir():
+        why = f"no such directory: {folder}"
+    elif not os.access(folder, os.W_OK | os.X_OK) or (
+        target.exists() and not os.access(target, os.W_OK)
+    ):
+        why = "permission denied"
+    else:
+        return
+    raise ConfigError(f"cannot write --plot {path}: {why}")
 
 
 def _pyplot() -> Any:

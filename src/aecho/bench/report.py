@@ -176,20 +176,21 @@ def show(result: Result, cfg: BenchConfig) -> int:
 def present(
     result: Result, failures: list[str], *, as_json: bool, plot: str | None, prefix: str
 ) -> int:
-    """The table or the JSON object, the plot, then warnings and failures on stderr, each
-    line after ``prefix``; the exit status (1: the run failed).
-
-    Raises:
-        BenchError: the plot cannot be written.
+    """The plot, the table or the JSON object, then warnings and failures on stderr, each
+    line after ``prefix``; the exit status (1: the run failed, or its plot could not be
+    written: one failure more, and ``--json`` still prints one object).
     """
+    if plot:
+        from aecho.bench.plot import write_plot
+
+        try:
+            write_plot(result, plot)
+        except BenchError as exc:
+            failures = [*failures, str(exc)]
     if as_json:
         print_json(result, failures)
     else:
         print_table(result)
-    if plot:
-        from aecho.bench.plot import write_plot
-
-        write_plot(result, plot)
     print_notes(result, prefix)
     for line in failures:
         print(f"{prefix}: {line}", file=sys.stderr)
@@ -332,20 +333,24 @@ def answer_line(search: Search) -> str:
 
 
 def show_search(search: Search, cfg: BenchConfig) -> int:
-    """Print the search as asked (table or JSON, plot); the exit status (1: no rate passed).
-
-    Raises:
-        BenchError: the plot cannot be written.
-    """
-    if cfg.json:
-        sys.stdout.write(json.dumps(search_json(search)) + "\n")
-        sys.stdout.flush()
-    else:
-        print_search_table(search)
+    """Print the search as asked (plot, table or JSON); the exit status (1: no rate passed,
+    or the plot could not be written: ``--json`` then says so in its ``error``)."""
+    failure = None
     if cfg.plot:
         from aecho.bench.plot import write_search_plot
 
-        write_search_plot(search, cfg.plot)
+        try:
+            write_search_plot(search, cfg.plot)
+        except BenchError as exc:
+            failure = str(exc)
+    if cfg.json:
+        data = search_json(search)
+        if failure is not None:
+            data["error"] = failure
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
+    else:
+        print_search_table(search)
     busy = [st for st in search.steps if (st.result.busiest_cpu or 0.0) >= BUSY_SHARE]
     if busy:
         # The lowest rate asked for (a step stopped early may have achieved next to none).
@@ -355,7 +360,9 @@ def show_search(search: Search, cfg: BenchConfig) -> int:
             f"aecho bench: warning: at step {first.label}{rate}, {busy_note(first.result)}",
             file=sys.stderr,
         )
+    if failure is not None:
+        print(f"aecho bench: {failure}", file=sys.stderr)
     if search.best is None:
         print(f"aecho bench: {answer_line(search)}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if failure is None else 1

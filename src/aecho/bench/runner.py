@@ -35,7 +35,7 @@ def main(cfg: BenchConfig) -> int:
     import aecho.bench.report as report
 
     if cfg.plot:
-        plot.check_plot()
+        plot.check_plot(cfg.plot)
     setup = Setup.from_cfg(cfg)  # fails on an unverifiable handler before anything starts
     if cfg.tls:
         client_context(cfg.cafile, cfg.insecure)  # a bad --cafile is a usage error: say so now
