@@ -34,6 +34,12 @@ def write(path: Path, result: Result) -> str:
     return str(path)
 
 
+def elsewhere(result: Result) -> Result:
+    """The same figures as measured by another machine: it started a nanosecond later
+    (merge refuses one run given twice)."""
+    return replace(result, start_unix_ns=result.start_unix_ns + 1)
+
+
 @pytest.fixture(scope="module")
 def two_workers() -> Any:
     """A --workers 2 open-loop run against a real server, kept for the tests below."""
@@ -122,7 +128,7 @@ def test_files_from_before_bench_measured_its_cpu_still_merge(
     """A file written before ``bench_cpu`` existed merges; the busy share stays unknown
     for it, and the other file's shares are kept."""
     _, result = two_workers
-    old = to_json(result)
+    old = to_json(elsewhere(result))
     del old["bench_cpu"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     new = write(tmp_path / "new.json", result)
@@ -150,11 +156,15 @@ def test_merge_refuses_what_does_not_add_up(
 ) -> None:
     _, result = two_workers
     one = write(tmp_path / "a.json", result)
-    other = replace(result, setup=replace(result.setup, size=64, reply_size=64))
+    other = replace(
+        elsewhere(result),
+        setup=replace(result.setup, size=64, reply_size=64),
+        bytes=result.messages * 64,
+    )
     code, out, err = bench_cli("merge", one, write(tmp_path / "b.json", other))
     assert code == 1 and out == ""
     assert "cannot merge" in err and "sizes (1024 and 64)" in err
-    closed = replace(result, setup=replace(result.setup, rate=None))
+    closed = replace(elsewhere(result), setup=replace(result.setup, rate=None))
     code, _, err = bench_cli("merge", one, write(tmp_path / "c.json", closed))
     assert code == 1
     assert "open loop" in err
@@ -177,7 +187,9 @@ def test_merge_reports_errors_in_its_exit_status(
 ) -> None:
     _, result = two_workers
     errors = dict(result.errors, timeout=2)
-    failed = replace(result, errors=errors, first_errors={"timeout": "no reply within 10s"})
+    failed = replace(
+        elsewhere(result), errors=errors, first_errors={"timeout": "no reply within 10s"}
+    )
     code, _, err = bench_cli("merge", write(tmp_path / "ok.json", result),
                              write(tmp_path / "bad.json", failed))  # fmt: skip
     assert code == 1
@@ -248,6 +260,51 @@ def test_a_hand_edited_file_is_refused_in_one_line(
         assert code == 1 and out == "", (where, out)
         assert err.count("\n") == 1, err
         assert "is not an 'aecho bench --json' result" in err, err
+
+
+def _more_replies_than_sent(data: dict[str, Any]) -> None:
+    data["messages"] = 3 * data["sent"]
+    data["timeline"]["messages"][0] += data["messages"] - sum(data["timeline"]["messages"])
+
+
+DISAGREEMENTS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "more replies than sent": _more_replies_than_sent,
+    "messages not the timeline's": lambda d: d.update(messages=d["messages"] // 2),
+    "timeline scaled": lambda d: d["timeline"].update(
+        messages=[5 * n for n in d["timeline"]["messages"]]
+    ),
+    "duration cut to a quarter": lambda d: d.update(duration_ns=d["duration_ns"] // 4),
+    "bytes scaled": lambda d: d.update(bytes=10 * d["bytes"]),
+    "histogram short of the replies": lambda d: d["histogram"].update(counts={}, total=0),
+}
+
+
+@pytest.mark.parametrize("edit", list(DISAGREEMENTS))
+def test_a_file_whose_figures_disagree_is_refused(
+    edit: str, two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    """Edits that keep every value plausible on its own but no run could have measured:
+    replies are at most the messages sent, the timeline adds up to them over the run's
+    length, the histogram holds them, and an echo's bytes are its replies' size."""
+    _, result = two_workers
+    data = json.loads(json.dumps(to_json(result)))
+    DISAGREEMENTS[edit](data)
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    code, out, err = bench_cli("merge", str(tmp_path / "edited.json"), "--json")
+    assert code == 1 and out == "", out
+    assert err.count("\n") == 1 and "is not an 'aecho bench --json' result" in err, err
+
+
+def test_one_run_given_twice_is_refused(
+    two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    _, result = two_workers
+    one = write(tmp_path / "a.json", result)
+    again = write(tmp_path / "copy.json", result)
+    for files in ((one, one), (one, again)):
+        code, out, err = bench_cli("merge", *files)
+        assert code == 1 and out == "", out
+        assert err.count("\n") == 1 and "are the same run: give each run once" in err, err
 
 
 def test_a_huge_file_one_nested_too_deeply_or_runs_weeks_apart_are_refused_in_one_line(

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from aecho.bench.connection import ERROR_KINDS
 from aecho.bench.errors import BenchError
 from aecho.bench.histogram import SUB_BITS, Histogram, checked_bucket, natural
-from aecho.bench.results import Result, Setup
+from aecho.bench.results import TICK_NS, Result, Setup, slot_count
 
 T = TypeVar("T")
 
@@ -49,31 +49,58 @@ def from_json(data: dict[str, Any]) -> Result:
     for kind, count in errors.items():
         if count and kind not in first_errors:  # the verdict names the first of each kind
             raise ValueError(f"{count} {kind} errors, and not the first of them")
-    return Result(
-        setup=setup,
-        hist=Histogram.from_dict(data["histogram"]),
-        connect_hist=Histogram.from_dict(data["connect_histogram"]),
-        errors=errors,
-        first_errors=first_errors,
-        messages=natural(data["messages"]),
-        bytes=natural(data["bytes"]),
-        sent=natural(data["sent"]),
-        connected=natural(data["connected"]),
-        start_unix_ns=_clock(data["start_unix_ns"]),
-        duration_ns=_clock(data["duration_ns"]),
-        timeline=[natural(n) for n in timeline["messages"]],
-        seconds=[
-            {checked_bucket(i): natural(n) for i, n in s.items()}
-            for s in timeline["latency_buckets"]
-        ],
-        interrupted=_flag(data["interrupted"]),
-        aborted=_flag(data["stopped_early"]),
-        server_pid=_optional(natural, data["embedded_server_pid"]),
-        notes=_notes(data["diagnosis"]),
-        failure=_optional(_text, data.get("error")),
-        # Files from before bench measured its own CPU have none: still merged.
-        cpu=[_share(share) for share in data.get("bench_cpu", [])],
+    return _consistent(
+        Result(
+            setup=setup,
+            hist=Histogram.from_dict(data["histogram"]),
+            connect_hist=Histogram.from_dict(data["connect_histogram"]),
+            errors=errors,
+            first_errors=first_errors,
+            messages=natural(data["messages"]),
+            bytes=natural(data["bytes"]),
+            sent=natural(data["sent"]),
+            connected=natural(data["connected"]),
+            start_unix_ns=_clock(data["start_unix_ns"]),
+            duration_ns=_clock(data["duration_ns"]),
+            timeline=[natural(n) for n in timeline["messages"]],
+            seconds=[
+                {checked_bucket(i): natural(n) for i, n in s.items()}
+                for s in timeline["latency_buckets"]
+            ],
+            interrupted=_flag(data["interrupted"]),
+            aborted=_flag(data["stopped_early"]),
+            server_pid=_optional(natural, data["embedded_server_pid"]),
+            notes=_notes(data["diagnosis"]),
+            failure=_optional(_text, data.get("error")),
+            # Files from before bench measured its own CPU have none: still merged.
+            cpu=[_share(share) for share in data.get("bench_cpu", [])],
+        )
     )
+
+
+def _consistent(r: Result) -> Result:
+    """``r`` if its figures agree with each other as a run's (or a merge's) always do.
+
+    Raises:
+        ValueError: they do not: the file was edited.
+    """
+    if r.messages > r.sent:
+        raise ValueError(f"{r.messages} replies to {r.sent} messages sent")
+    if sum(r.timeline) != r.messages:
+        raise ValueError(f"a timeline of {sum(r.timeline)} replies for {r.messages}")
+    if r.hist.total < r.messages:
+        raise ValueError(f"a histogram of {r.hist.total} replies for {r.messages}")
+    # Timelines merged by wall clock round each start to a slot: one more or less.
+    if abs(len(r.timeline) - slot_count(r.duration_ns, TICK_NS)) > 1:
+        raise ValueError(f"a timeline of {len(r.timeline)} slots for {r.duration_ns} ns")
+    if r.setup.handler in SIZED and r.bytes != r.messages * r.setup.reply_size:
+        raise ValueError(f"{r.bytes} bytes in {r.messages} replies of {r.setup.reply_size}")
+    return r
+
+
+# Handlers whose every reply to bench's payloads is reply_size bytes long (one of one's
+# own may answer each message with another size).
+SIZED = frozenset({"echo", "burn", "upper", "reverse", "sha256"})
 
 
 CLOCK_LIMIT_NS = 1 << 62  # past the year 2116, and past any duration
@@ -192,18 +219,27 @@ MAX_MERGE_SPAN_NS = 7 * 86_400 * 1_000_000_000
 
 def merge_main(paths: list[str], as_json: bool, plot_path: str | None = None) -> int:
     """``aecho bench merge``: print the combined result of ``--json`` files; 1 if it holds
-    errors.
+    errors, or its plot could not be written.
 
     Raises:
-        BenchError: a file cannot be read, the files measured different things, or the
-            plot cannot be drawn.
+        BenchError: a file cannot be read, the files measured different things, or
+            matplotlib is missing.
+        aecho.config.ConfigError: the plot's file cannot be written.
     """
     import aecho.bench.plot as plot
     import aecho.bench.report as report
 
     if plot_path:
-        plot.check_plot()
+        plot.check_plot(plot_path)
     results = [load(path) for path in paths]
+    seen: dict[tuple[int, int, str], str] = {}
+    for path, r in zip(paths, results, strict=True):
+        # Two machines do not start at the same nanosecond: one run given twice would
+        # count its load twice.
+        run = (r.start_unix_ns, r.duration_ns, r.setup.target)
+        if r.start_unix_ns and run in seen:
+            raise BenchError(f"{seen[run]} and {path} are the same run: give each run once")
+        seen.setdefault(run, path)
     timed = [r for r in results if r.start_unix_ns]
     if timed:
         span = max(r.start_unix_ns + r.duration_ns for r in timed) - min(

@@ -16,6 +16,11 @@ TICK_NS = 100_000_000  # resolution of the throughput timeline
 SECOND_NS = 1_000_000_000  # resolution of latency over time
 
 
+def slot_count(span_ns: int, slot_ns: int) -> int:
+    """Slots of ``slot_ns`` for a window of ``span_ns``: rounded, at least one if any."""
+    return max(1, (span_ns + slot_ns // 2) // slot_ns) if span_ns > 0 else 0
+
+
 @dataclass(frozen=True)
 class Setup:
     """What was measured: enough to label a table or a plot, and to tell whether two
