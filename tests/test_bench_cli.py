@@ -338,6 +338,33 @@ def test_every_connection_closed_ends_the_run() -> None:
     assert json.loads(out)["errors_by_kind"]["short"] == 3
 
 
+def test_a_close_between_replies_is_closed_and_one_within_a_reply_is_short() -> None:
+    """A server that hangs up after whole replies closed the connection; one that hangs up
+    in the middle of a reply cut it short.  In a closed loop a message is owed either way."""
+
+    class WholeThenClose(Echo):
+        """Answers five messages, then closes on the sixth, having read all of it (no
+        unread bytes: a FIN, not a reset)."""
+
+        replies = 0
+
+        def data_received(self, data: bytes) -> None:
+            if self.replies == 5:
+                self.transport.close()
+                return
+            self.transport.write(data)
+            self.replies += 1
+
+    with threaded_server(WholeThenClose) as port:
+        code, out, err = bench_cli(
+            "127.0.0.1", str(port), "-c", "3", "-s", "64", "-d", "5", "--json"
+        )
+    assert code == 1
+    data = json.loads(out)
+    assert data["errors_by_kind"]["closed"] == 3 and data["errors_by_kind"]["short"] == 0
+    assert "3 closed by server: the server closed the connection with 1 reply owed" in err, err
+
+
 # -- failures, one line each, and JSON whatever happens ------------------------------------------
 
 

@@ -19,6 +19,7 @@ from typing import cast
 
 from aecho.bench.histogram import HIGHEST_NS, SUB_BITS, Histogram
 from aecho.config import BENCH_HEADER_SIZE, BenchConfig, ConfigError, Framing
+from aecho.text import plural
 
 FILLER = bytes(range(0x21, 0x7F))  # printable, no newline: safe for --framing line
 SHIFT_BASE = SUB_BITS + 1  # bucket_index's shift offset, precomputed for the hot path
@@ -301,8 +302,12 @@ class BenchConn(asyncio.Protocol):
                 w.error("refused", "the server closed the connection before any reply")
             elif exc is not None:
                 w.error("reset", f"connection reset: {exc}")
+            elif self.off:
+                w.error("short", "the server closed the connection in the middle of a reply")
             elif owed:
-                w.error("short", "the server closed the connection with replies owed")
+                # Between replies: in a closed loop a message is always owed then.
+                owing = plural(owed, "reply", "replies")
+                w.error("closed", f"the server closed the connection with {owing} owed")
             else:
                 w.error("closed", "the server closed the connection")
         if not w.live and w.sending:
