@@ -18,6 +18,28 @@ def boom(data: bytes) -> bytes:
     return data
 
 
+def exits(data: bytes) -> bytes:
+    """Raise SystemExit for messages starting with ``exit`` (as argparse does on input it
+    refuses); echo the rest."""
+    if data.startswith(b"exit"):
+        raise SystemExit(2)
+    return data
+
+
+def interrupts(data: bytes) -> bytes:
+    """Raise KeyboardInterrupt for messages starting with ``kbint``; echo the rest."""
+    if data.startswith(b"kbint"):
+        raise KeyboardInterrupt
+    return data
+
+
+def gives_str(data: bytes) -> bytes:
+    """Return a str, not bytes, for messages starting with ``str``; echo the rest."""
+    if data.startswith(b"str"):
+        return data.decode()  # type: ignore[return-value]
+    return data
+
+
 def jitter(data: bytes) -> bytes:
     """Echo after a random pause of up to 0.5 ms, so batches finish out of order."""
     time.sleep(random.random() * 0.0005)

@@ -162,8 +162,12 @@ async def test_a_stalled_worker_does_not_hold_up_the_others(tmp_path: Path) -> N
         # would fail the whole read with ERR WorkerDied and cost a restart), nor the
         # inline connection that reports it.
         ("unprintable", b"unprintable", b"ERR _Unprintable: <exception str() failed>\n"),
+        # A handler cannot end the server, nor its worker, by asking its program to end.
+        ("exits", b"exit now", b"ERR SystemExit: 2\n"),
+        ("interrupts", b"kbint", b"ERR KeyboardInterrupt: \n"),
+        ("gives_str", b"str", b"ERR TypeError: handler returned str, not bytes\n"),
     ],
-    ids=["raises", "unprintable"],
+    ids=["raises", "unprintable", "exits", "interrupts", "not-bytes"],
 )
 async def test_raising_handler_line_framing_replies_err(
     offload: Offload, handler: str, bad: bytes, err: bytes
@@ -186,13 +190,21 @@ async def test_raising_handler_line_framing_replies_err(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("offload", [Offload.inline, Offload.process])
-async def test_raising_handler_raw_framing_closes_connection(offload: Offload) -> None:
+@pytest.mark.parametrize(
+    ("handler", "bad"),
+    [("boom", b"boom!"), ("exits", b"exit"), ("interrupts", b"kbint"), ("gives_str", b"str")],
+)
+async def test_raising_handler_raw_framing_closes_connection(
+    offload: Offload, handler: str, bad: bytes
+) -> None:
     async with running_server(
-        offload=offload, pool_size=1, framing=Framing.raw, handler=T + "boom"
+        offload=offload, pool_size=1, framing=Framing.raw, handler=T + handler
     ) as server:
         reader, writer = await _open(server.port)
-        writer.write(b"boom!")
+        writer.write(bad)
         assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        assert server.stats.handler_errors == 1  # counted as the handler's failure
+        assert server.stats.pool_restarts == 0
         await _close(writer)
         reader, writer = await _open(server.port)  # the server carries on
         writer.write(b"fine")

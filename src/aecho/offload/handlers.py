@@ -15,6 +15,23 @@ from collections.abc import Callable
 
 Handler = Callable[[bytes], bytes]
 
+# What a handler may raise that costs its message and nothing more: any Exception, and
+# the two that ask a program to end, which a handler may not ask of the server (argparse
+# raises SystemExit on input it refuses).  Workers ignore SIGINT and the server takes it
+# through its loop, so a KeyboardInterrupt in a handler is always the handler's own.
+HANDLER_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
+
+
+def as_bytes(reply: object) -> bytes:
+    """A handler's reply that is not ``bytes``, as bytes.
+
+    Raises:
+        TypeError: it is not bytes-like.
+    """
+    if isinstance(reply, bytes | bytearray | memoryview):
+        return bytes(reply)
+    raise TypeError(f"handler returned {type(reply).__name__}, not bytes")
+
 
 class HandlerError(ValueError):
     """A handler name could not be resolved; str() is the user message."""

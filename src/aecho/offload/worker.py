@@ -20,7 +20,13 @@ import time
 import traceback
 
 from aecho.offload import wire
-from aecho.offload.handlers import Handler, HandlerError, load_handler
+from aecho.offload.handlers import (
+    HANDLER_FAILURES,
+    Handler,
+    HandlerError,
+    as_bytes,
+    load_handler,
+)
 from aecho.text import exception_text
 
 WORKER_TITLE = "aecho: pool worker"
@@ -165,17 +171,10 @@ def run_batch(handler: Handler, messages: list[bytes]) -> tuple[list[bytes], wir
         try:
             reply = handler(message)
             if type(reply) is not bytes:
-                reply = _as_bytes(reply)
+                reply = as_bytes(reply)
             append(reply)
-        except Exception as exc:
+        except HANDLER_FAILURES as exc:
             trace = traceback.format_exc() if _tracebacks else ""
             failures[i] = (type(exc).__name__, exception_text(exc), trace)
             append(b"")
     return out, failures, time.perf_counter() - started
-
-
-def _as_bytes(reply: object) -> bytes:
-    """Raises: TypeError: the handler returned something that is not bytes-like."""
-    if isinstance(reply, bytes | bytearray | memoryview):
-        return bytes(reply)
-    raise TypeError(f"handler returned {type(reply).__name__}, not bytes")

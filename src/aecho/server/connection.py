@@ -18,7 +18,7 @@ from typing import Any, Protocol, cast
 
 from aecho.address import format_address
 from aecho.config import Framing, ServerConfig
-from aecho.offload.handlers import Handler
+from aecho.offload.handlers import HANDLER_FAILURES, Handler, as_bytes
 from aecho.server.framing import FrameError, Framer, LineFramer, RawFramer
 from aecho.server.stats import Stats
 from aecho.text import exception_text
@@ -388,8 +388,11 @@ class InlineConnection(FramedConnection):
             message = messages[i]
             i += 1
             try:
-                reply = encode(handler(message))
-            except Exception as exc:
+                reply = handler(message)
+                if type(reply) is not bytes:
+                    reply = as_bytes(reply)
+                reply = encode(reply)
+            except HANDLER_FAILURES as exc:
                 if not self._handler_failed(exc, out):
                     return
                 continue
