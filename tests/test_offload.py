@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from aecho.offload.handlers import BUILTINS
 from aecho.offload.outcomes import Outcome
 from aecho.offload.pool import Pool
 from aecho.server.stats import Stats
-from tests.conftest import alive, cmdline, descendants, running_server, wait_until
+from tests.conftest import alive, cmdline, descendants, running_server, until, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 T = "tests.handlers_for_tests:"
@@ -137,7 +136,7 @@ async def test_a_stalled_worker_does_not_hold_up_the_others(tmp_path: Path) -> N
         pidfile = tmp_path / "stalled.pid"
         victim_r, victim_w = await _open(server.port)
         victim_w.write(b"stall %s\n" % str(pidfile).encode())
-        await _until(pidfile.exists, "the stalled worker's pid")
+        await until(pidfile.exists, "the stalled worker's pid")
         # Small batches wait for a running task to come back, but not for one that
         # is overdue: the idle worker serves everyone else meanwhile.
         reader, writer = await _open(server.port)
@@ -212,16 +211,6 @@ async def test_raising_handler_raw_framing_closes_connection(
         await _close(writer)
 
 
-async def _until(predicate: Callable[[], object], what: str) -> None:
-    """Poll ``predicate`` on the loop (the server runs there too), bounded in time."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        if predicate():
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.asyncio
 async def test_worker_sigkilled_mid_load(tmp_path: Path) -> None:
     async with running_server(
@@ -233,7 +222,7 @@ async def test_worker_sigkilled_mid_load(tmp_path: Path) -> None:
         pidfile = tmp_path / "stalled.pid"
         victim_r, victim_w = await _open(server.port)
         victim_w.write(b"stall %s\n" % str(pidfile).encode())
-        await _until(pidfile.exists, "the stalled worker's pid")  # its batch is running
+        await until(pidfile.exists, "the stalled worker's pid")  # its batch is running
         victim = int(pidfile.read_text())
         assert victim in before
 
@@ -254,7 +243,7 @@ async def test_worker_sigkilled_mid_load(tmp_path: Path) -> None:
             await _close(writer)
 
         tasks = [asyncio.create_task(traffic(c)) for c in range(20)]
-        await _until(lambda: server.stats.messages >= 200, "traffic")
+        await until(lambda: server.stats.messages >= 200, "traffic")
         os.kill(victim, signal.SIGKILL)
         killed.set()
         line = await asyncio.wait_for(victim_r.readline(), TIMEOUT)
@@ -265,7 +254,7 @@ async def test_worker_sigkilled_mid_load(tmp_path: Path) -> None:
         victim_w.write(b"after\n")
         assert await asyncio.wait_for(victim_r.readline(), TIMEOUT) == b"after\n"
         await _close(victim_w)
-        await _until(lambda: len(pool.pids) == 2, "the replacement worker")
+        await until(lambda: len(pool.pids) == 2, "the replacement worker")
         assert victim not in pool.pids
 
 
@@ -305,7 +294,7 @@ async def test_graceful_stop_waits_for_running_batches() -> None:
         pids = pool.pids
         reader, writer = await _open(server.port)
         writer.write(b"late\n")
-        await _until(lambda: pool.running, "the batch to be running")
+        await until(lambda: pool.running, "the batch to be running")
         stop = asyncio.create_task(server.shutdown())
         assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"late\n"
         await asyncio.wait_for(stop, TIMEOUT)

@@ -29,6 +29,12 @@ log = logging.getLogger("aecho.server.connection")
 PAUSE_WRITE = 1  # the transport's write buffer is above its high-water mark
 PAUSE_WINDOW = 2  # too much is queued in the worker pool (pooled only)
 PAUSE_CLOSING = 4  # never lifted: the connection ends once owed replies are out
+# A connection closed while its peer may still be sending half-closes, then reads and drops
+# what comes until the peer ends, or until nothing came for LINGER_S, or LINGER_MAX_S in
+# all (nginx's lingering close): a close with bytes unread would reset the connection, and
+# the kernel would drop the replies it has yet to send.
+LINGER_S = 0.25
+LINGER_MAX_S = 5.0
 PAUSE_BACKLOG = 8  # messages already read wait for room (write buffer or pool window)
 PAUSE_SHARED = 16  # the server-wide pool budget is spent (pooled only)
 
@@ -73,13 +79,14 @@ def error_line(exc: BaseException) -> bytes:
 class Tracked(asyncio.Protocol):
     """What the server's sweeps (idle, shutdown) see of a connection in any phase."""
 
-    __slots__ = ("active", "idle_ticks", "peer", "rx", "transport")
+    __slots__ = ("active", "buffered", "idle_ticks", "peer", "rx", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: Any = None
         self.active = False  # read since the last sweep
         self.idle_ticks = 0
+        self.buffered = 0  # its write buffer at the last idle sweep (Server._sweep_idle)
         # Bytes read; the server adds a connection's to its totals when it ends and
         # metrics sum the open ones at scrape time.  A prelude reads none of its own.
         self.rx = 0
@@ -88,6 +95,12 @@ class Tracked(asyncio.Protocol):
     def quiet(self) -> bool:
         """Nothing owed to the peer: a graceful stop may close it (a prelude owes none)."""
         return True
+
+    @property
+    def working(self) -> bool:
+        """The server is still working on what the peer sent (a worker pool has it): the
+        peer waits on the server, so the connection is not idle."""
+        return False
 
     def drain(self) -> None:
         """A graceful stop began: stop starting new messages.  By default nothing is in
@@ -198,11 +211,22 @@ class FramedConnection(Connection):
     reading pauses, and the backlog is taken up again from the loop once there is room.
     """
 
-    __slots__ = ("_backlog", "_backlog_at", "_draining_at", "_eof", "_framer", "_last_words")
+    __slots__ = (
+        "_backlog",
+        "_backlog_at",
+        "_draining_at",
+        "_eof",
+        "_framer",
+        "_last_words",
+        "_lingering",
+        "_peer_eof",
+    )
 
     def __init__(self, host: Host) -> None:
         super().__init__(host)
-        self._eof = False
+        self._eof = False  # read no more: the peer ended, or the connection is finishing
+        self._peer_eof = False
+        self._lingering = False  # half-closed, dropping what the peer still sends
         cfg = host.config
         self._framer: Framer = (
             LineFramer(cfg.max_line) if cfg.framing is Framing.line else RawFramer()
@@ -218,6 +242,8 @@ class FramedConnection(Connection):
     def data_received(self, data: bytes) -> None:
         self.active = True
         self.rx += len(data)
+        if self._lingering:
+            return  # after the half-close: read only so that the close is not a reset
         try:
             messages = self._framer.feed(data)
         except FrameError as exc:
@@ -231,7 +257,9 @@ class FramedConnection(Connection):
             self._stop_after_current()
 
     def eof_received(self) -> bool:
-        self._eof = True
+        self._eof = self._peer_eof = True
+        if self._lingering:
+            return False  # the peer has read its replies and ended: close
         if isinstance(self._framer, LineFramer) and self._framer.pending:
             # A last line without its terminator is still a message the peer sent.
             self._take(self._framer.feed(b"\n"))
@@ -248,25 +276,33 @@ class FramedConnection(Connection):
         # A line half received is a message in progress: a graceful stop waits for it.
         return (
             not self._owes
-            and not (isinstance(self._framer, LineFramer) and self._framer.pending)
+            and not (
+                isinstance(self._framer, LineFramer)
+                and self._framer.pending
+                and not self._lingering
+            )
             and super().quiet
         )
 
     def drain(self) -> None:
-        """A graceful stop began: finish the line in progress, start no new one.
+        """A graceful stop began: finish the line in progress, start no new one; one that
+        has read nothing yet is served its first line, if it comes before the server
+        closes it (see Server.shutdown).
 
         Raw framing keeps :class:`Connection`'s way: a chunk is whole once read.
         """
         if isinstance(self._framer, LineFramer):
             self._draining_at = self.rx
-            self._stop_after_current()
+            if self.rx:
+                self._stop_after_current()
 
     def _stop_after_current(self) -> None:
         framer = self._framer
         assert isinstance(framer, LineFramer)  # only line framing drains
         pending = framer.pending
-        if pending and self.rx - pending < self._draining_at:
-            return  # the line in progress began before the stop: let it complete
+        start = self.rx - pending
+        if pending and (start < self._draining_at or start == 0):
+            return  # the line in progress began before the stop, or is the first: finish it
         self._finish()
 
     def _finish(self) -> None:
@@ -283,7 +319,27 @@ class FramedConnection(Connection):
         if self._last_words:
             self.tx += len(self._last_words)
             transport.write(self._last_words)
-        transport.close()
+        if self._peer_eof or self._lingering or not transport.can_write_eof():
+            transport.close()
+            return
+        # Reading stopped while the peer may still be sending (a graceful stop, a refused
+        # line): linger (see LINGER_S).
+        transport.write_eof()  # after the replies still buffered
+        self._lingering = True
+        self._paused = 0
+        transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        loop.call_later(LINGER_S, self._linger, loop.time() + LINGER_MAX_S, self.rx)
+
+    def _linger(self, until: float, rx: int) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        if self.rx == rx or loop.time() >= until:
+            transport.close()
+        else:
+            loop.call_later(LINGER_S, self._linger, until, self.rx)
 
     def _take(self, messages: list[bytes]) -> None:
         if self._backlog is not None:

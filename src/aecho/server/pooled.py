@@ -105,6 +105,10 @@ class PooledConnection(FramedConnection):
     def _owes(self) -> bool:
         return bool(self._held) or super()._owes
 
+    @property
+    def working(self) -> bool:
+        return bool(self._held)
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._backlog = None

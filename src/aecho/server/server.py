@@ -453,14 +453,23 @@ class Server(Registry):
         # timeout after its last read, with no per-message timer work.
         interval = max(timeout / 4, 0.01)
         limit = 4
+        # Idle: nothing read, nothing of the peer's at the workers, and nothing of its
+        # write buffer taken by the peer.  One whose peer does not read is cut: a close
+        # would wait for its buffer to drain, for ever.
         while True:
             await asyncio.sleep(interval)
             for conn in self._tracked():
-                if conn.active:
+                t = conn.transport
+                buffered = 0 if t is None else t.get_write_buffer_size()
+                if conn.active or conn.working or buffered < conn.buffered:
                     conn.active = False
                     conn.idle_ticks = 0
                 else:
                     conn.idle_ticks += 1
                     if conn.idle_ticks >= limit:
                         log.debug("closing idle connection %s", format_address(conn.peer))
-                        conn.close()
+                        if buffered:
+                            conn.abort()
+                        else:
+                            conn.close()
+                conn.buffered = buffered
