@@ -40,6 +40,7 @@ from aecho.process.daemon import Readiness, ready_timeout
 from aecho.process.logs import reopen_log_files
 from aecho.process.pidfile import Pidfile
 from aecho.process.serving import log_fd_limit
+from aecho.process.signals import release
 from aecho.process.systemd import LISTEN_FIELD, Notification, NotifyReceiver, notify
 from aecho.process.titles import set_process_title, supervisor_title
 from aecho.server.limits import SharedTable
@@ -164,6 +165,7 @@ class Supervisor:
         signal.set_wakeup_fd(self.wake_w.fileno())
         previous = {sig: signal.signal(sig, lambda *_: None) for sig in SUPERVISOR_SIGNALS}
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._signalled)
+        release()  # what came while ``aecho serve`` started is handled now
         return previous
 
     def _close(self, previous: dict[signal.Signals, Any]) -> None:

@@ -1,0 +1,183 @@
+"""Process control under a careless operator: signals that come early, pidfiles that lie,
+a ready timeout set to nonsense, a reload that fails.
+
+Every test runs the real command in subprocesses, port 0.  A server is held at a chosen
+point of its start-up by a gate (an audit hook loaded through ``sitecustomize``) that
+says where it waits on the test's notify socket and goes on when the test writes to its
+FIFO, so a signal lands in that window every time, with no sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from aecho.process.systemd import Notification, NotifyReceiver
+from tests.conftest import echo_once
+
+TIMEOUT = 30.0
+
+GATE = """
+import os, select, socket, sys
+
+_SPEC = os.environ.get("AECHO_TEST_GATE", "")
+_NOTIFY = os.environ.get("NOTIFY_SOCKET", "")
+_DIR = os.environ.get("AECHO_TEST_GATE_DIR", "")
+_passed = set()
+
+
+def _gate(what):
+    fifo = os.path.join(_DIR, "gate-%d" % os.getpid())
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    address = "\\0" + _NOTIFY[1:] if _NOTIFY.startswith("@") else _NOTIFY
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(("X_GATE=" + what).encode(), address)
+    select.select([fd], [], [], 30)
+    os.close(fd)
+
+
+def _hook(event, args):
+    if not _SPEC or os.getpid() in _passed:
+        return
+    kind, _, name = _SPEC.partition(":")
+    key = args[0] if args else None
+    if isinstance(key, bytes):
+        key = key.decode("ascii", "replace")
+    if (kind, event) in (("import", "import"), ("putenv", "os.putenv")) and key == name:
+        _passed.add(os.getpid())
+        _gate(name)
+
+
+sys.addaudithook(_hook)
+"""
+
+
+class Gated:
+    """``aecho serve ARGS`` held at the gate ``spec`` (``import:MODULE`` or
+    ``putenv:NAME``) in every process that reaches it, until :meth:`release`."""
+
+    def __init__(self, tmp_path: Path, spec: str, *args: str) -> None:
+        site = tmp_path / "site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(GATE)
+        self.dir = tmp_path
+        self.notify = NotifyReceiver()
+        path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+        env = {
+            **os.environ,
+            **self.notify.env,
+            "PYTHONPATH": path,
+            "AECHO_TEST_GATE": spec,
+            "AECHO_TEST_GATE_DIR": str(tmp_path),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aecho", "serve", "--port", "0", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+
+    def next_note(self) -> Notification:
+        note = self.notify.receive(TIMEOUT)
+        assert note is not None, "nothing from the server in time"
+        return note
+
+    def at_gate(self) -> int:
+        """Wait until a process stops at the gate; its pid."""
+        note = self.next_note()
+        assert "X_GATE" in note.fields, note.fields
+        assert note.pid is not None
+        return note.pid
+
+    def release(self, pid: int) -> None:
+        with open(self.dir / f"gate-{pid}", "w") as fifo:
+            fifo.write("go")
+
+    def wait_ready(self) -> Notification:
+        note = self.notify.wait_ready(TIMEOUT, lambda: self.proc.poll() is not None)
+        assert note is not None, f"not ready; exit status {self.proc.poll()}"
+        return note
+
+    def close(self) -> str:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        _, err = self.proc.communicate(timeout=TIMEOUT)
+        self.notify.close()
+        return err
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[Callable[..., Gated]]:
+    """Start :class:`Gated` servers; every one is killed at teardown."""
+    started: list[Gated] = []
+
+    def start(spec: str, *args: str) -> Gated:
+        started.append(Gated(tmp_path, spec, *args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+# -- signals that come before their handlers --------------------------------------------------
+
+
+def blocked_signals(pid: int) -> int:
+    """The signal mask of ``pid``'s main thread, as /proc shows it."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        line = next(x for x in f if x.startswith("SigBlk:"))
+    return int(line.split()[1], 16)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN])
+def test_an_operator_signal_during_start_up_waits_for_its_handler(
+    gated: Callable[..., Gated], tmp_path: Path, sig: signal.Signals, loop: str
+) -> None:
+    log = tmp_path / "aecho.log"
+    server = gated("import:aecho.process.serve", "--log-file", str(log), "--loop", loop)
+    pid = server.at_gate()
+    os.kill(pid, sig)
+    server.release(pid)
+    ready = server.wait_ready()
+    assert server.proc.poll() is None
+    assert echo_once(ready.port) == b"hello\x00\xff\n"
+    assert blocked_signals(pid) == 0  # held only until the handlers were in
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(TIMEOUT) == 0
+    assert f"{sig.name}: " in log.read_text()
+
+
+def test_usr1_to_a_starting_serving_process_of_workers_waits_for_its_handler(
+    gated: Callable[..., Gated], tmp_path: Path
+) -> None:
+    log = tmp_path / "aecho.log"
+    server = gated("putenv:NOTIFY_SOCKET", "--workers", "2", "--log-file", str(log))
+    children = [server.at_gate(), server.at_gate()]
+    # Log rotation while the serving processes start: the supervisor passes USR1 on.
+    server.proc.send_signal(signal.SIGUSR1)
+    for child in children:
+        os.kill(child, signal.SIGUSR1)
+        server.release(child)
+    ready = server.wait_ready()
+    assert echo_once(ready.port) == b"hello\x00\xff\n"
+    for pid in [server.proc.pid, *children]:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        assert blocked_signals(pid) == 0
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(TIMEOUT) == 0
+    text = log.read_text()
+    assert "killed by" not in text, text
+    assert text.count("SIGUSR1: reopened log file") >= 2, text
