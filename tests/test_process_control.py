@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,8 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from aecho.config import ConfigError
+from aecho.process.daemon import ready_timeout
+from aecho.process.pidfile import pid_alive
 from aecho.process.systemd import Notification, NotifyReceiver
-from tests.conftest import echo_once
+from tests.conftest import Daemons, echo_once, free_port, run_aecho, wait_until
+from tests.test_daemon import port_is_free
 
 TIMEOUT = 30.0
 
@@ -181,3 +186,59 @@ def test_usr1_to_a_starting_serving_process_of_workers_waits_for_its_handler(
     text = log.read_text()
     assert "killed by" not in text, text
     assert text.count("SIGUSR1: reopened log file") >= 2, text
+
+
+# -- the daemon's ready timeout ------------------------------------------------------------------
+
+NONSENSE = ["-1", "0", "nan", "inf", "-inf", "1e400", "2d", "soon", "25h", "1\n2"]
+
+
+@pytest.mark.parametrize("value", NONSENSE)
+def test_a_nonsensical_ready_timeout_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("AECHO_READY_TIMEOUT", value)
+    with pytest.raises(ConfigError, match=r"^AECHO_READY_TIMEOUT="):
+        ready_timeout()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "0", "inf", "soon"])
+@pytest.mark.parametrize("mode", [("--daemon",), ("--workers", "2")], ids=["daemon", "workers"])
+def test_a_nonsensical_ready_timeout_starts_nothing(
+    daemons: Daemons, tmp_path: Path, value: str, mode: tuple[str, ...]
+) -> None:
+    pidfile = tmp_path / "t.pid"
+    daemons.pidfiles.add(pidfile)
+    port = free_port()
+    result = run_aecho(
+        "serve", *mode, "--port", str(port), "--pidfile", str(pidfile),
+        env={"AECHO_READY_TIMEOUT": value}, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("aecho: error: AECHO_READY_TIMEOUT="), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not pidfile.exists()
+    assert port_is_free(port)
+
+
+def test_a_daemon_that_times_out_before_its_pid_is_known_is_still_stopped(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """1 ms runs out before the daemon's pid comes through the pipe: it is still stopped,
+    not left serving behind an error that says it was."""
+    pidfile = tmp_path / "t.pid"
+    daemons.pidfiles.add(pidfile)
+    port = free_port()
+    result = run_aecho(
+        "serve", "--daemon", "--port", str(port), "--pidfile", str(pidfile),
+        env={"AECHO_READY_TIMEOUT": "1ms"}, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    m = re.match(
+        r"aecho: error: the daemon \(pid (\d+)\) was not ready within 0.001s", result.stderr
+    )
+    assert m, result.stderr
+    daemons.track(int(m.group(1)))
+    assert not pid_alive(int(m.group(1)))
+    assert not pidfile.exists()
+    assert wait_until(lambda: port_is_free(port), 10)

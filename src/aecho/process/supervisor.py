@@ -99,6 +99,7 @@ class Supervisor:
         self.readiness = readiness
         self.pidfile = pidfile
         self.fd_limit = fd_limit
+        self.ready_limit = ready_timeout()  # checked by serve() before anything started
         self.first_own = [s for s in sockets if reuses_port(s)]
         self.shared = [s for s in sockets if not reuses_port(s)]
         self.address = " ".join(format_address(s.getsockname()) for s in sockets)
@@ -325,7 +326,7 @@ class Supervisor:
                     self._signal(child, signal.SIGKILL)
                 self.stop.deadline = float("inf")
             return
-        limit = ready_timeout()
+        limit = self.ready_limit
         for child in list(self.children.values()):
             if child.state == "starting" and now - child.born > limit:
                 child.error = child.error or (
