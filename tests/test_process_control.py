@@ -242,3 +242,47 @@ def test_a_daemon_that_times_out_before_its_pid_is_known_is_still_stopped(
     assert not pid_alive(int(m.group(1)))
     assert not pidfile.exists()
     assert wait_until(lambda: port_is_free(port), 10)
+
+
+# -- pidfiles that lie -----------------------------------------------------------------------
+
+IMPOSSIBLE = ["0", "1", "-1", "99999999999999999999", "4194305", "+7", "0x10", "abc", "\u0663"]
+
+
+@pytest.mark.parametrize("content", IMPOSSIBLE)
+def test_a_pidfile_without_a_possible_pid_is_stale_and_taken_over(
+    daemons: Daemons, tmp_path: Path, content: str
+) -> None:
+    pidfile = tmp_path / "lies.pid"
+    pidfile.write_text(content + "\n")
+    for command, code in (("status", 3), ("stop", 0)):
+        result = run_aecho(command, "--pidfile", str(pidfile), timeout=TIMEOUT)
+        assert result.returncode == code, result
+        assert result.stdout == f"aecho: not running (stale pidfile {pidfile}: it holds " + (
+            f"{content!r}, not a pid a server can have)\n"
+        )
+    d = daemons.start(pidfile=pidfile)
+    assert pidfile.read_text() == f"{d.pid}\n"
+
+
+@pytest.mark.parametrize("content", ["0", "-1", "1", "99999999999999999999"])
+def test_a_live_pidfile_rewritten_to_an_impossible_pid_is_never_signalled(
+    daemons: Daemons, content: str
+) -> None:
+    d = daemons.start()
+    # Rewritten in place: the daemon still holds the lock, the file names no process.
+    with open(d.pidfile, "r+") as f:
+        f.write(content + "\n")
+        f.truncate()
+    for command in ("stop", "status"):
+        result = run_aecho(command, "--pidfile", str(d.pidfile), timeout=TIMEOUT)
+        assert result.returncode == 1, result
+        assert result.stdout == ""
+        assert result.stderr == (
+            f"aecho: error: pidfile {d.pidfile} does not name the server that holds it: it "
+            f"holds {content!r}, not a pid a server can have (pid {d.pid} holds its lock)"
+            + ("; nothing was signalled" if command == "stop" else "")
+            + "\n"
+        )
+    assert pid_alive(d.pid)
+    assert echo_once(d.port) == b"hello\x00\xff\n"

@@ -35,7 +35,9 @@ class Outcome:
 def _not_running(path: str, found: Probe) -> str:
     if found.state == "absent":
         return f"not running (no pidfile at {path})"
-    if found.pid is None:
+    if found.why:
+        why = found.why
+    elif found.pid is None:
         why = "no pid in it"
     elif pid_alive(found.pid):
         why = f"pid {found.pid} is not an aecho server"
