@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +25,16 @@ from aecho.config import ConfigError
 from aecho.process.daemon import ready_timeout
 from aecho.process.pidfile import pid_alive
 from aecho.process.systemd import Notification, NotifyReceiver
-from tests.conftest import Daemons, echo_once, free_port, run_aecho, wait_until
+from aecho.text import printable
+from tests.conftest import (
+    Daemons,
+    ServerProcess,
+    echo_once,
+    free_port,
+    round_trip,
+    run_aecho,
+    wait_until,
+)
 from tests.test_daemon import port_is_free
 
 TIMEOUT = 30.0
@@ -286,3 +296,55 @@ def test_a_live_pidfile_rewritten_to_an_impossible_pid_is_never_signalled(
         )
     assert pid_alive(d.pid)
     assert echo_once(d.port) == b"hello\x00\xff\n"
+
+
+# -- text from outside stays on one line -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain text, ünïcode, 'quotes'", "plain text, ünïcode, 'quotes'"),
+        ("a\nb\rc\td", "a\\nb\\rc\\td"),
+        ("\x00\x1b[2J\x7f\x85\u2028", "\\x00\\x1b[2J\\x7f\\x85\\u2028"),
+        ("bad \udcff byte", "bad \\udcff byte"),
+    ],
+)
+def test_printable(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert printable(shown) == shown
+
+
+ESCAPED = "first line\\nsecond line\\r\\x1b[31mred\\u2028end"
+
+
+@pytest.mark.parametrize("offload", ["inline", "process"])
+def test_a_handler_error_with_newlines_is_one_log_record_and_one_reply_line(
+    serve_process: Callable[..., ServerProcess], offload: str
+) -> None:
+    srv = serve_process(
+        "--framing", "line", "--handler", "tests.handlers_for_tests:multiline",
+        "--offload", offload, "--pool-size", "1",
+    )  # fmt: skip
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as sock:
+        got = round_trip(sock, b"ml now\nok\n", lines=2)
+    assert got == f"ERR ValueError: {ESCAPED}\nok\n".encode()
+    assert wait_until(lambda: "handler tests.handlers_for_tests:multiline" in srv.output)
+    assert srv.stop() == 0
+    records = [x for x in srv.output.splitlines() if "handlers_for_tests:multiline failed" in x]
+    assert len(records) == 1, srv.output
+    assert records[0].endswith(f"ValueError: {ESCAPED}"), records[0]
+    assert not any(x.startswith("second line") for x in srv.output.splitlines())
+
+
+def test_a_pidfile_path_with_a_newline_is_one_error_line(tmp_path: Path) -> None:
+    folder = tmp_path / "a\nb\x1b[2J.pid"
+    folder.mkdir()
+    result = run_aecho("stop", "--pidfile", str(folder), timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "a\\nb\\x1b[2J.pid" in result.stderr
+    serve = run_aecho("serve", "--port", "0", "--pidfile", str(folder), timeout=TIMEOUT)
+    assert serve.returncode == 1
+    assert serve.stderr.count("\n") == 1, serve.stderr
+    assert "a\\nb\\x1b[2J.pid" in serve.stderr

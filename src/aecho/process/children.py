@@ -34,6 +34,7 @@ from aecho.process.titles import server_title, set_process_title
 from aecho.server.limits import SharedLimits, SharedTable
 from aecho.server.server import Server
 from aecho.server.stats import Stats
+from aecho.text import printable
 
 log = logging.getLogger("aecho.supervisor")
 
@@ -172,7 +173,7 @@ def _serve_in_child(
     except BaseException as exc:  # whatever it is, it must not unwind into the supervisor
         with contextlib.suppress(BaseException):
             log.debug("serving process failed", exc_info=exc)
-            line = describe(exc, config).replace("\n", " ")
+            line = printable(describe(exc, config))
             notify(f"{ERROR_FIELD}={line}")
     finally:
         with contextlib.suppress(BaseException):

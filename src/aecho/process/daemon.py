@@ -23,6 +23,7 @@ from aecho.config import ConfigError
 from aecho.process.logs import log_file_fds, redirect_stdio
 from aecho.process.pidfile import pid_alive, remove_if_stale
 from aecho.server.listeners import StartupError
+from aecho.text import printable
 from aecho.units import DURATION_FORMS, parse_duration
 
 READY_TIMEOUT_ENV = "AECHO_READY_TIMEOUT"
@@ -52,7 +53,7 @@ class Readiness:
     def _send(self, line: str) -> None:
         if self.fd < 0:
             return
-        data = (" ".join(line.split("\n")) + "\n").encode("utf-8", errors="replace")
+        data = (printable(line) + "\n").encode("utf-8", errors="replace")
         with contextlib.suppress(OSError):
             while data:
                 data = data[os.write(self.fd, data) :]

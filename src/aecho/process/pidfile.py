@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 from aecho.server.listeners import StartupError
+from aecho.text import printable
 
 # A status or stop probe looks at the pidfile for microseconds; a starting server
 # retries this long before it concludes that another server holds it.
@@ -327,7 +328,7 @@ def probe(path: str) -> Probe:
         )
     title = process_title(pid)
     if not title.startswith(SERVER_TITLES):
-        shown = title.decode("utf-8", "replace")[:60] or "unknown"
+        shown = printable(title.decode("utf-8", "replace")[:60]) or "unknown"
         return Probe("foreign", pid, holder, f"pid {pid} is not an aecho server ({shown})")
     return Probe("running", pid, holder)
 

@@ -46,6 +46,7 @@ from aecho.process.titles import set_process_title, supervisor_title
 from aecho.server.limits import SharedTable
 from aecho.server.listeners import StartupError, bind_sibling, reuses_port
 from aecho.server.stats import Stats
+from aecho.text import printable
 
 log = logging.getLogger("aecho.supervisor")
 
@@ -228,7 +229,7 @@ class Supervisor:
 
     def _on_note(self, child: Child, note: Notification) -> None:
         if ERROR_FIELD in note.fields:
-            child.error = note.fields[ERROR_FIELD]
+            child.error = printable(note.fields[ERROR_FIELD])
         if not note.ready or child.state != "starting":
             return
         child.state = "ready"
