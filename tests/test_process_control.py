@@ -348,3 +348,39 @@ def test_a_pidfile_path_with_a_newline_is_one_error_line(tmp_path: Path) -> None
     assert serve.returncode == 1
     assert serve.stderr.count("\n") == 1, serve.stderr
     assert "a\\nb\\x1b[2J.pid" in serve.stderr
+
+
+# -- a reload that cannot finish -------------------------------------------------------------
+
+
+def test_an_abandoned_reload_says_so_in_one_line_and_the_old_processes_serve_on(
+    serve_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    flag = tmp_path / "broken.flag"
+    (tmp_path / "breaks_on_reload.py").write_text(
+        "import os\n"
+        f"if os.path.exists({str(flag)!r}):\n"
+        "    raise RuntimeError('new config\\nis bad')\n"
+        "\n"
+        "def handle(data):\n"
+        "    return data\n"
+    )
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    srv = serve_process(
+        "--workers", "2", "--handler", "breaks_on_reload:handle", env={"PYTHONPATH": path}
+    )
+    flag.write_text("")
+    srv.signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload abandoned" in srv.output, TIMEOUT), srv.output
+    assert echo_once(srv.port) == b"hello\x00\xff\n"
+    assert srv.proc.poll() is None
+    assert srv.stop() == 0
+    lines = srv.output.splitlines()
+    abandoned = [x for x in lines if "reload abandoned" in x]
+    assert len(abandoned) == 1, srv.output
+    assert abandoned[0].endswith(
+        "cannot import handler module 'breaks_on_reload': RuntimeError: new config\\nis bad; "
+        "the old serving processes keep serving"
+    ), abandoned[0]
+    assert re.search(r"reload abandoned: new serving process 1 did not start: ", abandoned[0])
+    assert not any(x.startswith("is bad") for x in lines)

@@ -116,6 +116,7 @@ class Supervisor:
         self.stop: _Stop | None = None
         self.serving = False  # every serving process was ready at least once
         self.reload: list[Slot] = []
+        self.reload_size = self.reloaded = 0  # of the reload under way
         self.metrics: Any = None  # a process.scrape.MetricsEndpoint with --metrics-port
 
     # -- the loop ----------------------------------------------------------------------------
@@ -241,6 +242,7 @@ class Supervisor:
             old, slot.child, slot.incoming = slot.child, child, None
             if old is not None:
                 self._retire(old)
+            self.reloaded += 1
             log.info("reload: serving process %d replaced (pid %d)", slot.index, child.pid)
             if not self.reload:
                 log.info("reload: every serving process replaced")
@@ -302,9 +304,7 @@ class Supervisor:
             return
         if child is slot.incoming:
             slot.incoming = None
-            self.reload.clear()
-            why = child.error or how
-            log.error("reload abandoned: the new serving process %d %s", slot.index, why)
+            self._abandon_reload(slot.index, child.error or f"it {how}")
             return
         slot.child = None
         if child.state == "ready":
@@ -341,7 +341,26 @@ class Supervisor:
         if self.reload and not any(s.incoming for s in self.slots):
             slot = self.reload.pop(0)
             if slot in self.slots and slot.child is not None and slot.child.state == "ready":
-                slot.incoming = self._spawn(slot)
+                try:
+                    slot.incoming = self._spawn(slot)
+                except OSError as exc:
+                    self._abandon_reload(slot.index, f"cannot fork: {exc.strerror}")
+
+    def _abandon_reload(self, index: int, why: str) -> None:
+        """One line: why the reload stopped, and that the old processes keep serving."""
+        self.reload.clear()
+        done = self.reloaded
+        kept = (
+            "the old serving processes keep serving"
+            if not done
+            else f"{done} of {self.reload_size} were replaced; the others keep serving"
+        )
+        log.error(
+            "reload abandoned: new serving process %d did not start: %s; %s",
+            index,
+            why,
+            kept,
+        )
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -362,6 +381,7 @@ class Supervisor:
         elif signum == signal.SIGHUP:
             log.info("%s: replacing the serving processes one at a time", name)
             self.reload = [s for s in self.slots if s.child is not None]
+            self.reload_size, self.reloaded = len(self.reload), 0
         elif signum == signal.SIGUSR1:
             reopen_log_files(redirect=self.config.daemon)
             log.info("%s: reopened log files", name)
