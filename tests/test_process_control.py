@@ -235,13 +235,17 @@ def test_a_daemon_that_times_out_before_its_pid_is_known_is_still_stopped(
     daemons: Daemons, tmp_path: Path
 ) -> None:
     """1 ms runs out before the daemon's pid comes through the pipe: it is still stopped,
-    not left serving behind an error that says it was."""
+    not left serving behind an error that says it was.  (Its handler never finishes
+    importing, so it cannot be ready however slowly the foreground runs.)"""
+    (tmp_path / "never_imported.py").write_text("import time\ntime.sleep(120)\n")
     pidfile = tmp_path / "t.pid"
     daemons.pidfiles.add(pidfile)
     port = free_port()
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
     result = run_aecho(
         "serve", "--daemon", "--port", str(port), "--pidfile", str(pidfile),
-        env={"AECHO_READY_TIMEOUT": "1ms"}, timeout=TIMEOUT,
+        "--handler", "never_imported:handle",
+        env={"AECHO_READY_TIMEOUT": "1ms", "PYTHONPATH": path}, timeout=TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 1, result.stdout
     m = re.match(
