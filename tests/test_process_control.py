@@ -388,3 +388,24 @@ def test_an_abandoned_reload_says_so_in_one_line_and_the_old_processes_serve_on(
     ), abandoned[0]
     assert re.search(r"reload abandoned: new serving process 1 did not start: ", abandoned[0])
     assert not any(x.startswith("is bad") for x in lines)
+
+
+# -- aecho stop's exit status (0 gone or not running, 1 nothing stopped, 2 usage) -------------
+
+
+def test_stop_exit_status(daemons: Daemons, tmp_path: Path) -> None:
+    folder = tmp_path / "a-directory.pid"
+    folder.mkdir()
+    unreadable = run_aecho("stop", "--pidfile", str(folder), timeout=TIMEOUT)
+    assert unreadable.returncode == 1, unreadable
+    assert unreadable.stderr.startswith("aecho: error: cannot read pidfile ")
+    for usage in ([], ["--pidfile", str(folder), "--port", "7007"]):
+        result = run_aecho("stop", *usage, timeout=TIMEOUT)
+        assert result.returncode == 2, result
+    none = tmp_path / "none.pid"
+    absent = run_aecho("stop", "--pidfile", str(none), timeout=TIMEOUT)
+    assert (absent.returncode, absent.stdout) == (0, f"aecho: not running (no pidfile at {none})\n")
+    d = daemons.start()
+    stopped = run_aecho("stop", "--pidfile", str(d.pidfile), timeout=TIMEOUT)
+    assert (stopped.returncode, stopped.stdout) == (0, f"aecho: stopped (pid {d.pid})\n")
+    assert not pid_alive(d.pid)
