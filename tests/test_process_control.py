@@ -409,3 +409,13 @@ def test_stop_exit_status(daemons: Daemons, tmp_path: Path) -> None:
     stopped = run_aecho("stop", "--pidfile", str(d.pidfile), timeout=TIMEOUT)
     assert (stopped.returncode, stopped.stdout) == (0, f"aecho: stopped (pid {d.pid})\n")
     assert not pid_alive(d.pid)
+
+
+def test_the_descriptor_limit_warning_comes_once_from_the_supervisor(
+    serve_process: Callable[..., ServerProcess],
+) -> None:
+    srv = serve_process("--workers", "3", "--max-connections", "100000000")
+    assert srv.stop() == 0
+    warnings = [x for x in srv.output.splitlines() if "does not fit in the file descriptor" in x]
+    assert len(warnings) == 1, srv.output
+    assert " aecho.process: " in warnings[0]  # the supervisor's, not a serving process's
