@@ -150,3 +150,11 @@ def held_at_gate(data: bytes) -> bytes:
             break
         time.sleep(0.01)
     return data
+
+
+def multiline(data: bytes) -> bytes:
+    """Raise with control characters in the text (a newline, a carriage return, a terminal
+    escape) for messages starting with ``ml``; echo the rest."""
+    if data.startswith(b"ml"):
+        raise ValueError("first line\nsecond line\r\x1b[31mred\u2028end")
+    return data

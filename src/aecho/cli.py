@@ -58,6 +58,7 @@ from aecho.config import (
     check_plot_file,
 )
 from aecho.process.logs import LogLevel, more_verbose, open_std_fds, setup_logging
+from aecho.process.signals import held_signals
 from aecho.units import AUTO_WORKERS
 
 
@@ -177,20 +178,21 @@ def serve(
     from aecho.process.daemon import DaemonStarted
     from aecho.server.listeners import StartupError
 
-    open_std_fds()
-    try:
-        setup_logging(config.log_level, config.log_file)
-    except OSError as exc:
-        fail(f"cannot open --log-file {config.log_file}: {exc.strerror}")
-    try:
-        code = run_server(config)
-    except DaemonStarted as started:
-        where = f", pidfile {started.pidfile}" if started.pidfile else ""
-        typer.echo(f"aecho serving on {started.address} (pid {started.pid}{where})")
-        raise typer.Exit(0) from None
-    except (StartupError, HandlerError, ConfigError) as exc:
-        log.debug("start-up failed", exc_info=True)
-        fail(str(exc))
+    with held_signals():  # USR1, HUP, TTIN and TTOU wait for their handlers
+        open_std_fds()
+        try:
+            setup_logging(config.log_level, config.log_file)
+        except OSError as exc:
+            fail(f"cannot open --log-file {config.log_file}: {exc.strerror}")
+        try:
+            code = run_server(config)
+        except DaemonStarted as started:
+            where = f", pidfile {started.pidfile}" if started.pidfile else ""
+            typer.echo(f"aecho serving on {started.address} (pid {started.pid}{where})")
+            raise typer.Exit(0) from None
+        except (StartupError, HandlerError, ConfigError) as exc:
+            log.debug("start-up failed", exc_info=True)
+            fail(str(exc))
     raise typer.Exit(code or 0)
 
 

@@ -26,6 +26,7 @@ import typer
 import typer.core
 
 from aecho import __version__
+from aecho.text import printable
 from aecho.units import parse_duration, parse_load_workers, parse_rate, parse_size, parse_workers
 
 PREFIX = "aecho: error: "
@@ -42,7 +43,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """
     if code == 2:
         raise typer.BadParameter(message)
-    typer.echo(PREFIX + message, err=True)
+    typer.echo(PREFIX + printable(message), err=True)  # one line, whatever it quotes
     raise typer.Exit(code)
 
 

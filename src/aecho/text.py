@@ -8,6 +8,19 @@ def plural(count: int, word: str, words: str | None = None) -> str:
     return f"{count} {word if count == 1 else (words or word + 's')}"
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable written as ``repr`` writes it
+    (``\\n``, ``\\r``, ``\\t``, ``\\x1b``, ``\\x85``, ``\\u2028``, ...), the rest as it is.
+
+    For text from outside (a peer, a handler's exception, a path, a pidfile) that goes
+    into a log record or an error line: it stays one line, and cannot move the cursor
+    of the terminal that shows it.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def exception_text(exc: BaseException) -> str:
     """``str(exc)``; a handler's exception whose text raises in turn must not break what
     reports it."""

@@ -23,6 +23,7 @@ from typing import Any
 from aecho.offload import wire, worker
 from aecho.offload.handlers import HandlerError
 from aecho.offload.outcomes import PoolError
+from aecho.text import printable
 
 STOP_POLL_S = 0.01
 READ_SIZE = 64 * 1024  # below malloc's mmap threshold: a larger read maps and unmaps each time
@@ -256,7 +257,11 @@ class Worker:
         if hello is not None:
             hello.set_exception(HandlerError(text))
         else:
-            log.error("worker %s cannot load the handler, its messages fail: %s", self.pid, text)
+            log.error(
+                "worker %s cannot load the handler, its messages fail: %s",
+                self.pid,
+                printable(text),
+            )
 
     def _lost(self, why: str) -> None:
         if self._fd < 0:

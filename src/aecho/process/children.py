@@ -28,11 +28,13 @@ from aecho.address import format_address
 from aecho.config import ServerConfig
 from aecho.process.logs import FORMAT, log_file_fds
 from aecho.process.serving import describe, run_server
+from aecho.process.signals import HELD
 from aecho.process.systemd import notify
 from aecho.process.titles import server_title, set_process_title
 from aecho.server.limits import SharedLimits, SharedTable
 from aecho.server.server import Server
 from aecho.server.stats import Stats
+from aecho.text import printable
 
 log = logging.getLogger("aecho.supervisor")
 
@@ -115,12 +117,20 @@ def spawn(
     """
     ours, theirs = socket.socketpair()
     supervisor = os.getpid()
-    pid = os.fork()
+    # Until the child has put its own handlers in, a signal must not run the
+    # supervisor's (whose wake-up socket it shares) nor take its default action.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
     if pid == 0:  # the child: never returns
         ours.detach()
         _serve_in_child(
             config, sockets, table, theirs, (index, workers, row, notify_path, supervisor)
         )
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     theirs.close()
     ours.setblocking(False)
     return Child(pid=pid, index=index, row=row, control=ours)
@@ -163,7 +173,7 @@ def _serve_in_child(
     except BaseException as exc:  # whatever it is, it must not unwind into the supervisor
         with contextlib.suppress(BaseException):
             log.debug("serving process failed", exc_info=exc)
-            line = describe(exc, config).replace("\n", " ")
+            line = printable(describe(exc, config))
             notify(f"{ERROR_FIELD}={line}")
     finally:
         with contextlib.suppress(BaseException):
@@ -176,6 +186,9 @@ def _become_child(sockets: list[socket.socket], control: socket.socket, supervis
     signal.set_wakeup_fd(-1)
     for sig in SUPERVISOR_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    # TERM and INT take their default action until the loop handles them; the operator
+    # signals stay held until then (``process.signals``).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SUPERVISOR_SIGNALS) - HELD)
     os.setpgid(0, 0)
     # Until it serves, a serving process cannot act on TERM: its loop may be held by
     # start-up (a handler's import, say) for as long as that takes.  Killed outright if

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from aecho.process.daemon import wait_gone
 from aecho.process.pidfile import Probe, pid_alive, probe, process_title, remove_if_stale
 from aecho.process.titles import address_from_title
+from aecho.text import printable
 
 DEFAULT_STOP_TIMEOUT = 15.0
 
@@ -34,25 +35,27 @@ class Outcome:
 
 def _not_running(path: str, found: Probe) -> str:
     if found.state == "absent":
-        return f"not running (no pidfile at {path})"
-    if found.pid is None:
+        return f"not running (no pidfile at {printable(path)})"
+    if found.why:
+        why = found.why
+    elif found.pid is None:
         why = "no pid in it"
     elif pid_alive(found.pid):
         why = f"pid {found.pid} is not an aecho server"
     else:
         why = f"pid {found.pid} is gone"
-    return f"not running (stale pidfile {path}: {why})"
+    return f"not running (stale pidfile {printable(path)}: {why})"
 
 
 def _addresses(pid: int) -> list[str]:
     """The addresses ``pid``'s process title says it serves on."""
-    return address_from_title(process_title(pid).decode("utf-8", "replace")).split()
+    return address_from_title(printable(process_title(pid).decode("utf-8", "replace"))).split()
 
 
 def _refuse(path: str, found: Probe) -> Outcome:
     return Outcome(
         1,
-        f"pidfile {path} does not name the server that holds it: {found.why}; "
+        f"pidfile {printable(path)} does not name the server that holds it: {found.why}; "
         "nothing was signalled",
         error=True,
     )
@@ -71,7 +74,7 @@ def _elsewhere(path: str, pid: int, port: int | None, unix: str | None) -> Outco
     asked = os.path.abspath(unix) if unix else f"port {port}"
     return Outcome(
         1,
-        f"pidfile {path} names pid {pid}, which serves on {where}, not on {asked}; "
+        f"pidfile {printable(path)} names pid {pid}, which serves on {where}, not on {asked}; "
         "nothing was signalled",
         error=True,
     )
@@ -92,15 +95,15 @@ def stop(
     try:
         found = probe(path)
     except OSError as exc:
-        return Outcome(1, f"cannot read pidfile {path}: {exc.strerror}", error=True)
+        return Outcome(1, f"cannot read pidfile {printable(path)}: {exc.strerror}", error=True)
     if found.state == "starting":
-        return Outcome(1, f"the server for {path} is still starting; retry", error=True)
+        return Outcome(1, f"the server for {printable(path)} is still starting; retry", error=True)
     if found.state == "foreign":
         return _refuse(path, found)
     if found.state == "unlocked":
         return Outcome(
             1,
-            f"pidfile {path}: {found.why}; nothing was signalled (if it is yours, "
+            f"pidfile {printable(path)}: {found.why}; nothing was signalled (if it is yours, "
             f"kill {found.pid} stops it gracefully)",
             error=True,
         )
@@ -118,7 +121,8 @@ def stop(
     try:
         again = probe(path)
         if again.state != "running" or again.pid != pid:
-            return Outcome(1, f"pidfile {path} changed while stopping; retry", error=True)
+            changed = f"pidfile {printable(path)} changed while stopping; retry"
+            return Outcome(1, changed, error=True)
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         except ProcessLookupError:
@@ -197,7 +201,7 @@ def workers_of(pid: int) -> list[str]:
             except (OSError, ValueError, IndexError):
                 continue
             if ppid == pid:
-                title = process_title(int(entry)).decode("utf-8", "replace")
+                title = printable(process_title(int(entry)).decode("utf-8", "replace"))
                 if address_from_title(title):
                     found.append((title, int(entry)))
     return [f"pid {child} {title}" for title, child in sorted(found)]
@@ -209,25 +213,27 @@ def status(path: str, port: int | None = None, unix: str | None = None) -> Outco
     try:
         found = probe(path)
     except OSError as exc:
-        why = f"status unknown: cannot read pidfile {path}: {exc.strerror}"
+        why = f"status unknown: cannot read pidfile {printable(path)}: {exc.strerror}"
         return Outcome(UNKNOWN, why, error=True)
     if found.state == "starting":
-        return Outcome(RUNNING, f"starting (pidfile {path} is locked, no pid written yet)")
+        locked = f"starting (pidfile {printable(path)} is locked, no pid written yet)"
+        return Outcome(RUNNING, locked)
     if found.state == "foreign":
-        why = f"pidfile {path} does not name the server that holds it: {found.why}"
+        why = f"pidfile {printable(path)} does not name the server that holds it: {found.why}"
         return Outcome(1, why, error=True)
     if found.state not in ("running", "unlocked") or found.pid is None:
         return Outcome(NOT_RUNNING, _not_running(path, found))
     if (refusal := _elsewhere(path, found.pid, port, unix)) is not None:
         return Outcome(1, refusal.message, error=True)
     parts = [f"running, pid {found.pid}"]
-    title = process_title(found.pid).decode("utf-8", "replace")
+    title = printable(process_title(found.pid).decode("utf-8", "replace"))
     if address := address_from_title(title):
         parts.append(f"serving on {address}")
     if (since := started_at(found.pid)) is not None:
         parts.append(f"up {format_uptime(time.time() - since)}")
     lines = [", ".join(parts)]
     if found.state == "unlocked":
-        lines.append(f"  but pidfile {path} is not locked by it (was the file replaced?)")
+        replaced = f"  but pidfile {printable(path)} is not locked by it (was the file replaced?)"
+        lines.append(replaced)
     lines += [f"  {w}" for w in workers_of(found.pid)]
     return Outcome(RUNNING, "\n".join(lines))

@@ -11,6 +11,7 @@ exists.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import signal
@@ -18,12 +19,18 @@ import sys
 import time
 from collections.abc import Iterable
 
+from aecho.config import ConfigError
 from aecho.process.logs import log_file_fds, redirect_stdio
 from aecho.process.pidfile import pid_alive, remove_if_stale
 from aecho.server.listeners import StartupError
+from aecho.text import printable
+from aecho.units import DURATION_FORMS, parse_duration
 
 READY_TIMEOUT_ENV = "AECHO_READY_TIMEOUT"
 DEFAULT_READY_TIMEOUT = 30.0
+MAX_READY_TIMEOUT = 86400.0
+# Past the ready timeout, how long the daemon's pid is still waited for, to stop it.
+PID_GRACE_S = 5.0
 POLL_S = 0.02
 
 
@@ -46,7 +53,7 @@ class Readiness:
     def _send(self, line: str) -> None:
         if self.fd < 0:
             return
-        data = (" ".join(line.split("\n")) + "\n").encode("utf-8", errors="replace")
+        data = (printable(line) + "\n").encode("utf-8", errors="replace")
         with contextlib.suppress(OSError):
             while data:
                 data = data[os.write(self.fd, data) :]
@@ -126,14 +133,34 @@ def _close_inherited_fds(keep: set[int]) -> None:
 
 
 def ready_timeout() -> float:
-    try:
-        return float(os.environ.get(READY_TIMEOUT_ENV, DEFAULT_READY_TIMEOUT))
-    except ValueError:
+    """How long a daemon's foreground (and a supervisor, each serving process) waits for
+    readiness: ``$AECHO_READY_TIMEOUT`` (a duration: ``90``, ``90s``, ``2m``), else 30 s.
+
+    Raises:
+        ConfigError: it is set to something that is not a duration above 0 and at most
+            a day (a negative, zero, ``nan`` or ``inf`` timeout cannot be waited out).
+    """
+    text = os.environ.get(READY_TIMEOUT_ENV, "").strip()
+    if not text:
         return DEFAULT_READY_TIMEOUT
+    try:
+        value = parse_duration(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_READY_TIMEOUT:
+        raise ConfigError(
+            f"{READY_TIMEOUT_ENV}={text!r} is not a duration above 0 and at most "
+            f"a day: use {DURATION_FORMS}, or unset it for {DEFAULT_READY_TIMEOUT:g}s"
+        )
+    return value
 
 
 def _await_readiness(fd: int, log_file: str | None, pidfile: str | None) -> None:
     """In the foreground parent: relay the daemon's outcome.
+
+    Past the ready timeout the daemon is killed, whatever it is doing: if its pid has
+    not come through the pipe yet (a timeout of a few milliseconds), it is waited for
+    up to PID_GRACE_S longer, so the daemon is never left running unreported.
 
     Raises:
         DaemonStarted: the daemon serves.
@@ -145,29 +172,38 @@ def _await_readiness(fd: int, log_file: str | None, pidfile: str | None) -> None
     pidfd = -1  # held from the daemon's first word, so a reused pid is never killed
     buffer = b""
     see_log = f": see {log_file}" if log_file else ""
-    while (remaining := deadline - time.monotonic()) > 0:
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if not readable:
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            raise StartupError(f"the daemon exited before it was ready{see_log}")
-        buffer += chunk
-        while b"\n" in buffer:
-            raw, buffer = buffer.split(b"\n", 1)
-            kind, _, rest = raw.decode("utf-8", errors="replace").partition(" ")
-            if kind == "pid" and rest.isdigit():
-                daemon_pid = int(rest)
-                with contextlib.suppress(OSError):
-                    pidfd = os.pidfd_open(daemon_pid)
-            elif kind == "ready":
-                raise DaemonStarted(rest, daemon_pid or 0, pidfile)
-            elif kind == "error":
-                raise StartupError(rest)
-    if daemon_pid is not None and pidfd >= 0:
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        wait_gone(daemon_pid, 5.0)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if daemon_pid is None:
+                remaining += PID_GRACE_S  # past the deadline, only to learn whom to stop
+            if remaining <= 0:
+                break
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if not readable:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise StartupError(f"the daemon exited before it was ready{see_log}")
+            buffer += chunk
+            while b"\n" in buffer:
+                raw, buffer = buffer.split(b"\n", 1)
+                kind, _, rest = raw.decode("utf-8", errors="replace").partition(" ")
+                if kind == "pid" and rest.isdigit():
+                    daemon_pid = int(rest)
+                    with contextlib.suppress(OSError):
+                        pidfd = os.pidfd_open(daemon_pid)
+                elif kind == "ready" and time.monotonic() < deadline:
+                    raise DaemonStarted(rest, daemon_pid or 0, pidfile)
+                elif kind == "error":
+                    raise StartupError(rest)
+        if pidfd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            wait_gone(daemon_pid or 0, 5.0)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
     if pidfile:
         remove_if_stale(pidfile)
     raise StartupError(

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 from aecho.server.listeners import StartupError
+from aecho.text import printable
 
 # A status or stop probe looks at the pidfile for microseconds; a starting server
 # retries this long before it concludes that another server holds it.
@@ -36,6 +37,8 @@ LOCK_RETRY_S = 0.5
 POLL_S = 0.02
 # What a serving process's title starts with (see aecho.process.titles).
 SERVER_TITLES = (b"aecho: server", b"aecho: supervisor")
+# The kernel's ceiling for pid_max on 64-bit systems.
+PID_MAX_LIMIT = 4194304
 
 
 class PidfileError(StartupError):
@@ -237,8 +240,8 @@ class Probe:
     (the pid in the file holds the lock and is an aecho server), ``unlocked`` (nobody
     holds the lock, yet its pid is a running aecho server: the file was replaced, by an
     editor say, so it cannot vouch for the pid), ``foreign`` (locked, but the pid in
-    the file is not the holder, or the holder is not an aecho server).  Only
-    ``running`` may be signalled.
+    the file is not the holder, or the holder is not an aecho server, or what the file
+    holds is no pid at all: see :func:`parse_pid`).  Only ``running`` may be signalled.
     """
 
     state: str
@@ -247,10 +250,31 @@ class Probe:
     why: str = ""
 
 
+def pid_max() -> int:
+    """The highest pid this system hands out (``/proc/sys/kernel/pid_max``)."""
+    try:
+        with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return PID_MAX_LIMIT
+
+
+def first_line(text: str) -> str:
+    """The first line of a pidfile's content, without surrounding blanks."""
+    return text.split("\n", 1)[0].strip()
+
+
 def parse_pid(text: str) -> int | None:
-    """The pid on the first line, or None."""
-    first = text.split("\n", 1)[0].strip()
-    return int(first) if first.isdigit() else None
+    """The pid on the first line, or None when there is none a server could have.
+
+    ASCII digits only, above 1 and at most ``pid_max``: a pidfile that says 0 or -1
+    would have ``kill()`` signal a process group or every process, and 1 is init.
+    """
+    first = first_line(text)
+    if not (first.isascii() and first.isdigit()) or len(first) > len(str(PID_MAX_LIMIT)):
+        return None
+    pid = int(first)
+    return pid if 1 < pid <= pid_max() else None
 
 
 def probe(path: str) -> Probe:
@@ -271,9 +295,19 @@ def probe(path: str) -> Probe:
             chunks.append(chunk)
             if len(chunks) > 16:
                 break
-        pid = parse_pid(b"".join(chunks).decode("ascii", "replace"))
+        text = b"".join(chunks).decode("utf-8", "replace")
+        pid = parse_pid(text)
     finally:
         os.close(fd)
+    garbage = (
+        f"it holds {first_line(text)[:40]!r}, not a pid a server can have"
+        if first_line(text)
+        else ""
+    )
+    if pid is None and garbage:
+        if holder is None:
+            return Probe("stale", None, None, garbage)
+        return Probe("foreign", None, holder, f"{garbage} (pid {holder} holds its lock)")
     if holder is None:
         if pid is not None and is_live_server(pid):
             return Probe(
@@ -294,7 +328,7 @@ def probe(path: str) -> Probe:
         )
     title = process_title(pid)
     if not title.startswith(SERVER_TITLES):
-        shown = title.decode("utf-8", "replace")[:60] or "unknown"
+        shown = printable(title.decode("utf-8", "replace")[:60]) or "unknown"
         return Probe("foreign", pid, holder, f"pid {pid} is not an aecho server ({shown})")
     return Probe("running", pid, holder)
 
@@ -314,7 +348,13 @@ def is_live_server(pid: int) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie waiting for its parent."""
+    """True while ``pid`` exists and is not a zombie waiting for its parent.
+
+    False for a number no process can have: ``kill(0)`` and ``kill(-1)`` would ask
+    about a process group or every process.
+    """
+    if not 0 < pid <= PID_MAX_LIMIT:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -19,7 +19,7 @@ import socket
 from aecho.address import format_address
 from aecho.config import ServerConfig
 from aecho.loops import loop_factory
-from aecho.process.daemon import Readiness, detach
+from aecho.process.daemon import Readiness, detach, ready_timeout
 from aecho.process.pidfile import Pidfile, check_free, default_pidfile
 from aecho.process.serving import describe, run_server
 from aecho.process.titles import server_title, set_process_title
@@ -87,11 +87,14 @@ def serve(config: ServerConfig) -> int:
         StartupError: the pidfile is held, binding failed, or the server failed
             before it was ready (a daemon's own error included).
         aecho.offload.handlers.HandlerError: the handler cannot be loaded.
-        ConfigError: the requested event loop is not available, TLS files unusable.
+        ConfigError: the requested event loop is not available, TLS files unusable,
+            ``$AECHO_READY_TIMEOUT`` is not a duration (with ``--daemon`` or ``--workers``).
         aecho.process.daemon.DaemonStarted: in the foreground process of a daemon.
     """
     config = _absolute_paths(config)
     loop_factory(config.loop)  # an unavailable --loop is reported here, not by the daemon
+    if config.daemon or config.workers > 1:
+        ready_timeout()  # a nonsensical $AECHO_READY_TIMEOUT is refused before anything starts
     limit = raise_fd_limit()
     pidfile: Pidfile | None = None
     if config.pidfile and not config.daemon:

@@ -3,7 +3,9 @@
 Signals: TERM/INT stop gracefully, a second one forces the stop (every connection is
 cut, but the pidfile, the socket file and the pool are still cleaned up), a third
 exits at once; USR1 reopens the log file; HUP has nothing to reload in a single
-process (the supervisor of ``--workers`` handles it).
+process (the supervisor of ``--workers`` handles it).  USR1, HUP, TTIN and TTOU are
+held from the start of ``aecho serve`` until these handlers are in place
+(``process.signals``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from aecho.offload.handlers import HandlerError
 from aecho.process.daemon import Readiness
 from aecho.process.logs import reopen_log_files
 from aecho.process.pidfile import Pidfile
+from aecho.process.signals import release
 from aecho.process.systemd import LISTEN_FIELD, notify
 from aecho.server.limits import Limits
 from aecho.server.listeners import StartupError
@@ -141,6 +144,7 @@ class _Signals:
         if self.config.log_file is not None or self.config.daemon or self.supervised:
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
             installed.append(signal.SIGHUP)
+        release()  # what came while ``aecho serve`` started is handled now
         try:
             await self.server.run(on_ready)
         finally:

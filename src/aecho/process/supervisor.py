@@ -40,11 +40,13 @@ from aecho.process.daemon import Readiness, ready_timeout
 from aecho.process.logs import reopen_log_files
 from aecho.process.pidfile import Pidfile
 from aecho.process.serving import log_fd_limit
+from aecho.process.signals import release
 from aecho.process.systemd import LISTEN_FIELD, Notification, NotifyReceiver, notify
 from aecho.process.titles import set_process_title, supervisor_title
 from aecho.server.limits import SharedTable
 from aecho.server.listeners import StartupError, bind_sibling, reuses_port
 from aecho.server.stats import Stats
+from aecho.text import printable
 
 log = logging.getLogger("aecho.supervisor")
 
@@ -98,6 +100,7 @@ class Supervisor:
         self.readiness = readiness
         self.pidfile = pidfile
         self.fd_limit = fd_limit
+        self.ready_limit = ready_timeout()  # checked by serve() before anything started
         self.first_own = [s for s in sockets if reuses_port(s)]
         self.shared = [s for s in sockets if not reuses_port(s)]
         self.address = " ".join(format_address(s.getsockname()) for s in sockets)
@@ -113,6 +116,7 @@ class Supervisor:
         self.stop: _Stop | None = None
         self.serving = False  # every serving process was ready at least once
         self.reload: list[Slot] = []
+        self.reload_size = self.reloaded = 0  # of the reload under way
         self.metrics: Any = None  # a process.scrape.MetricsEndpoint with --metrics-port
 
     # -- the loop ----------------------------------------------------------------------------
@@ -164,6 +168,7 @@ class Supervisor:
         signal.set_wakeup_fd(self.wake_w.fileno())
         previous = {sig: signal.signal(sig, lambda *_: None) for sig in SUPERVISOR_SIGNALS}
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._signalled)
+        release()  # what came while ``aecho serve`` started is handled now
         return previous
 
     def _close(self, previous: dict[signal.Signals, Any]) -> None:
@@ -225,7 +230,7 @@ class Supervisor:
 
     def _on_note(self, child: Child, note: Notification) -> None:
         if ERROR_FIELD in note.fields:
-            child.error = note.fields[ERROR_FIELD]
+            child.error = printable(note.fields[ERROR_FIELD])
         if not note.ready or child.state != "starting":
             return
         child.state = "ready"
@@ -237,6 +242,7 @@ class Supervisor:
             old, slot.child, slot.incoming = slot.child, child, None
             if old is not None:
                 self._retire(old)
+            self.reloaded += 1
             log.info("reload: serving process %d replaced (pid %d)", slot.index, child.pid)
             if not self.reload:
                 log.info("reload: every serving process replaced")
@@ -298,9 +304,7 @@ class Supervisor:
             return
         if child is slot.incoming:
             slot.incoming = None
-            self.reload.clear()
-            why = child.error or how
-            log.error("reload abandoned: the new serving process %d %s", slot.index, why)
+            self._abandon_reload(slot.index, child.error or f"it {how}")
             return
         slot.child = None
         if child.state == "ready":
@@ -323,7 +327,7 @@ class Supervisor:
                     self._signal(child, signal.SIGKILL)
                 self.stop.deadline = float("inf")
             return
-        limit = ready_timeout()
+        limit = self.ready_limit
         for child in list(self.children.values()):
             if child.state == "starting" and now - child.born > limit:
                 child.error = child.error or (
@@ -337,7 +341,26 @@ class Supervisor:
         if self.reload and not any(s.incoming for s in self.slots):
             slot = self.reload.pop(0)
             if slot in self.slots and slot.child is not None and slot.child.state == "ready":
-                slot.incoming = self._spawn(slot)
+                try:
+                    slot.incoming = self._spawn(slot)
+                except OSError as exc:
+                    self._abandon_reload(slot.index, f"cannot fork: {exc.strerror}")
+
+    def _abandon_reload(self, index: int, why: str) -> None:
+        """One line: why the reload stopped, and that the old processes keep serving."""
+        self.reload.clear()
+        done = self.reloaded
+        kept = (
+            "the old serving processes keep serving"
+            if not done
+            else f"{done} of {self.reload_size} were replaced; the others keep serving"
+        )
+        log.error(
+            "reload abandoned: new serving process %d did not start: %s; %s",
+            index,
+            why,
+            kept,
+        )
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -358,6 +381,7 @@ class Supervisor:
         elif signum == signal.SIGHUP:
             log.info("%s: replacing the serving processes one at a time", name)
             self.reload = [s for s in self.slots if s.child is not None]
+            self.reload_size, self.reloaded = len(self.reload), 0
         elif signum == signal.SIGUSR1:
             reopen_log_files(redirect=self.config.daemon)
             log.info("%s: reopened log files", name)

@@ -21,7 +21,7 @@ from aecho.config import Framing, ServerConfig
 from aecho.offload.handlers import HANDLER_FAILURES, Handler, as_bytes
 from aecho.server.framing import FrameError, Framer, LineFramer, RawFramer
 from aecho.server.stats import Stats
-from aecho.text import exception_text
+from aecho.text import exception_text, printable
 
 log = logging.getLogger("aecho.server.connection")
 
@@ -72,7 +72,7 @@ class Host(Owner, Protocol):
 
 def error_line(exc: BaseException) -> bytes:
     """The line a peer gets for a failed message (line framing)."""
-    text = exception_text(exc).replace("\n", " ").replace("\r", " ")
+    text = printable(exception_text(exc))
     return f"ERR {type(exc).__name__}: {text}\n".encode("utf-8", "replace")
 
 
@@ -398,7 +398,7 @@ class FramedConnection(Connection):
             self.host.config.handler,
             format_address(self.peer),
             type(exc).__name__,
-            exception_text(exc),
+            printable(exception_text(exc)),
             exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
         )
         if isinstance(self._framer, LineFramer):
