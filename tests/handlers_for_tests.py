@@ -85,6 +85,14 @@ def hang(data: bytes) -> bytes:
     return data
 
 
+def costly_hang(data: bytes) -> bytes:
+    """Hang on ``hang``; echo the rest after 1 ms of CPU (a task of one message each)."""
+    if data == b"hang":
+        time.sleep(60)
+    _spin(1e-3)
+    return data
+
+
 def nap(data: bytes) -> bytes:
     """Echo after 0.3 s."""
     time.sleep(0.3)

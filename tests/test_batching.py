@@ -31,3 +31,9 @@ def test_a_small_queue_waits_only_for_tasks_still_due() -> None:
     assert batching.next_return([now - 1.0], now) is None
     assert batching.next_return([now - 1.0, due, due + 1], now) == due
     assert batching.next_return([], now) is None
+
+
+def test_a_task_is_late_past_fifty_milliseconds_or_four_times_its_expected_work() -> None:
+    assert batching.late_at(10.0, cost=0.0, messages=32) == 10.0 + batching.LATE_AFTER_S
+    assert batching.late_at(10.0, cost=1e-6, messages=1024) == 10.0 + batching.LATE_AFTER_S
+    assert batching.late_at(10.0, cost=1e-3, messages=20) == 10.0 + 0.08

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
@@ -12,8 +13,8 @@ from aecho.config import Framing, Offload
 from aecho.offload import batching
 from aecho.offload.outcomes import Outcome
 from aecho.offload.pool import Pool
-from aecho.offload.slots import Task
-from aecho.offload.turns import Turns
+from aecho.offload.slots import Task, discard
+from aecho.offload.turns import Turns, give_back
 from aecho.server.server import Server
 from aecho.server.stats import Stats
 from tests.conftest import running_server
@@ -234,6 +235,117 @@ async def test_a_peer_whose_messages_hang_fails_alone() -> None:
         assert pool.stats.pool_restarts == 2
     finally:
         await pool.close(0)
+
+
+HANG_TIMEOUT = 2.0  # --handler-timeout of the tests below; a free worker answers far sooner
+
+
+@pytest.mark.asyncio
+async def test_a_message_that_hangs_holds_up_no_other_connection_while_a_worker_is_free() -> None:
+    """Two workers.  One peer's line hangs; three others send theirs in the same loop
+    iteration, so that the four share a task.  Once that task is late, its worker keeps
+    the hung line and gives the others back: the free worker answers them long before
+    --handler-timeout, and the hung line alone meets it, once."""
+    async with running_server(
+        offload=Offload.process,
+        pool_size=2,
+        framing=Framing.line,
+        handler=T + "hang",
+        handler_timeout=HANG_TIMEOUT,
+    ) as server:
+        peers = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(4)]
+        try:
+            for reader, writer in peers:  # each connection served, and the cost measured
+                writer.write(b"hi\n")
+                assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"hi\n"
+            (hung_reader, hung), *others = peers
+            started = time.monotonic()
+            hung.write(b"hang\n")
+            for _, writer in others:  # no await between: the server reads all four at once
+                writer.write(b"ok\n")
+            for reader, _ in others:
+                line = await asyncio.wait_for(reader.readline(), HANG_TIMEOUT / 2)
+                assert line == b"ok\n"
+            assert time.monotonic() - started < HANG_TIMEOUT / 2
+            line = await asyncio.wait_for(hung_reader.readline(), TIMEOUT)
+            assert line.startswith(b"ERR HandlerTimeout")
+            assert server.stats.pool_restarts == 1  # the hung line timed out once, alone
+        finally:
+            for _, writer in peers:
+                writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_late_task_gives_back_the_other_connections_messages_done_or_not() -> None:
+    """Three connections share a task, the second one's message hangs: the first one's
+    message is done, the third one's not started.  Both are given back and run again on
+    the free worker; each is delivered and counted once."""
+    stats = Stats()
+    pool = Pool(T + "hang", size=2, timeout=HANG_TIMEOUT, stats=stats)
+    await pool.start()
+    try:
+        log: list[int] = []
+        before, hung, after = (Submitter(i, 1, log) for i in range(3))
+        pool.submit_one(b"before", before.deliver, None)
+        pool.submit_one(b"hang", hung.deliver, None)
+        pool.submit_one(b"after", after.deliver, None)
+        both = asyncio.gather(before.complete, after.complete)
+        await asyncio.wait_for(both, HANG_TIMEOUT / 2)
+        assert before.calls == [[b"before"]] and after.calls == [[b"after"]]
+        await asyncio.wait_for(hung.complete, TIMEOUT)
+        [[timed_out]] = hung.calls
+        assert type(timed_out).__name__ == "HandlerTimeout"
+        assert log == [0, 2, 1]
+        assert stats.pool_restarts == 1
+        assert stats.messages == 3
+        assert stats.offload_latency.count == 2  # the answered ones, once each
+    finally:
+        await pool.close(0)
+
+
+@pytest.mark.asyncio
+async def test_a_task_queued_behind_a_late_one_goes_to_the_free_worker() -> None:
+    """Messages costing 1 ms, a task each: of three sent at once, the first hangs on one
+    worker, the second goes to the other, the third is queued behind the first.  Once
+    the first is late, the third is taken back and run by the free worker."""
+    pool = Pool(T + "costly_hang", size=2, timeout=HANG_TIMEOUT, stats=Stats())
+    await pool.start()
+    try:
+        log: list[int] = []
+        warm = Submitter(9, 1, log)
+        pool.submit_one(b"warm", warm.deliver, None)  # the cost is measured
+        await asyncio.wait_for(warm.complete, TIMEOUT)
+        hung, second, third = (Submitter(i, 1, log) for i in range(3))
+        pool.submit_one(b"hang", hung.deliver, None)
+        pool.submit_one(b"second", second.deliver, None)
+        pool.submit_one(b"third", third.deliver, None)
+        both = asyncio.gather(second.complete, third.complete)
+        await asyncio.wait_for(both, HANG_TIMEOUT / 2)
+        assert second.calls == [[b"second"]] and third.calls == [[b"third"]]
+        await asyncio.wait_for(hung.complete, TIMEOUT)
+        assert log == [9, 1, 2, 0]
+        assert pool.stats.pool_restarts == 1
+        assert pool.stats.messages == 4
+    finally:
+        await pool.close(0)
+
+
+def test_what_a_late_task_gives_back_leaves_it_and_goes_nowhere_if_it_returns() -> None:
+    a, b, c = Owner("a"), Owner("b"), Owner("c")
+    task = _queue((a, 2), (b, 1), (a, 1), (c, 2))
+    back = give_back(task, running=2)  # b's message: b stays, the others go
+    assert back is not None and back.messages == [b"a0", b"a1", b"a0", b"c0", b"c1"]
+    assert back.entries[::3] == [a.done, a.done, c.done]
+    assert task.entries[::3] == [discard, b.done, discard, discard]
+    assert task.dropped == 5 and len(task.messages) == 6  # as the worker will answer
+    assert task.messages == [b"", b"", b"b0", b"", b"", b""]  # the bytes held once
+    assert task.kept().messages == [b"b0"]
+    booked = Booked()
+    task.waited(3.0, booked)
+    assert sum(n for _, n in booked.calls) == 1  # only what is delivered from here
+    assert give_back(task, running=2) is None  # nothing more to give
+    # A task its worker has not started gives back everything not given back yet.
+    assert give_back(task) is not None and task.kept().messages == []
 
 
 def test_a_task_put_back_goes_ahead_of_what_its_connections_have_waiting() -> None:

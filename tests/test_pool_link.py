@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from aecho.config import Framing, Offload
-from aecho.offload import wire
+from aecho.offload import wire, worker
 from aecho.offload.outcomes import Outcome
 from aecho.offload.pool import Pool
 from aecho.server.stats import Stats
@@ -153,6 +153,19 @@ def _parse(frame: bytes) -> tuple[list[bytes], wire.Failures | None]:
     assert kind == wire.RESULT
     assert wire.frame_size(count, blob, extra) == len(frame)
     return wire.parse(frame, wire.FRAME.size, count, blob, extra)
+
+
+def test_a_worker_writes_which_message_of_which_batch_it_runs() -> None:
+    progress = memoryview(bytearray(wire.PROGRESS.size)).cast("I")
+    seen: list[tuple[int, ...]] = []
+
+    def handler(data: bytes) -> bytes:
+        seen.append(wire.PROGRESS.unpack(progress))
+        return data
+
+    replies, failures, _ = worker.run_batch(handler, [b"a", b"b", b"c"], progress, 7)
+    assert replies == [b"a", b"b", b"c"] and not failures
+    assert seen == [(0, 7), (1, 7), (2, 7)]  # index, batch number
 
 
 def test_a_result_frame_round_trips() -> None:

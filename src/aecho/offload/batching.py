@@ -30,6 +30,11 @@ UNMEASURED_TASK = 32
 # Connections take turns once the queue holds more work than this (or its cost is
 # unknown): below it, first come, first served keeps every wait that short anyway.
 TURNS_AFTER_S = 0.05
+# A task out this long, or this many times its expected work if that is longer, is late:
+# its worker takes no more tasks, and what it holds that others can run goes to an idle
+# worker (see aecho.offload.watch).  A hung handler holds up only its own connection.
+LATE_AFTER_S = 0.05
+LATE_FACTOR = 4
 
 
 def min_batch(cost: float) -> int:
@@ -86,3 +91,8 @@ def next_return(due: Iterable[float], now: float) -> float | None:
     """
     upcoming = [t for t in due if t > now]
     return min(upcoming) if upcoming else None
+
+
+def late_at(started: float, cost: float, messages: int) -> float:
+    """When a task that started at ``started`` is late (see LATE_AFTER_S)."""
+    return started + max(LATE_AFTER_S, LATE_FACTOR * cost * messages)

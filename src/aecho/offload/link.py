@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import select
 import signal
@@ -58,6 +59,8 @@ class Worker:
         "_on_lost",
         "_on_result",
         "_out",
+        "_progress",
+        "_sent",
         "_sock",
         "hello",
         "pid",
@@ -105,6 +108,8 @@ class Worker:
         self._need = 0  # bytes that frame needs before it can be parsed further
         # Messages in each batch sent and not answered yet: a result must match the first.
         self._expect: deque[int] = deque()
+        self._sent = 0  # batches sent
+        self._progress: mmap.mmap | None = None  # the worker's progress word, if shared
         self.pid: int | None = self.process.pid
         self.pidfd = -1
         # Set while the pool's start waits for this worker's HELLO.
@@ -122,6 +127,7 @@ class Worker:
         reports that.
         """
         self._expect.append(len(messages))
+        self._sent += 1
         frame = wire.batch(messages)
         if self._out:
             self._out.append(memoryview(frame))
@@ -155,9 +161,9 @@ class Worker:
     # -- reading ---------------------------------------------------------------------------
 
     def _first_read(self) -> None:
-        """The worker's first byte, carrying its pidfd; frames follow."""
+        """The worker's first byte, carrying its pidfd and its progress word; frames follow."""
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self._sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
+            data, fds, _flags, _addr = socket.recv_fds(self._sock, 1, 2, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -166,6 +172,10 @@ class Worker:
         if fds:
             self.pidfd = fds[0]
             for extra in fds[1:]:
+                with contextlib.suppress(OSError, ValueError):
+                    self._progress = mmap.mmap(
+                        extra, wire.PROGRESS.size, mmap.MAP_SHARED, mmap.PROT_READ
+                    )
                 os.close(extra)
         if data != b"P":
             self._lost("closed its socket" if not data else f"began with {data!r}")
@@ -274,6 +284,20 @@ class Worker:
             return
         self._on_lost(self, why)
 
+    def running(self) -> int | None:
+        """The index, in the oldest batch not answered yet, of the message the worker is
+        running (or has just finished); None if unknown: no progress word is shared, or
+        the worker has not started that batch yet."""
+        progress = self._progress
+        if progress is None or not self._expect:
+            return None
+        index: int
+        index, number = wire.PROGRESS.unpack_from(progress)
+        oldest = self._sent - len(self._expect) + 1
+        if number != oldest & 0xFFFFFFFF or index >= self._expect[0]:
+            return None  # NOT_STARTED is no index: a batch holds fewer messages
+        return index
+
     # -- the process -----------------------------------------------------------------------
 
     def close(self) -> None:
@@ -306,7 +330,10 @@ class Worker:
         return self.process.is_alive()
 
     def release(self) -> None:
-        """Close the pidfd; the worker is gone or no longer ours to stop."""
+        """Close the pidfd and the progress word; the worker is gone or no longer ours."""
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
         if self.pidfd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.pidfd)

@@ -37,6 +37,7 @@ from aecho.offload.outcomes import (
 )
 from aecho.offload.slots import Counters, Slot, Task
 from aecho.offload.turns import Turns, suspects_of
+from aecho.offload.watch import Watch
 from aecho.text import plural
 
 log = logging.getLogger("aecho.offload")
@@ -80,7 +81,7 @@ class Pool:
         self._cost = 0.0  # moving average of worker seconds per message
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        self._due_timer: asyncio.TimerHandle | None = None
+        self._watch: Watch | None = None  # when running tasks are due back, or late
         self._drained: asyncio.Event | None = None  # set once no task is left, while closing
 
     @property
@@ -105,6 +106,7 @@ class Pool:
         loop = self._loop = asyncio.get_running_loop()
         self._ctx.set_forkserver_preload(["aecho.offload.handlers", "aecho.offload.worker"])
         self._slots = [Slot(i) for i in range(self.size)]
+        self._watch = Watch(loop, self._slots, self._flush, self._take_back)
         try:
             hellos = []
             for slot in self._slots:
@@ -164,7 +166,7 @@ class Pool:
             return
         self._closing = True
         atexit.unregister(self._kill_all)
-        for timer in (self._watchdog, self._due_timer):
+        for timer in (self._watchdog, self._watch):
             if timer is not None:
                 timer.cancel()
         closed = PoolClosed("the server is stopping")
@@ -247,7 +249,7 @@ class Pool:
             slot
             for depth in range(batching.TASKS_PER_WORKER)
             for slot in self._slots
-            if len(slot.tasks) <= depth and slot.worker is not None
+            if len(slot.tasks) <= depth and slot.worker is not None and not slot.late
         ]
         if self._suspects:
             # Each in a task of its own: if it kills its worker again, it fails alone.
@@ -258,7 +260,8 @@ class Pool:
         if not positions or not queued:
             return
         smallest = batching.min_batch(self._cost)
-        if queued < smallest and self._wait_for_a_return(positions[0]):
+        assert self._watch is not None
+        if queued < smallest and self._watch.wait_for_a_return(positions[0]):
             return
         n_tasks = batching.task_count(queued, len(positions), smallest)
         most = batching.max_task(self._cost)
@@ -291,30 +294,6 @@ class Pool:
             if not self._messages:
                 break
 
-    def _wait_for_a_return(self, first: Slot) -> bool:
-        """Whether a queue too small for a task of its own should wait (see batching)."""
-        if first.tasks:
-            return True  # every worker is busy
-        loop = self._loop
-        assert loop is not None
-        wake = batching.next_return(
-            (
-                batching.due_at(slot.head_since, self._cost, len(slot.tasks[0].messages))
-                for slot in self._slots
-                if slot.tasks
-            ),
-            loop.time(),
-        )
-        if wake is None:
-            return False
-        if self._due_timer is None:
-            self._due_timer = loop.call_at(wake, self._due)
-        return True
-
-    def _due(self) -> None:
-        self._due_timer = None
-        self._flush()
-
     def _take(self, n_entries: int, n_messages: int) -> Task:
         """The queue's first ``n_entries`` entries (of ``n_messages`` messages), as a task."""
         if n_entries == len(self._entries):
@@ -333,10 +312,10 @@ class Pool:
 
     def _dispatch(self, slot: Slot, task: Task) -> None:
         fresh = slot.worker
-        assert fresh is not None and self._loop is not None
-        if not slot.tasks:
-            slot.head_since = self._loop.time()
+        assert fresh is not None and self._loop is not None and self._watch is not None
         slot.tasks.append(task)
+        if len(slot.tasks) == 1:
+            self._watch.started(slot, self._loop.time(), self._cost)
         fresh.send(task.messages)
 
     def _result(
@@ -360,17 +339,37 @@ class Pool:
         replies, failed = wire.parse(data, offset, count, blob, extra)
         tasks = slot.tasks
         task = tasks.popleft()
-        assert self._loop is not None
+        assert self._loop is not None and self._watch is not None
         now = self._loop.time()
-        if tasks:
-            slot.head_since = now
+        slot.late = 0
         if count:
             cost = seconds / count  # a moving average, from the first measurement on
             self._cost = 0.8 * self._cost + 0.2 * cost if self._cost else cost
+        if tasks:
+            self._watch.started(slot, now, self._cost)
         self._resolve(task, replies, failed, now)
+        if not tasks:
+            self._take_back()  # to this worker, idle now
         if self._messages or self._turns.messages or self._suspects:
             self._flush()
         self._check_drained()
+
+    def _take_back(self) -> None:
+        """Queue what late workers give back (see :mod:`aecho.offload.watch`) and flush."""
+        assert self._watch is not None
+        back = self._watch.take_back()
+        for task in reversed(back):
+            self._requeue(task)
+        if back:
+            self._flush()
+
+    def _requeue(self, task: Task) -> None:
+        """A task sent out and taken back, to run again: alone if it ran alone, ahead of
+        what its connections have waiting otherwise."""
+        if task.alone:
+            self._suspects.appendleft(task)
+        else:
+            self._turns.put_back(task)
 
     def _check_drained(self) -> None:
         if self._drained is not None and not any(s.tasks for s in self._slots):
@@ -380,7 +379,7 @@ class Pool:
         self, task: Task, replies: list[bytes], failures: wire.Failures | None, now: float
     ) -> None:
         stats = self.stats
-        stats.messages += len(replies)
+        stats.messages += len(replies) - task.dropped
         task.waited(now, stats.offload_latency)
         outcomes: list[Outcome] = replies  # type: ignore[assignment]
         if failures:
@@ -389,7 +388,7 @@ class Pool:
         task.deliver(outcomes)
 
     def _resolve_all(self, task: Task, exc: BaseException) -> None:
-        self.stats.messages += len(task.messages)
+        self.stats.messages += len(task.messages) - task.dropped
         task.deliver([exc] * len(task.messages))
 
     def _give_up_suspects(self, exc: BaseException) -> None:
@@ -405,6 +404,7 @@ class Pool:
             said = why if why.startswith("sent") else "died while handling this message"
             exc = WorkerDied(f"worker process {said}")
         self._evict(slot, exc, why)
+        self._take_back()
         self._flush()
         self._check_drained()
 
@@ -417,9 +417,10 @@ class Pool:
         runs again in a task of its own, so that only the guilty one fails (the others'
         messages may be handled twice: at least once, never lost).
         """
-        culprit = slot.tasks.popleft() if slot.tasks and exc is not None else None
-        innocent = list(slot.tasks)
+        culprit = slot.tasks.popleft().kept() if slot.tasks and exc is not None else None
+        innocent = [kept for task in slot.tasks if (kept := task.kept()).entries]
         slot.tasks.clear()
+        slot.late = 0
         old = slot.worker
         slot.worker = None
         pid = old.pid if old is not None else None
@@ -457,11 +458,8 @@ class Pool:
         for task in reversed(innocent):
             if self._closing:
                 self._resolve_all(task, PoolClosed("the server is stopping"))
-                continue
-            if task.alone:
-                self._suspects.appendleft(task)
-            else:  # ahead of what its connections have waiting
-                self._turns.put_back(task)
+            else:
+                self._requeue(task)
 
     def _restart(self, slot: Slot) -> bool:
         """Start a worker for an empty slot; False (logged) if it cannot be started now."""
@@ -495,6 +493,7 @@ class Pool:
                 self._resolve_all(self._take_all(), died)
             self._give_up_suspects(died)
         if flush:
+            self._take_back()
             self._flush()
         if not self._closing:
             self._watchdog = loop.call_later(self._tick_interval, self._tick)

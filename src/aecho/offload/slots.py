@@ -26,16 +26,22 @@ class Counters(Protocol):
     def offload_latency(self) -> Latency: ...
 
 
+def discard(_token: Any, _outcomes: list[Outcome], _start: int, _stop: int) -> None:
+    """The callback of a submission given back from a late task (see turns.give_back):
+    another task runs it, so what this one brings back for it goes nowhere."""
+
+
 class Task:
     """One batch shipped to one worker: several submissions' messages, flattened.
 
     ``entries`` holds ``callback, token, count`` for each submission, as a flat
     list (no tuple per submission): the queue and the tasks sit between a read
     and its reply, and every container living that long feeds the garbage
-    collector's youngest generation.
+    collector's youngest generation.  ``dropped`` messages belong to submissions
+    given back (their callback is :func:`discard`).
     """
 
-    __slots__ = ("ages", "alone", "entries", "messages", "queued_at")
+    __slots__ = ("ages", "alone", "dropped", "entries", "messages", "queued_at")
 
     def __init__(
         self,
@@ -52,6 +58,7 @@ class Task:
         self.alone = alone
         # When each submission was queued (flat: time, count, ...), if they differ much.
         self.ages = ages
+        self.dropped = 0
 
     def waited(self, now: float, latency: Latency) -> None:
         """Book each message's time from its queueing to ``now``."""
@@ -76,6 +83,23 @@ class Task:
                 log.exception("delivering offload results failed")
             start = stop
 
+    def kept(self) -> Task:
+        """This task without the submissions given back."""
+        if not self.dropped:
+            return self
+        entries: list[Any] = []
+        messages: list[bytes] = []
+        ages: list[float] = []
+        start = 0
+        for k in range(0, len(self.entries), 3):
+            callback, token, count = self.entries[k : k + 3]
+            if callback is not discard:
+                entries += (callback, token, count)
+                messages += self.messages[start : start + count]
+                ages += self.ages[2 * k // 3 : 2 * k // 3 + 2] if self.ages else ()
+            start += count
+        return Task(entries, messages, self.queued_at, self.alone, ages or None)
+
     def split(self) -> list[Task]:
         """One task per submission, each marked ``alone``."""
         tasks = []
@@ -90,6 +114,9 @@ class Task:
         return tasks
 
 
+LATE, GAVE_BACK = 1, 2
+
+
 class Slot:
     """One position in the pool: the worker serving it now, and the tasks it holds.
 
@@ -97,13 +124,16 @@ class Slot:
     running one and the next result answers it.
     """
 
-    __slots__ = ("head_since", "index", "tasks", "worker")
+    __slots__ = ("head_since", "index", "late", "tasks", "worker")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.worker: Worker | None = None
         self.tasks: deque[Task] = deque()
         self.head_since = 0.0  # when the first task started (or became the first)
+        # Whether the first task is late (see aecho.offload.watch): 0 not, LATE, or
+        # GAVE_BACK once what others can run was taken from it.  A late slot takes no task.
+        self.late = 0
 
     def overdue(self, now: float, timeout: float, start_timeout: float) -> Exception | None:
         """What the running task fails with if it has been out too long, else None.

@@ -11,7 +11,7 @@ from collections import deque
 from typing import Any
 
 from aecho.offload.outcomes import Outcome, WorkerDied
-from aecho.offload.slots import Task
+from aecho.offload.slots import Task, discard
 
 
 class Gather:
@@ -63,6 +63,50 @@ def suspects_of(task: Task, exc: BaseException | None) -> list[Task]:
         part.messages += task.messages[start : start + count]
         start += count
     return list(parts.values())
+
+
+def give_back(task: Task, running: int | None = None) -> Task | None:
+    """Take out of ``task``, held by a worker that is late, what another worker may run:
+    with ``running`` (the index of the message the worker is on) every other connection's
+    submissions, done or not; without it, all of them (the worker has not started it).
+
+    They come back as a task of their own (None: nothing to give); in ``task`` their
+    callback becomes :func:`discard`, so a late result of theirs goes nowhere, and their
+    messages empty bytes.  The messages already done are handled again: at least once,
+    as after a crash.
+    """
+    entries, messages = task.entries, task.messages
+    ages = task.ages or [task.queued_at, 0] * (len(entries) // 3)
+    spared = None
+    if running is not None:
+        end = 0
+        for k in range(0, len(entries), 3):
+            end += entries[k + 2]
+            if running < end:
+                spared = owner(entries[k])
+                break
+    out = Task([], [], task.queued_at, task.alone, [])
+    assert out.ages is not None
+    start = 0
+    for k in range(0, len(entries), 3):
+        callback, token, count = entries[k : k + 3]
+        at = start
+        start += count
+        if callback is discard or (running is not None and owner(callback) is spared):
+            ages[2 * k // 3 + 1] = 0 if callback is discard else count
+            continue
+        out.entries += (callback, token, count)
+        out.messages += messages[at:start]
+        messages[at:start] = [b""] * count  # held once, as the budget counts them
+        out.ages += (ages[2 * k // 3], count)
+        entries[k] = discard
+        ages[2 * k // 3 + 1] = 0
+        task.dropped += count
+    if not out.entries:
+        return None
+    task.ages = ages
+    out.queued_at = min(out.ages[::2])
+    return out
 
 
 class Turns:

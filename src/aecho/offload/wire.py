@@ -10,7 +10,10 @@ Worker to pool, in order of a worker's life:
 
 1. one byte carrying the worker's pidfd (``SCM_RIGHTS``; no fd where the kernel has no
    pidfds), so the pool signals that process and never a pid the kernel may have
-   given to another since;
+   given to another since, and after it a memfd of ``PROGRESS`` (none where there is
+   no memfd): the worker writes there the number of the batch it starts (from 1, in
+   the order they were sent; the index ``NOT_STARTED`` first), and the index of each
+   message before it runs it;
 2. ``HELLO`` (all fields zero) once the handler resolved, or ``REFUSED``
    (extra: the handler error's message) if it did not;
 3. one ``RESULT`` per batch: the replies (a failed message's reply is empty), the
@@ -31,6 +34,8 @@ BATCH = struct.Struct("<IQ")  # messages, blob bytes
 FRAME = struct.Struct("<BIQId")  # kind, count, blob bytes, extra bytes, seconds
 HELLO, REFUSED, RESULT = 1, 2, 3
 LENGTH = array.array("I").itemsize
+PROGRESS = struct.Struct("=II")  # index in the batch, batch number (mod 2**32)
+NOT_STARTED = 0xFFFFFFFF
 
 Failures = dict[int, tuple[str, str, str]]
 

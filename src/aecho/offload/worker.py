@@ -1,16 +1,19 @@
 """The code that runs inside a pool process: set-up, then batches from its socket.
 
 A worker reads a batch, runs the handler on each message in order, writes the result
-and reads the next, until the pool closes its end of the socket.  Its only thread
-besides that one watches the server (see :func:`init`), and nothing is pickled:
-:mod:`aecho.offload.wire` says what crosses.  The traceback of a failure is formatted
-only when the server logs at debug level (else it is empty).
+and reads the next, until the pool closes its end of the socket.  It writes the batch's
+number, and each message's index before running it, into memory it shares with the
+pool (its progress), so the pool can tell which message a late batch is on.  Its only
+thread besides that one watches the server (see :func:`init`), and nothing is pickled:
+:mod:`aecho.offload.wire` says what crosses.  The traceback of a failure is
+formatted only when the server logs at debug level (else it is empty).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import select
 import signal
@@ -57,7 +60,7 @@ def serve(
     handler: Handler | None = None
     refusal = ""
     try:
-        _send_pidfd(sock)
+        progress = _send_fds(sock)
         try:
             handler = load_handler(handler_name, directory)
         except HandlerError as exc:
@@ -66,6 +69,7 @@ def serve(
         else:
             sock.sendall(wire.hello())
         reader = sock.makefile("rb", buffering=READ_BUFFER)
+        number = 0  # of the batch, as the pool counts the batches it sent this worker
         while True:
             head = reader.read(wire.BATCH.size)
             if len(head) < wire.BATCH.size:
@@ -76,26 +80,42 @@ def serve(
             if len(body) < size:
                 return  # the pool closed its end mid-batch
             messages = wire.split(body, 0, count, blob)
+            number += 1
             if handler is None:
                 failed = dict.fromkeys(range(count), ("HandlerError", refusal, ""))
                 sock.sendall(wire.result([b""] * count, failed, 0.0))
             else:
-                sock.sendall(wire.result(*run_batch(handler, messages)))
+                sock.sendall(wire.result(*run_batch(handler, messages, progress, number)))
     except OSError:
         return  # the pool is gone
 
 
-def _send_pidfd(sock: socket.socket) -> None:
-    """Hand the pool a pidfd of this process, so it can signal it without a pid."""
+def _send_fds(sock: socket.socket) -> memoryview:
+    """Hand the pool a pidfd of this process, so it can signal it without a pid, and the
+    memory this worker writes its progress to (see :func:`run_batch`); returns that
+    memory, as 32-bit words, memory of its own where the pool cannot share it."""
+    progress = memoryview(bytearray(wire.PROGRESS.size))
     try:
-        pidfd = os.pidfd_open(os.getpid())
+        fds = [os.pidfd_open(os.getpid())]
     except (OSError, AttributeError):
-        sock.sendall(b"P")  # no pidfds here: the pool does without
-        return
+        sock.sendall(b"P")  # no pidfds here: the pool does without, and without progress
+        return progress.cast("I")
     try:
-        socket.send_fds(sock, [b"P"], [pidfd])
+        with contextlib.suppress(OSError, AttributeError):
+            memfd = os.memfd_create("aecho-progress", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(memfd, wire.PROGRESS.size)
+                shared = mmap.mmap(memfd, wire.PROGRESS.size)
+            except OSError:
+                os.close(memfd)
+                raise
+            fds.append(memfd)
+            progress = memoryview(shared)
+        socket.send_fds(sock, [b"P"], fds)
     finally:
-        os.close(pidfd)
+        for fd in fds:
+            os.close(fd)
+    return progress.cast("I")
 
 
 def init(server_pid: int, directory: str | None = None, tracebacks: bool = False) -> None:
@@ -157,8 +177,11 @@ def _watch_server(server_pid: int) -> None:
     threading.Thread(target=watch, name="aecho-server-watch", daemon=True).start()
 
 
-def run_batch(handler: Handler, messages: list[bytes]) -> tuple[list[bytes], wire.Failures, float]:
-    """Run ``handler`` on every message, in order.
+def run_batch(
+    handler: Handler, messages: list[bytes], progress: memoryview, number: int
+) -> tuple[list[bytes], wire.Failures, float]:
+    """Run ``handler`` on every message, in order; ``progress`` says that this is the
+    ``number``-th batch, and the index of the message it runs (see :mod:`aecho.offload.wire`).
 
     Returns the replies (a failed message's reply is empty), the failures by index,
     and the seconds spent.
@@ -166,8 +189,11 @@ def run_batch(handler: Handler, messages: list[bytes]) -> tuple[list[bytes], wir
     out: list[bytes] = []
     append = out.append
     failures: wire.Failures = {}
+    progress[0] = wire.NOT_STARTED  # before the number: never the last batch's index
+    progress[1] = number & 0xFFFFFFFF
     started = time.perf_counter()
     for i, message in enumerate(messages):
+        progress[0] = i
         try:
             reply = handler(message)
             if type(reply) is not bytes:
