@@ -728,5 +728,6 @@ def test_ctrl_c_pressed_again_and_again_still_reports(
     assert "Traceback" not in err, err
     data = json.loads(out)  # whole, however often Ctrl-C came while it was made
     assert data["interrupted"] is True and data["messages"] > 0
-    # A Ctrl-C that comes once the report is out may still end the process as Ctrl-C does.
-    assert proc.returncode in (0, 130, -signal.SIGINT), err
+    # Presses after the first cut short the wait for replies owed (timeouts, if any were
+    # still owed), then are ignored: the exit status is the run's own.
+    assert proc.returncode == (1 if data["errors"] else 0), err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -9,12 +10,41 @@ import os
 import resource
 import socket
 import ssl
+from typing import Any
 
 from aecho.bench.errors import BenchError
-from aecho.config import DEFAULT_HOST, BenchConfig
+from aecho.config import DEFAULT_HOST, DEFAULT_PORT, BenchConfig
 from aecho.tls import client_context
 
 FD_SLACK = 64  # descriptors a bench process needs besides its connections
+# Errors that may mean the server is full: its connection limit or its descriptors.
+FULL_SERVER_SIGNS = ("refused", "timeout", "closed")
+
+
+async def diagnose(
+    cfg: BenchConfig,
+    errors: dict[str, int],
+    replies: int,
+    fds_probe: asyncio.Future[tuple[int, int, int] | None] | None,
+) -> dict[str, Any]:
+    """What a failing run cannot tell from its own side (see results.NOTES): the server's
+    descriptors, looked at now and in ``fds_probe`` (when the first sign of a full server
+    came), and whether it speaks TLS to a plain bench that got no ``replies``."""
+    notes: dict[str, Any] = {}
+    if any(errors[kind] for kind in FULL_SERVER_SIGNS):
+        seen = [server_fds(cfg)]
+        if fds_probe is not None:
+            seen.append(await fds_probe)
+        # The fullest reading: whether the server ran out of descriptors at some point.
+        fds = max((f for f in seen if f is not None), key=lambda f: f[1], default=None)
+        if fds is not None:
+            notes["server_fds"] = list(fds)
+    unanswered = errors["refused"] + errors["closed"] + errors["short"] + errors["reset"]
+    if not cfg.tls and not cfg.unix and not replies and unanswered + errors["mismatch"]:
+        host, port = cfg.host or DEFAULT_HOST, DEFAULT_PORT if cfg.port is None else cfg.port
+        if await asyncio.to_thread(speaks_tls, host, port):
+            notes["tls"] = True
+    return notes
 
 
 def connect_error(cfg: BenchConfig, exc: BaseException) -> tuple[str, str]:

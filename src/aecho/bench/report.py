@@ -17,6 +17,7 @@ from aecho.bench.histogram import format_ns
 from aecho.bench.results import Result, Setup, to_json
 from aecho.bench.search import Search, Step
 from aecho.bench.search import to_json as search_json
+from aecho.bench.stopping import waiting_note
 from aecho.config import BenchConfig
 
 ERROR_LABELS = {
@@ -60,6 +61,10 @@ class Progress:
                 (head, "bold"), f"   {rate}p99 {format_ns(p['p99_ns'])}   ", errors
             )
         self.live.update(line, refresh=True)
+
+    def note(self, drain_s: float) -> None:
+        """A stopped run waits for the replies still owed: a line above the live one."""
+        self.console.print(f"aecho bench: {waiting_note(drain_s)}", markup=False, highlight=False)
 
     def stop(self) -> None:
         self.live.stop()

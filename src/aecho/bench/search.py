@@ -173,14 +173,20 @@ def _run_step(
 
 def settle(cfg: BenchConfig, setup: Setup, measure: Measure, goal_ns: int) -> None:
     """A failed step can leave the server working off a backlog: wait (at most --timeout)
-    until one message comes back within half the goal, so the next step starts fresh."""
+    until one message comes back within half the goal, so the next step starts fresh.
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C or SIGTERM stopped the wait: the search ends.
+    """
     one = replace(cfg, connections=1, workers=1, duration=None, messages=1, warmup=0.0, rate=None)
     alone = replace(setup, connections=1, workers=1, rate=None)
     deadline = time.monotonic() + cfg.timeout
     for _ in range(SETTLE_TRIES):
         result = measure(one, alone, cfg.timeout, goal_ns)
+        if result.interrupted:
+            raise KeyboardInterrupt
         quick = result.messages and result.hist.max <= goal_ns / 2
-        if quick or result.interrupted or time.monotonic() > deadline:
+        if quick or time.monotonic() > deadline:
             return
 
 

@@ -15,7 +15,13 @@ from time import monotonic_ns
 from typing import Any
 
 from aecho.bench.connection import NEVER, BenchConn, Tally
-from aecho.bench.diagnosis import connect_error, ensure_fd_limit, server_fds, speaks_tls
+from aecho.bench.diagnosis import (
+    FULL_SERVER_SIGNS,
+    connect_error,
+    diagnose,
+    ensure_fd_limit,
+    server_fds,
+)
 from aecho.bench.errors import BenchError
 from aecho.bench.histogram import HIGHEST_NS, Histogram, bucket_index
 from aecho.bench.results import SECOND_NS, TICK_NS, WorkerResult, slot_count
@@ -58,10 +64,6 @@ async def sleep_until(target_ns: int) -> None:
         await asyncio.sleep(rest / 1e9)
 
 
-# Errors that may mean the server is full: its connection limit or its descriptors.
-FULL_SERVER_SIGNS = ("refused", "timeout", "closed")
-
-
 class Worker(Tally):
     """Drives ``plan.connections`` connections on the running event loop."""
 
@@ -81,12 +83,16 @@ class Worker(Tally):
         self.connect_hist = Histogram()
         self.start_unix_ns = 0  # wall clock at measure_ns: what lines up runs and machines
         self.aborted = False  # a search step stopped early: it clearly failed
-        self.notes: dict[str, Any] = {}  # what _diagnose found out
+        self.notes: dict[str, Any] = {}  # what diagnose found out
         # The server's descriptors, looked at when the first sign of a full server came:
         # by the end, other workers may have closed their connections already.
         self.fds_probe: asyncio.Future[tuple[int, int, int] | None] | None = None
         self.connecting: list[asyncio.Task[None]] = []  # connection attempts under way
         self.interrupted = False  # see interrupt()
+        self.draining = False  # waiting for the replies owed once sending stopped
+        self.hurried = False  # told to stop again: that wait is cut short (see interrupt)
+        self.cut_short: str | None = None  # then: why the replies still owed failed
+        self.on_wait: Callable[[float], None] | None = None  # see _drain
         # Replies completed in each TICK_NS slot of the window, and the latencies recorded
         # in each second (sparse bucket counts), sampled by _tick from the histogram.
         self.timeline: list[int] = []
@@ -212,8 +218,7 @@ class Worker(Tally):
         try:
             await self.stopped.wait()
             if not self.aborted:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.done.wait(), self.plan.drain_s)
+                await self._drain()
         finally:
             end = monotonic_ns()
             if collecting:
@@ -230,8 +235,25 @@ class Worker(Tally):
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             self._finish_timeline()
-            await self._diagnose()
+            self.notes = await diagnose(self.cfg, self.errors, self.hist.total, self.fds_probe)
             self.close_all()
+
+    async def _drain(self) -> None:
+        """Wait up to ``plan.drain_s`` for the replies still owed (an interrupted run tells
+        ``on_wait`` first), unless told to stop again (see :meth:`interrupt`)."""
+        since = monotonic_ns()
+        self.draining = True
+        if not self.hurried:
+            if self.interrupted and not self.done.is_set() and self.on_wait is not None:
+                self.on_wait(self.plan.drain_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), self.plan.drain_s)
+        self.draining = False
+        if self.hurried:
+            waited = (monotonic_ns() - since) / 1e9
+            self.cut_short = (
+                f"no reply when the wait was cut short, {waited:.2f}s after sending stopped"
+            )
 
     def _open_cpu_window(self) -> None:
         if self.window_end_ns is None:
@@ -253,7 +275,12 @@ class Worker(Tally):
         super().close_window(now)
 
     def interrupt(self) -> None:
-        """Ctrl-C or SIGTERM (or the parent's word): stop sending, and stop connecting."""
+        """Ctrl-C or SIGTERM (or the parent's word): stop sending, and stop connecting.
+        Once sending has stopped, by an earlier one or at the end of the run, one more
+        cuts short the wait for the replies still owed: they count as timeouts."""
+        if self.interrupted or self.draining:
+            self.hurried = True
+            self.done.set()
         self.interrupted = True
         self.stop_sending()
         if self.connecting:
@@ -267,23 +294,6 @@ class Worker(Tally):
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to look with
                 loop = asyncio.get_running_loop()
                 self.fds_probe = loop.create_task(asyncio.to_thread(server_fds, self.cfg))
-
-    async def _diagnose(self) -> None:
-        """Look into what a failing run cannot tell from its own side (see results.NOTES)."""
-        errors, cfg = self.errors, self.cfg
-        if any(errors[kind] for kind in FULL_SERVER_SIGNS):
-            seen = [server_fds(cfg)]
-            if self.fds_probe is not None:
-                seen.append(await self.fds_probe)
-            # The fullest reading: whether the server ran out of descriptors at some point.
-            fds = max((f for f in seen if f is not None), key=lambda f: f[1], default=None)
-            if fds is not None:
-                self.notes["server_fds"] = list(fds)
-        unanswered = errors["refused"] + errors["closed"] + errors["short"] + errors["reset"]
-        if not cfg.tls and not cfg.unix and not self.hist.total and unanswered + errors["mismatch"]:
-            host, port = cfg.host or DEFAULT_HOST, DEFAULT_PORT if cfg.port is None else cfg.port
-            if await asyncio.to_thread(speaks_tls, host, port):
-                self.notes["tls"] = True
 
     def _finish_timeline(self) -> None:
         """Book the window's last replies, and every latency since the last per-second
@@ -319,10 +329,11 @@ class Worker(Tally):
         """Count replies still owed as timeouts (not after a step stopped early) and drop
         every connection."""
         self.closing = self.closing or self.aborted
+        why = self.cut_short or f"no reply within {self.plan.drain_s:g}s"
         for conn in self.conns:
             if conn.out and not conn.failed and not conn.lost and not self.closing:
                 conn.failed = True
-                self.error("timeout", f"no reply within {self.plan.drain_s:g}s")
+                self.error("timeout", why)
         self.closing = True
         for conn in self.conns:
             if conn.transport is not None and not conn.lost:
