@@ -4,6 +4,8 @@ work from a clone."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import socket
@@ -15,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from aecho.text import plural
-from tests.conftest import ServerProcess, closed_without_reply, round_trip, wait_until
+from tests.conftest import (
+    ServerProcess,
+    closed_without_reply,
+    round_trip,
+    running_server,
+    until,
+    wait_until,
+)
 
 TIMEOUT = 30.0
 
@@ -82,3 +91,21 @@ def test_a_missing_extra_is_named_as_a_clone_installs_it(
         f"aecho: error: {option} needs {module}: run pip install -e '.[{extra}]' in aecho's "
         f"directory (or pip install {module})\n"
     )
+
+
+@pytest.mark.asyncio
+async def test_a_stop_forced_before_it_began_counts_what_it_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """TERM and INT in one instant: the force comes before the graceful stop has counted
+    the connections, and the closing line still adds up."""
+    caplog.set_level(logging.INFO, logger="aecho.server")
+    async with running_server() as server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        await until(lambda: len(server.connections) == 1, "the connection to be accepted")
+        server.request_stop()
+        server.force_stop()
+        await asyncio.wait_for(server.shutdown(), TIMEOUT)
+        writer.close()
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped:")]
+    assert stopped == ["stopped: 1 connection open at stop, 1 cut by a forced stop"]

@@ -334,7 +334,10 @@ class Server(Registry):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        open_at_stop = len(self.connections) + len(self.preludes) + len(self._adopting)
+        # A forced stop that came before this coroutine ran has cut some already.
+        open_at_stop = (
+            len(self.connections) + len(self.preludes) + len(self._adopting) + self._cut_by_force
+        )
         for member in list(self.connections):
             member.drain()
         deadline = time.monotonic() + self._config.graceful_timeout
