@@ -88,6 +88,10 @@ class Tally:
         self.expect = reply_function(cfg)
         self.closed_loop = cfg.rate is None
         self.fast = False  # closed-loop echo: BenchConn.data_received's inlined path
+        self.engine = "python"  # "c" when the compiled loop served the run (bench.engine)
+        # The compiled loop holds replies not yet added to hist: the window closes once
+        # they are (bench.engine), not when told to stop.
+        self.held = False
         self.remaining: int | None = None  # -n: messages still to send
         self.hist = Histogram()
         self.errors = dict.fromkeys(ERROR_KINDS, 0)
@@ -146,7 +150,7 @@ class Tally:
         if self.sending:
             self.sending = False
             self.fast_from = NEVER
-            if close_window:
+            if close_window and not self.held:
                 self.close_window(monotonic_ns())
             self.stopped.set()
             if not self.inflight:
@@ -291,25 +295,12 @@ class BenchConn(asyncio.Protocol):
         self.lost = True
         w = self.w
         w.live -= 1
+        if not self.failed and not w.closing:
+            w.error(*self.loss(exc))
         owed = len(self.out)
-        replies = self.seq - owed
         if owed:
             w.inflight -= owed
             self.out.clear()
-        if not self.failed and not w.closing:
-            if not replies and not self.off:
-                # Closed or reset before a single byte back: how a full server turns one away.
-                w.error("refused", "the server closed the connection before any reply")
-            elif exc is not None:
-                w.error("reset", f"connection reset: {exc}")
-            elif self.off:
-                w.error("short", "the server closed the connection in the middle of a reply")
-            elif owed:
-                # Between replies: in a closed loop a message is always owed then.
-                owing = plural(owed, "reply", "replies")
-                w.error("closed", f"the server closed the connection with {owing} owed")
-            else:
-                w.error("closed", "the server closed the connection")
         if not w.live and w.sending:
             # Nothing left to send on: the run ends now.  (While connecting, the last one
             # lost may be followed by others still to come.)
@@ -317,6 +308,32 @@ class BenchConn(asyncio.Protocol):
             w.done.set()
         elif not w.inflight and not w.sending:
             w.done.set()
+
+    def loss(self, exc: Exception | None) -> tuple[str, str]:
+        """The error kind and message of this connection ending now, with ``exc``."""
+        owed = len(self.out)
+        if not self.seq - owed and not self.off:
+            # Closed or reset before a single byte back: how a full server turns one away.
+            return "refused", "the server closed the connection before any reply"
+        if exc is not None:
+            return "reset", f"connection reset: {exc}"
+        if self.off:
+            return "short", "the server closed the connection in the middle of a reply"
+        if owed:
+            # Between replies: in a closed loop a message is always owed then.
+            owing = plural(owed, "reply", "replies")
+            return "closed", f"the server closed the connection with {owing} owed"
+        return "closed", "the server closed the connection"
+
+    def fail_lost(self, exc: Exception) -> None:
+        """The socket failed with ``exc`` (seen outside the transport): count it as
+        connection_lost would, once, and drop the connection."""
+        if self.failed or self.w.closing:
+            return
+        self.w.error(*self.loss(exc))
+        self.failed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     # sending
 

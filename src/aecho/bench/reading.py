@@ -74,6 +74,7 @@ def from_json(data: dict[str, Any]) -> Result:
             failure=_optional(_text, data.get("error")),
             # Files from before bench measured its own CPU have none: still merged.
             cpu=[_share(share) for share in data.get("bench_cpu", [])],
+            engine=[_engine_name(name) for name in data.get("bench_engine", [])],
         )
     )
 
@@ -179,6 +180,17 @@ def _share(value: Any) -> float:
     if not math.isfinite(share) or share < 0:
         raise ValueError(f"bench_cpu {value!r}")
     return share
+
+
+def _engine_name(value: Any) -> str:
+    """Which loop a process ran, read from a file: "c" or "python".
+
+    Raises:
+        ValueError: neither.
+    """
+    if value not in ("c", "python"):
+        raise ValueError(f"bench_engine {value!r}")
+    return str(value)
 
 
 # A week-long run's --json is a few tens of MiB (its timeline is most of it).

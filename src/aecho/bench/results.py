@@ -122,6 +122,9 @@ class WorkerResult:
     # The share of one core each bench process kept busy during the window (CPU time over
     # wall time; one entry per process, none for a run whose window never opened).
     cpu: list[float] = field(default_factory=list)
+    # The loop that sent and verified, one entry per process: "c" (aecho.bench.engine)
+    # or "python"; none in files from before bench said.
+    engine: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -146,6 +149,7 @@ class Result:
     failure: str | None = None  # why the run failed as a whole
     workers: list[WorkerResult] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # as WorkerResult.cpu, every process
+    engine: list[str] = field(default_factory=list)  # as WorkerResult.engine, every process
 
     @property
     def busiest_cpu(self) -> float | None:
@@ -219,6 +223,7 @@ class Result:
             aborted=self.aborted,
             notes=dict(self.notes),
             cpu=list(self.cpu),
+            engine=list(self.engine),
         )
 
     @classmethod
@@ -273,6 +278,7 @@ class Result:
             notes=notes,
             workers=parts,
             cpu=[share for p in parts for share in p.cpu],
+            engine=[name for p in parts for name in p.engine],
         )
 
 
@@ -372,6 +378,7 @@ def to_json(r: Result) -> dict[str, Any]:
         "diagnosis": r.notes,
         "embedded_server_pid": r.server_pid,
         "bench_cpu": r.cpu,
+        "bench_engine": r.engine,
     }
     if r.failure is not None:
         out["error"] = r.failure

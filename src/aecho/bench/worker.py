@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from time import monotonic_ns
 from typing import Any
 
-from aecho.bench.connection import NEVER, BenchConn, Tally
+from aecho.bench.connection import NEVER, BenchConn
 from aecho.bench.diagnosis import (
     FULL_SERVER_SIGNS,
     connect_error,
@@ -22,9 +22,11 @@ from aecho.bench.diagnosis import (
     ensure_fd_limit,
     server_fds,
 )
+from aecho.bench.engine import start_closed_loop
 from aecho.bench.errors import BenchError
 from aecho.bench.histogram import HIGHEST_NS, Histogram, bucket_index
-from aecho.bench.results import SECOND_NS, TICK_NS, WorkerResult, slot_count
+from aecho.bench.results import TICK_NS, WorkerResult
+from aecho.bench.timeline import Timeline
 from aecho.config import BENCH_HEADER_SIZE, DEFAULT_HOST, DEFAULT_PORT, BenchConfig, Framing
 from aecho.tls import client_context
 
@@ -64,7 +66,7 @@ async def sleep_until(target_ns: int) -> None:
         await asyncio.sleep(rest / 1e9)
 
 
-class Worker(Tally):
+class Worker(Timeline):
     """Drives ``plan.connections`` connections on the running event loop."""
 
     def __init__(self, cfg: BenchConfig, plan: WorkerPlan, on_progress: ProgressFn | None = None):
@@ -93,12 +95,6 @@ class Worker(Tally):
         self.hurried = False  # told to stop again: that wait is cut short (see interrupt)
         self.cut_short: str | None = None  # then: why the replies still owed failed
         self.on_wait: Callable[[float], None] | None = None  # see _drain
-        # Replies completed in each TICK_NS slot of the window, and the latencies recorded
-        # in each second (sparse bucket counts), sampled by _tick from the histogram.
-        self.timeline: list[int] = []
-        self.booked = 0  # replies in self.timeline
-        self.seconds: list[dict[int, int]] = []
-        self.sampled_counts = [0] * len(self.hist.counts)
         self.last_progress: tuple[int, int] | None = None
         # (CLOCK_MONOTONIC, this process's CPU time) when the window opened, both in ns;
         # the share of a core this process kept busy in the window (None: never opened).
@@ -194,21 +190,22 @@ class Worker(Tally):
             self.fast_from = self.measure_ns
         loop = asyncio.get_running_loop()
         loop.call_later(max(0, self.measure_ns - monotonic_ns()) / 1e9, self._open_cpu_window)
-        if cfg.duration is not None:
-            self._stop_at(loop, self.measure_ns + int(cfg.duration * 1e9))
+        deadline = None if cfg.duration is None else self.measure_ns + int(cfg.duration * 1e9)
+
+        def arm_stop() -> None:  # the compiled loop stops at the deadline on its own
+            if deadline is not None:
+                self._stop_at(loop, deadline)
+
         if self.on_progress is not None:
             self.on_progress(self.progress(monotonic_ns()))
         ticker = asyncio.create_task(self._tick())
         pacer = None
         if not self.live or self.stop_asked:
             self.stop_sending()
-        elif self.closed_loop:
-            now = time.monotonic_ns()
-            for _ in range(cfg.pipeline):
-                for conn in self.conns:
-                    if self.sending and not conn.lost:
-                        conn.send(now)
+        elif self.closed_loop:  # the compiled loop's task, where it takes the run
+            pacer = start_closed_loop(self, self.conns, deadline, arm_stop)
         else:
+            arm_stop()
             pacer = asyncio.create_task(self._pace(start_ns))
         # The hot path makes no reference cycles, but its tuples would set off a young
         # collection every few hundred messages, and a collection's pause would land in
@@ -217,6 +214,8 @@ class Worker(Tally):
         gc.disable()
         try:
             await self.stopped.wait()
+            if pacer is not None:  # the connections are back from the compiled loop
+                await asyncio.wait([pacer])
             if not self.aborted:
                 await self._drain()
         finally:
@@ -295,36 +294,6 @@ class Worker(Tally):
                 loop = asyncio.get_running_loop()
                 self.fds_probe = loop.create_task(asyncio.to_thread(server_fds, self.cfg))
 
-    def _finish_timeline(self) -> None:
-        """Book the window's last replies, and every latency since the last per-second
-        sample (replies drained after the window too) in the window's last second.
-
-        The window rarely ends on a slot boundary: its last slot covers up to 1.5 slots
-        rather than adding a sliver of one (plots read its true length from the duration).
-        """
-        assert self.window_end_ns is not None
-        span = self.window_end_ns - self.measure_ns
-        slots = slot_count(span, TICK_NS)
-        timeline = self.timeline
-        extra = sum(timeline[slots:])
-        del timeline[slots:]
-        timeline.extend([0] * (slots - len(timeline)))
-        if slots:
-            timeline[-1] += extra + self.window_messages - self.booked
-        self.booked = self.window_messages
-        fresh = self._fresh_latencies()
-        seconds = self.seconds
-        wanted = max(slot_count(span, SECOND_NS), 1 if fresh else 0)
-        for extra_second in seconds[wanted:]:
-            for i, n in extra_second.items():
-                fresh[i] = fresh.get(i, 0) + n
-        del seconds[wanted:]
-        seconds.extend({} for _ in range(wanted - len(seconds)))
-        if fresh:
-            last = seconds[-1]
-            for i, n in fresh.items():
-                last[i] = last.get(i, 0) + n
-
     def close_all(self) -> None:
         """Count replies still owed as timeouts (not after a step stopped early) and drop
         every connection."""
@@ -385,8 +354,7 @@ class Worker(Tally):
             ahead = (monotonic_ns() - self.measure_ns) // TICK_NS + 1
             await sleep_until(self.measure_ns + ahead * TICK_NS)
             now = monotonic_ns()
-            if self.window_end_ns is None and now >= self.measure_ns:
-                self._sample(now)
+            self.sample(now)
             for conn in self.conns:
                 if conn.out and not conn.failed and now - conn.out[0][1] > timeout_ns:
                     conn.fail("timeout")
@@ -430,35 +398,6 @@ class Worker(Tally):
                 if due >= self.measure_ns and now - due > goal:
                     record(now - due)
 
-    def _sample(self, now: int) -> None:
-        """Put the replies counted since the last sample in the slot that just ended.
-
-        A late wake-up books them in the last slot it spans, leaving the skipped ones at 0.
-        """
-        ended = (now - self.measure_ns) // TICK_NS  # slots wholly in the past
-        timeline = self.timeline
-        if ended > len(timeline):
-            timeline.extend([0] * (ended - len(timeline)))
-            total = self.hist.total
-            timeline[-1] = total - self.booked
-            self.booked = total
-        self._sample_seconds((now - self.measure_ns) // SECOND_NS)
-
-    def _sample_seconds(self, ended: int) -> None:
-        """Close the per-second latency slots before ``ended`` (skipped ones stay empty)."""
-        if ended > len(self.seconds):
-            fresh = self._fresh_latencies()
-            self.seconds.extend({} for _ in range(ended - len(self.seconds) - 1))
-            self.seconds.append(fresh)
-
-    def _fresh_latencies(self) -> dict[int, int]:
-        """Bucket counts recorded since the last call (sparse)."""
-        counts = self.hist.counts
-        seen = self.sampled_counts
-        fresh = {i: c - p for i, (c, p) in enumerate(zip(counts, seen, strict=True)) if c != p}
-        self.sampled_counts = counts[:]
-        return fresh
-
     def progress(self, now: int) -> dict[str, Any]:
         """The live figures: replies so far, and the rate since the last call (None while
         warming up or on the first call of the window)."""
@@ -497,4 +436,5 @@ class Worker(Tally):
             aborted=self.aborted,
             notes=dict(self.notes),
             cpu=[] if self.cpu_share is None else [round(self.cpu_share, 4)],
+            engine=[self.engine],
         )
