@@ -165,6 +165,23 @@ def test_pipelines_and_messages_larger_than_a_socket_buffer(
     assert result.sent <= result.hist.total + 2 * pipeline
 
 
+class InPieces(Echo):
+    """Echoes each read back in pieces of 7 bytes, a write (a TCP segment) each."""
+
+    def data_received(self, data: bytes) -> None:
+        for i in range(0, len(data), 7):
+            self.transport.write(data[i : i + 7])
+
+
+def test_replies_that_come_in_pieces(loop_kind: str) -> None:
+    with threaded_server(InPieces) as port:
+        result = measured(port, connections=3, size=100, pipeline=2, duration=0.5)
+    assert result.errors == dict.fromkeys(ERROR_KINDS, 0), result.first_errors
+    assert result.engine == [loop_kind]
+    assert result.messages > 10
+    assert sum(result.timeline) == result.messages
+
+
 def test_which_loop_ran_is_in_the_json() -> None:
     with threaded_server(Echo) as port:
         runs = {}
