@@ -36,9 +36,10 @@ TARGET = 0.9
 
 def run_bench(
     port: int, connections: int, size: int, duration: float, warmup: float, workers: int = 1
-) -> tuple[float, float, list[float]]:
+) -> tuple[float, float, list[float], list[str]]:
     """One ``aecho bench`` run: (msgs/s, its CPU seconds per message, start-up included,
-    the share of a core each of its processes used in the measured window)."""
+    the share of a core each of its processes used in the measured window, the loop each
+    process ran: "c" or "python")."""
     cmd = [sys.executable, "-m", "aecho", "bench", "127.0.0.1", str(port)]
     cmd += ["-c", str(connections), "-s", str(size), "-d", str(duration)]
     cmd += ["--warmup", str(warmup), "--workers", str(workers), "--json"]
@@ -51,7 +52,8 @@ def run_bench(
     if data["errors"] or data["mismatches"]:
         raise RuntimeError(f"aecho bench saw errors: {data['errors_by_kind']}")
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return float(data["msgs_per_s"]), cpu / max(data["messages"], 1), data["bench_cpu"]
+    rate, per_message = float(data["msgs_per_s"]), cpu / max(data["messages"], 1)
+    return rate, per_message, data["bench_cpu"], data.get("bench_engine", [])
 
 
 def echo_epoll_path() -> Path:
@@ -66,6 +68,7 @@ def compare(argv: list[str], args: argparse.Namespace) -> float:
     rates: dict[str, list[float]] = {side: [] for side in sides}
     cpu: dict[str, list[float]] = {side: [] for side in sides}
     bench_busy: list[float] = []
+    loops: set[str] = set()
     head = ["round", "loadgen msgs/s", "srv cpu", "bench msgs/s", "srv cpu", "bench cpu"]
     if args.workers > 1:
         head += [f"bench -w {args.workers}", "srv cpu"]
@@ -87,9 +90,10 @@ def compare(argv: list[str], args: argparse.Namespace) -> float:
                     per_message = r["loadgen_cpu_s"] / max(r["messages"], 1)
                 else:
                     workers = args.workers if side == "workers" else 1
-                    rate, per_message, shares = run_bench(
+                    rate, per_message, shares, engines = run_bench(
                         port, args.connections, args.size, args.duration, args.warmup, workers
                     )
+                    loops.update(engines)
                     if side == "bench":
                         bench_busy.append(shares[0])
                 rates[side].append(rate)
@@ -106,7 +110,8 @@ def compare(argv: list[str], args: argparse.Namespace) -> float:
         f"{median(rates['bench']):,.0f} msgs/s, ratio {ratio:.2f} (target >= {TARGET})\n"
         f"CPU per message (user+sys, start-up included): loadgen "
         f"{median(cpu['loadgen']) * 1e6:.1f} us, aecho bench {median(cpu['bench']) * 1e6:.1f} us\n"
-        f"aecho bench kept {median(bench_busy):.0%} of a core busy in its window (median)"
+        f"aecho bench kept {median(bench_busy):.0%} of a core busy in its window (median)\n"
+        f"aecho bench's loop: {', '.join(sorted(loops)) or 'not said'}"
     )
     if args.workers > 1:
         spread = median(rates["workers"]) / median(rates["loadgen"])

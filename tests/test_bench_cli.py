@@ -123,7 +123,7 @@ def test_cli_json_has_the_keys(serve_process: Callable[..., ServerProcess]) -> N
     assert data["failures"] == []
     readme = {"sent_mib_per_s", "errors_by_kind", "server", "size", "reply_size"}
     readme |= {"start_unix_ns", "duration_ns", "histogram", "timeline", "failures"}
-    readme |= {"bench_cpu", "warnings"}
+    readme |= {"bench_cpu", "bench_engine", "warnings"}
     assert data.keys() >= readme
     (share,) = data["bench_cpu"]  # one bench process, busy for part of a core
     assert 0 < share < 1.5

@@ -25,7 +25,7 @@ MERGED = (
     "duration_ns", "duration_s", "messages", "sent", "bytes", "msgs_per_s", "mib_per_s",
     "sent_mib_per_s", "errors", "mismatches", "errors_by_kind", "latency_us",
     "connect_latency_us", "histogram", "connect_histogram", "timeline", "timeline_msgs_per_s",
-    "bench_cpu",
+    "bench_cpu", "bench_engine",
 )  # fmt: skip
 
 
@@ -129,13 +129,14 @@ def test_files_from_before_bench_measured_its_cpu_still_merge(
     for it, and the other file's shares are kept."""
     _, result = two_workers
     old = to_json(elsewhere(result))
-    del old["bench_cpu"]
+    del old["bench_cpu"], old["bench_engine"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     new = write(tmp_path / "new.json", result)
     code, out, err = bench_cli("merge", str(tmp_path / "old.json"), new, "--json")
     assert code == 0, err
     merged = json.loads(out)
     assert merged["bench_cpu"] == result.cpu and len(result.cpu) == 2
+    assert merged["bench_engine"] == result.engine and len(result.engine) == 2
     assert merged["messages"] == 2 * result.messages
 
 
@@ -146,6 +147,17 @@ def test_a_file_with_an_impossible_bench_cpu_is_refused(
     _, result = two_workers
     data = to_json(result)
     data["bench_cpu"] = [share]
+    (tmp_path / "odd.json").write_text(json.dumps(data))
+    code, _, err = bench_cli("merge", str(tmp_path / "odd.json"))
+    assert code == 1 and "not an 'aecho bench --json' result" in err, err
+
+
+def test_a_file_naming_an_unknown_loop_is_refused(
+    two_workers: tuple[BenchConfig, Result], tmp_path: Path
+) -> None:
+    _, result = two_workers
+    data = to_json(result)
+    data["bench_engine"] = ["rust"]
     (tmp_path / "odd.json").write_text(json.dumps(data))
     code, _, err = bench_cli("merge", str(tmp_path / "odd.json"))
     assert code == 1 and "not an 'aecho bench --json' result" in err, err
