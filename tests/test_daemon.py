@@ -431,9 +431,11 @@ def test_status_of_an_unreadable_or_starting_pidfile(tmp_path: Path) -> None:
         result = run_aecho("status", "--pidfile", str(starting))
         assert result.returncode == 0
         assert "starting" in result.stdout
-        stop = run_aecho("stop", "--pidfile", str(starting))
+        # stop waits up to --timeout for the pid; none comes.
+        stop = run_aecho("stop", "--pidfile", str(starting), "--timeout", "0.1")
         assert stop.returncode == 1
-        assert "still starting" in stop.stderr
+        assert f"by pid {os.getpid()}, a server still starting" in stop.stderr
+        assert "wrote no pid within 0.1s; nothing was signalled" in stop.stderr
     finally:
         os.close(fd)
 

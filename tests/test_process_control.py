@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,12 +24,14 @@ import pytest
 
 from aecho.config import ConfigError
 from aecho.process.daemon import ready_timeout
-from aecho.process.pidfile import pid_alive
+from aecho.process.pidfile import Probe, pid_alive
+from aecho.process.pidfile import probe as real_probe
 from aecho.process.systemd import Notification, NotifyReceiver
 from aecho.text import printable
 from tests.conftest import (
     Daemons,
     ServerProcess,
+    descendants,
     echo_once,
     free_port,
     round_trip,
@@ -66,7 +69,8 @@ def _hook(event, args):
     key = args[0] if args else None
     if isinstance(key, bytes):
         key = key.decode("ascii", "replace")
-    if (kind, event) in (("import", "import"), ("putenv", "os.putenv")) and key == name:
+    kinds = (("import", "import"), ("putenv", "os.putenv"), ("start", "aecho.start"))
+    if (kind, event) in kinds and key == name:
         _passed.add(os.getpid())
         _gate(name)
 
@@ -76,8 +80,9 @@ sys.addaudithook(_hook)
 
 
 class Gated:
-    """``aecho serve ARGS`` held at the gate ``spec`` (``import:MODULE`` or
-    ``putenv:NAME``) in every process that reaches it, until :meth:`release`."""
+    """``aecho serve ARGS`` held at the gate ``spec`` (``import:MODULE``,
+    ``putenv:NAME`` or ``start:STEP``, a step ``aecho serve`` raises the audit event
+    ``aecho.start`` for) in every process that reaches it, until :meth:`release`."""
 
     def __init__(self, tmp_path: Path, spec: str, *args: str) -> None:
         site = tmp_path / "site"
@@ -115,8 +120,14 @@ class Gated:
         return note.pid
 
     def release(self, pid: int) -> None:
-        with open(self.dir / f"gate-{pid}", "w") as fifo:
-            fifo.write("go")
+        """Let ``pid`` go on (nothing to do if a signal has ended it at the gate)."""
+        try:
+            fd = os.open(self.dir / f"gate-{pid}", os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody reads the FIFO any more
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, b"go")
+        os.close(fd)
 
     def wait_ready(self) -> Notification:
         note = self.notify.wait_ready(TIMEOUT, lambda: self.proc.poll() is not None)
@@ -419,3 +430,193 @@ def test_the_descriptor_limit_warning_comes_once_from_the_supervisor(
     warnings = [x for x in srv.output.splitlines() if "does not fit in the file descriptor" in x]
     assert len(warnings) == 1, srv.output
     assert " aecho.process: " in warnings[0]  # the supervisor's, not a serving process's
+
+
+# -- the start window: TERM and INT, stop and status before the server serves -----------------
+
+MODES = {"single": (), "workers": ("--workers", "2")}
+
+
+def pending_signals(pid: int) -> int:
+    """The signals waiting to be delivered to ``pid`` (its own and its process's)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith(("SigPnd", "ShdPnd")))
+    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+
+
+def is_pending(pid: int, sig: signal.Signals) -> bool:
+    try:
+        return bool(pending_signals(pid) & (1 << (sig - 1)))
+    except OSError:
+        return False
+
+
+WITH_UNIX = {
+    **MODES,
+    "unix": ("--unix", "SOCK"),
+    "unix-workers": ("--unix", "SOCK", "--workers", "2"),
+}
+
+
+@pytest.mark.parametrize("mode", WITH_UNIX.values(), ids=WITH_UNIX.keys())
+@pytest.mark.parametrize("step", ["pidfile-locked", "pidfile-written"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_starting_stops_cleanly(
+    gated: Callable[..., Gated],
+    tmp_path: Path,
+    sig: signal.Signals,
+    step: str,
+    mode: tuple[str, ...],
+) -> None:
+    """TERM or INT before the server serves: exit 0, no pidfile, no process left, one line."""
+    log, pidfile = tmp_path / "aecho.log", tmp_path / "t.pid"
+    sock = tmp_path / "t.sock"
+    mode = tuple(str(sock) if arg == "SOCK" else arg for arg in mode)
+    args = ("--pidfile", str(pidfile), "--log-file", str(log), *mode)
+    server = gated(f"start:{step}", *args)
+    pid = server.at_gate()
+    assert pid == server.proc.pid
+    os.kill(pid, sig)
+    server.release(pid)
+    assert server.proc.wait(TIMEOUT) == 0, server.close()
+    assert server.close() == ""
+    assert not pidfile.exists()
+    assert not sock.exists()
+    assert not descendants(pid)
+    text = log.read_text()
+    assert f"{sig.name} while starting: stopping before serving" in text, text
+    assert "listening on" not in text, text
+
+
+def test_a_stop_signal_while_serving_processes_start_stops_them_all(
+    gated: Callable[..., Gated], tmp_path: Path
+) -> None:
+    log, pidfile = tmp_path / "aecho.log", tmp_path / "t.pid"
+    args = ("--workers", "2", "--pidfile", str(pidfile), "--log-file", str(log))
+    server = gated("putenv:NOTIFY_SOCKET", *args)
+    children = [server.at_gate(), server.at_gate()]
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(TIMEOUT) == 0, server.close()
+    assert not pidfile.exists()
+    assert not any(pid_alive(child) for child in children)
+    assert "SIGTERM while starting: stopping before serving" in log.read_text()
+
+
+@pytest.mark.parametrize("step", ["pidfile-locked", "pidfile-written"])
+def test_a_daemon_stopped_while_starting_cleans_up_and_says_so(
+    gated: Callable[..., Gated], daemons: Daemons, tmp_path: Path, step: str
+) -> None:
+    pidfile = tmp_path / "t.pid"
+    daemons.pidfiles.add(pidfile)
+    server = gated(f"start:{step}", "--daemon", "--pidfile", str(pidfile))
+    daemon = server.at_gate()
+    daemons.track(daemon)
+    assert daemon != server.proc.pid
+    os.kill(daemon, signal.SIGTERM)
+    server.release(daemon)
+    assert server.proc.wait(TIMEOUT) == 1
+    err = server.close()
+    assert err == "aecho: error: the daemon was stopped by SIGTERM before it was ready\n", err
+    assert wait_until(lambda: not pid_alive(daemon), TIMEOUT)
+    assert not pidfile.exists()
+
+
+def test_ctrl_c_while_a_daemon_starts_stops_the_daemon(
+    gated: Callable[..., Gated], daemons: Daemons, tmp_path: Path
+) -> None:
+    """The foreground passes INT on: no daemon is left serving behind an interrupted start."""
+    pidfile = tmp_path / "t.pid"
+    daemons.pidfiles.add(pidfile)
+    server = gated("start:pidfile-written", "--daemon", "--pidfile", str(pidfile))
+    daemon = server.at_gate()
+    daemons.track(daemon)
+    server.proc.send_signal(signal.SIGINT)
+    # The daemon holds it until it has its handlers; pending is the proof it was passed on.
+    assert wait_until(lambda: is_pending(daemon, signal.SIGINT), TIMEOUT)
+    server.release(daemon)
+    assert server.proc.wait(TIMEOUT) == 1
+    err = server.close()
+    assert err == "aecho: error: the daemon was stopped by SIGINT before it was ready\n", err
+    assert wait_until(lambda: not pid_alive(daemon), TIMEOUT)
+    assert not pidfile.exists()
+
+
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+def test_stop_and_status_recognise_the_server_as_soon_as_its_pidfile_names_it(
+    gated: Callable[..., Gated], tmp_path: Path, mode: tuple[str, ...]
+) -> None:
+    pidfile = tmp_path / "t.pid"
+    server = gated("start:pidfile-written", "--pidfile", str(pidfile), *mode)
+    pid = server.at_gate()
+    assert pidfile.read_text() == f"{pid}\n"
+    status = run_aecho("status", "--pidfile", str(pidfile), timeout=TIMEOUT)
+    assert status.returncode == 0, status
+    assert status.stdout.startswith(f"aecho: running, pid {pid}, serving on 127.0.0.1:"), status
+    stop = subprocess.Popen(
+        [sys.executable, "-m", "aecho", "stop", "--pidfile", str(pidfile)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: stop.poll() is not None or is_pending(pid, signal.SIGTERM), 30)
+        server.release(pid)
+        out, err = stop.communicate(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            stop.kill()
+        stop.wait(TIMEOUT)
+    assert (stop.returncode, out, err) == (0, f"aecho: stopped (pid {pid})\n", "")
+    assert server.proc.wait(TIMEOUT) == 0
+    assert not pidfile.exists()
+
+
+def test_stop_waits_for_the_pid_of_a_server_that_has_locked_its_pidfile(
+    gated: Callable[..., Gated], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Locked, still empty: ``stop`` waits for the pid instead of giving up."""
+    from aecho.process import control
+
+    pidfile = tmp_path / "t.pid"
+    server = gated("start:pidfile-locked", "--pidfile", str(pidfile))
+    pid = server.at_gate()
+    assert (pidfile.read_text(), real_probe(str(pidfile)).state) == ("", "starting")
+    seen_starting = threading.Event()
+
+    def probe(path: str) -> Probe:
+        found = real_probe(path)
+        if found.state == "starting":
+            seen_starting.set()
+        return found
+
+    monkeypatch.setattr(control, "probe", probe)
+    outcome: list[control.Outcome] = []
+    stopper = threading.Thread(target=lambda: outcome.append(control.stop(str(pidfile), TIMEOUT)))
+    stopper.start()
+    try:
+        assert seen_starting.wait(TIMEOUT)
+        server.release(pid)
+    finally:
+        stopper.join(2 * TIMEOUT)
+    assert outcome == [control.Outcome(0, f"stopped (pid {pid})")]
+    assert server.proc.wait(TIMEOUT) == 0
+    assert not pidfile.exists()
+
+
+def test_stop_gives_up_on_a_pidfile_locked_and_empty_past_its_timeout(
+    gated: Callable[..., Gated], tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "t.pid"
+    server = gated("start:pidfile-locked", "--pidfile", str(pidfile))
+    pid = server.at_gate()
+    stop = run_aecho("stop", "--pidfile", str(pidfile), "--timeout", "0.2", timeout=TIMEOUT)
+    assert stop.returncode == 1, stop
+    assert stop.stderr == (
+        f"aecho: error: pidfile {pidfile} is locked by pid {pid}, a server still starting "
+        "that wrote no pid within 0.2s; nothing was signalled\n"
+    )
+    assert not is_pending(pid, signal.SIGTERM)
+    server.release(pid)
+    assert server.wait_ready() is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(TIMEOUT) == 0

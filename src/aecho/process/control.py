@@ -14,7 +14,14 @@ import time
 from dataclasses import dataclass
 
 from aecho.process.daemon import wait_gone
-from aecho.process.pidfile import Probe, pid_alive, probe, process_title, remove_if_stale
+from aecho.process.pidfile import (
+    POLL_S,
+    Probe,
+    pid_alive,
+    probe,
+    process_title,
+    remove_if_stale,
+)
 from aecho.process.titles import address_from_title
 from aecho.text import printable
 
@@ -80,6 +87,21 @@ def _elsewhere(path: str, pid: int, port: int | None, unix: str | None) -> Outco
     )
 
 
+def _probe_once_written(path: str, timeout: float) -> Probe:
+    """Probe the pidfile; while a starting server holds it locked and empty, probe again,
+    up to ``timeout``, until its pid is in it (or the server is gone).
+
+    Raises:
+        OSError: the pidfile cannot be read.
+    """
+    deadline = time.monotonic() + timeout
+    found = probe(path)
+    while found.state == "starting" and time.monotonic() < deadline:
+        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        found = probe(path)
+    return found
+
+
 def stop(
     path: str,
     timeout: float = DEFAULT_STOP_TIMEOUT,
@@ -88,16 +110,24 @@ def stop(
 ) -> Outcome:
     """SIGTERM the server named by the pidfile and wait; SIGKILL past ``timeout``.
 
+    A pidfile locked by a server that has not written its pid yet (it is starting) is
+    waited on for up to ``timeout`` first: the pid is signalled once it is there.
+
     ``port`` or ``unix``: the pidfile was found from them, and the server must serve
     there.  Exit 0 once it is gone or when nothing was running (stopping a stopped
     service succeeds, as LSB init scripts do); 1 when it cannot be stopped or checked.
     """
     try:
-        found = probe(path)
+        found = _probe_once_written(path, timeout)
     except OSError as exc:
         return Outcome(1, f"cannot read pidfile {printable(path)}: {exc.strerror}", error=True)
     if found.state == "starting":
-        return Outcome(1, f"the server for {printable(path)} is still starting; retry", error=True)
+        return Outcome(
+            1,
+            f"pidfile {printable(path)} is locked by pid {found.holder}, a server still "
+            f"starting that wrote no pid within {timeout:g}s; nothing was signalled",
+            error=True,
+        )
     if found.state == "foreign":
         return _refuse(path, found)
     if found.state == "unlocked":

@@ -1,11 +1,12 @@
 """Detaching (double fork) and the readiness pipe between a daemon and its foreground.
 
 ``detach()`` returns only in the daemon.  The foreground process waits on a pipe
-for the daemon's outcome (``ready ADDRESS`` or ``error MESSAGE``) and raises
-:class:`DaemonStarted` or a :class:`StartupError` with the daemon's own one-line
-error, so every start-up failure reaches the operator's terminal.  Nothing here
-forks a process that is running an event loop: the caller detaches before its loop
-exists.
+for the daemon's outcome (``ready ADDRESS``, ``error MESSAGE`` or ``stopped SIGNAL``)
+and raises :class:`DaemonStarted` or a :class:`StartupError` with the daemon's own
+one-line error, so every start-up failure reaches the operator's terminal.  A TERM or
+INT to the foreground while it waits is passed on to the daemon, which stops before
+it serves (``process.signals``).  Nothing here forks a process that is running an
+event loop: the caller detaches before its loop exists.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Iterable
 from aecho.config import ConfigError
 from aecho.process.logs import log_file_fds, redirect_stdio
 from aecho.process.pidfile import pid_alive, remove_if_stale
+from aecho.process.signals import STOPS
 from aecho.server.listeners import StartupError
 from aecho.text import printable
 from aecho.units import DURATION_FORMS, parse_duration
@@ -64,6 +66,11 @@ class Readiness:
 
     def error(self, message: str) -> None:
         self._send(f"error {message}")
+        self.close()
+
+    def stopped(self, signame: str) -> None:
+        """A TERM or INT came before it was ready: it stops without serving."""
+        self._send(f"stopped {signame}")
         self.close()
 
     def close(self) -> None:
@@ -172,6 +179,7 @@ def _await_readiness(fd: int, log_file: str | None, pidfile: str | None) -> None
     pidfd = -1  # held from the daemon's first word, so a reused pid is never killed
     buffer = b""
     see_log = f": see {log_file}" if log_file else ""
+    stops = _Forwarded()
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -179,8 +187,11 @@ def _await_readiness(fd: int, log_file: str | None, pidfile: str | None) -> None
                 remaining += PID_GRACE_S  # past the deadline, only to learn whom to stop
             if remaining <= 0:
                 break
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if not readable:
+            readable, _, _ = select.select([fd, stops.wake_r], [], [], remaining)
+            if stops.wake_r in readable:
+                stops.take()
+            stops.forward(pidfd)
+            if fd not in readable:
                 continue
             chunk = os.read(fd, 4096)
             if not chunk:
@@ -193,15 +204,21 @@ def _await_readiness(fd: int, log_file: str | None, pidfile: str | None) -> None
                     daemon_pid = int(rest)
                     with contextlib.suppress(OSError):
                         pidfd = os.pidfd_open(daemon_pid)
+                    stops.forward(pidfd)
+                elif kind == "ready" and stops.sent:
+                    raise StartupError(f"the daemon was stopped by {stops.sent} as it got ready")
                 elif kind == "ready" and time.monotonic() < deadline:
                     raise DaemonStarted(rest, daemon_pid or 0, pidfile)
                 elif kind == "error":
                     raise StartupError(rest)
+                elif kind == "stopped":
+                    raise StartupError(f"the daemon was stopped by {rest} before it was ready")
         if pidfd >= 0:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             wait_gone(daemon_pid or 0, 5.0)
     finally:
+        stops.close()
         if pidfd >= 0:
             os.close(pidfd)
     if pidfile:
@@ -211,6 +228,46 @@ def _await_readiness(fd: int, log_file: str | None, pidfile: str | None) -> None
         f"stopped; set {READY_TIMEOUT_ENV} to wait longer"
         + (f", see {log_file}" if log_file else "")
     )
+
+
+class _Forwarded:
+    """TERM and INT to the waiting foreground, to be passed on to the daemon.
+
+    They are held since ``aecho serve`` began (``process.signals``); here they are
+    let in, through a wake-up pipe the readiness loop selects on.
+    """
+
+    def __init__(self) -> None:
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.pending: list[int] = []
+        self.sent = ""  # the name of the first one passed on
+        self.wakeup = signal.set_wakeup_fd(self.wake_w)
+        self.handlers = {sig: signal.signal(sig, lambda *_: None) for sig in STOPS}
+        self.mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
+
+    def take(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.pending += [n for n in os.read(self.wake_r, 64) if n in STOPS]
+
+    def forward(self, pidfd: int) -> None:
+        """Pass on what came, once the daemon is known (its pidfd)."""
+        if pidfd < 0:
+            return
+        for signum in self.pending:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signum)
+            self.sent = self.sent or signal.Signals(signum).name
+        self.pending.clear()
+
+    def close(self) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        signal.set_wakeup_fd(self.wakeup)
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
 
 
 def wait_gone(pid: int, timeout: float) -> bool:

@@ -3,9 +3,15 @@ supervisor of several.
 
 The order is fixed so that every start-up error reaches the operator's terminal:
 resolve paths -> raise the descriptor limit -> lock (or check) the pidfile -> bind
-(or adopt systemd's sockets) -> with ``--daemon``: detach, lock the pidfile -> write
-the pidfile -> only then an event loop (``process.serving``) or, with ``--workers``,
-the supervisor that forks the serving processes (``process.supervisor``).
+(or adopt systemd's sockets) -> with ``--daemon``: detach, lock the pidfile -> set the
+process title -> write the pidfile -> only then an event loop (``process.serving``) or,
+with ``--workers``, the supervisor that forks the serving processes
+(``process.supervisor``).  The title comes before the pid: ``stop`` and ``status``
+check it, so a pidfile never names a process that does not yet look like aecho.
+
+TERM and INT are held until the handlers are in (``process.signals``).  The steps raise the audit
+event ``aecho.start`` with the step just done (``pidfile-locked``, ``pidfile-written``),
+where a test can hold the start to signal it at a known point.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import os
 import resource
 import socket
+import sys
 
 from aecho.address import format_address
 from aecho.config import ServerConfig
@@ -22,7 +29,7 @@ from aecho.loops import loop_factory
 from aecho.process.daemon import Readiness, detach, ready_timeout
 from aecho.process.pidfile import Pidfile, check_free, default_pidfile
 from aecho.process.serving import describe, run_server
-from aecho.process.titles import server_title, set_process_title
+from aecho.process.titles import server_title, set_process_title, supervisor_title
 from aecho.server.listeners import open_listeners
 
 log = logging.getLogger("aecho.process")
@@ -99,6 +106,7 @@ def serve(config: ServerConfig) -> int:
     pidfile: Pidfile | None = None
     if config.pidfile and not config.daemon:
         pidfile = Pidfile.acquire(config.pidfile)
+        sys.audit("aecho.start", "pidfile-locked")
     elif config.pidfile:
         check_free(config.pidfile)
     try:
@@ -118,14 +126,19 @@ def serve(config: ServerConfig) -> int:
             keep = [s.fileno() for s in sockets]
             readiness = detach(config.log_file, keep, config.pidfile)
             pidfile = Pidfile.acquire(config.pidfile or "")
+            sys.audit("aecho.start", "pidfile-locked")
+        address = " ".join(format_address(s.getsockname()) for s in sockets)
+        if config.workers > 1:
+            set_process_title(supervisor_title(address, config.workers))
+        else:
+            set_process_title(server_title(address))
         if pidfile is not None:
             pidfile.write(os.getpid())
+            sys.audit("aecho.start", "pidfile-written")
         if config.workers > 1:
             from aecho.process.supervisor import Supervisor
 
             return Supervisor(config, sockets, readiness, pidfile, limit).run()
-        address = " ".join(format_address(s.getsockname()) for s in sockets)
-        set_process_title(server_title(address))
         return run_server(config, sockets, readiness, pidfile, limit)
     except BaseException as exc:
         if readiness.fd >= 0 and not isinstance(exc, SystemExit):

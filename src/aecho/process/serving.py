@@ -3,9 +3,10 @@
 Signals: TERM/INT stop gracefully, a second one forces the stop (every connection is
 cut, but the pidfile, the socket file and the pool are still cleaned up), a third
 exits at once; USR1 reopens the log file; HUP has nothing to reload in a single
-process (the supervisor of ``--workers`` handles it).  USR1, HUP, TTIN and TTOU are
-held from the start of ``aecho serve`` until these handlers are in place
-(``process.signals``).
+process (the supervisor of ``--workers`` handles it).  These signals are held from the
+start of ``aecho serve`` until the handlers are in place (``process.signals``); a TERM
+or INT that came meanwhile stops the process before it serves: nothing is started, the
+readiness pipe says so, and the exit status is 0.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from aecho.offload.handlers import HandlerError
 from aecho.process.daemon import Readiness
 from aecho.process.logs import reopen_log_files
 from aecho.process.pidfile import Pidfile
-from aecho.process.signals import release
+from aecho.process.signals import release, take_stop
 from aecho.process.systemd import LISTEN_FIELD, notify
 from aecho.server.limits import Limits
 from aecho.server.listeners import StartupError
@@ -107,7 +108,7 @@ def run_server(
         notify("STOPPING=1")
 
     server = Server(config, sockets, on_stopping=on_stopping, limits=limits)
-    signals = _Signals(server, config, pidfile, supervised)
+    signals = _Signals(server, config, pidfile, supervised, readiness)
     return run_loop(signals.run(ready), config.loop)
 
 
@@ -115,16 +116,28 @@ class _Signals:
     """The signal handlers of one serving process, installed on its loop."""
 
     def __init__(
-        self, server: Server, config: ServerConfig, pidfile: Pidfile | None, supervised: bool
+        self,
+        server: Server,
+        config: ServerConfig,
+        pidfile: Pidfile | None,
+        supervised: bool,
+        readiness: Readiness | None,
     ) -> None:
         self.server = server
         self.config = config
         self.pidfile = pidfile
         self.supervised = supervised
+        self.readiness = readiness
+        self.serving = False
         self.stops = 0
         self.forced_by: int | None = None
 
     async def run(self, on_ready: Callable[[Server], None]) -> int:
+        if (early := take_stop()) is not None:
+            # Nothing is started: no pool, no accepting; the listeners close at exit.
+            self._on_stop(early)
+            self._last_resort()
+            return 0
         loop = asyncio.get_running_loop()
         # Handlers go in before the server announces itself: whoever waits for that
         # may signal at once, and must get a graceful stop, not the default death.
@@ -146,15 +159,25 @@ class _Signals:
             installed.append(signal.SIGHUP)
         release()  # what came while ``aecho serve`` started is handled now
         try:
-            await self.server.run(on_ready)
+            await self.server.run(lambda server: self._ready(server, on_ready))
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
         return 0 if self.forced_by is None else 128 + self.forced_by
 
+    def _ready(self, server: Server, on_ready: Callable[[Server], None]) -> None:
+        if not self.stops:  # one stopped while starting never says that it serves
+            self.serving = True
+            on_ready(server)
+
     def _on_stop(self, sig: signal.Signals) -> None:
         self.stops += 1
-        if self.stops == 1:
+        if self.stops == 1 and not self.serving:
+            log.info("%s while starting: stopping before serving", sig.name)
+            if self.readiness is not None:
+                self.readiness.stopped(sig.name)
+            self.server.request_stop()
+        elif self.stops == 1:
             log.info("%s: stopping (grace %.3gs)", sig.name, self.config.graceful_timeout)
             self.server.request_stop()
         elif self.stops == 2:

@@ -40,7 +40,7 @@ from aecho.process.daemon import Readiness, ready_timeout
 from aecho.process.logs import reopen_log_files
 from aecho.process.pidfile import Pidfile
 from aecho.process.serving import log_fd_limit
-from aecho.process.signals import release
+from aecho.process.signals import release, take_stop
 from aecho.process.systemd import LISTEN_FIELD, Notification, NotifyReceiver, notify
 from aecho.process.titles import set_process_title, supervisor_title
 from aecho.server.limits import SharedTable
@@ -128,12 +128,16 @@ class Supervisor:
             StartupError: a serving process could not start (its own error), or the
                 metrics port cannot be bound.
         """
+        early = take_stop()  # a TERM or INT while starting: no serving process is forked
         previous = self._install_signals()
         try:
+            if early is not None:
+                log.info("%s while starting: stopping before serving", early.name)
+                self.readiness.stopped(early.name)
+                return 0
             if self.config.metrics_port is not None:
                 self._start_metrics(self.config.metrics_port)
             self.selector.register(self.notify.sock, selectors.EVENT_READ, self._notified)
-            set_process_title(supervisor_title(self.address, self.config.workers))
             for _ in range(self.config.workers):
                 self._add_slot()
             while not (self.stop is not None and not self.children):
@@ -422,7 +426,10 @@ class Supervisor:
         if stop is None:
             stop = self.stop = _Stop(fatal=fatal)
             stop.deadline = time.monotonic() + self.config.graceful_timeout + STOP_MARGIN_S
-            if signum is not None:
+            if signum is not None and not self.serving:
+                log.info("%s while starting: stopping before serving", _name(signum))
+                self.readiness.stopped(_name(signum))
+            elif signum is not None:
                 n, grace = len(self.children), self.config.graceful_timeout
                 log.info("%s: stopping %d serving processes (grace %.3gs)", _name(signum), n, grace)
             notify("STOPPING=1")
