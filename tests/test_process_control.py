@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -620,3 +621,29 @@ def test_stop_gives_up_on_a_pidfile_locked_and_empty_past_its_timeout(
     assert server.wait_ready() is not None
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(TIMEOUT) == 0
+
+
+def test_a_stop_signal_while_the_pool_starts_stops_it_and_never_says_ready(
+    gated: Callable[..., Gated], tmp_path: Path
+) -> None:
+    log = tmp_path / "aecho.log"
+    args = ("--offload", "process", "--pool-size", "2", "--log-file", str(log))
+    server = gated("import:multiprocessing.forkserver", *args)
+    pid = server.at_gate()
+    assert pid == server.proc.pid
+    os.kill(pid, signal.SIGTERM)
+    server.release(pid)
+    # The forkserver imports the module too, and waits at the gate in its turn.
+    notes = []
+    deadline = time.monotonic() + TIMEOUT
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        note = server.notify.receive(0.5)
+        if note is not None and note.pid is not None and "X_GATE" in note.fields:
+            server.release(note.pid)
+        notes.append(note)
+    assert server.proc.wait(TIMEOUT) == 0, server.close()
+    assert not descendants(pid)
+    notes += [server.notify.receive(0) for _ in range(8)]
+    assert not any(note.ready for note in notes if note is not None), notes
+    text = log.read_text()
+    assert "SIGTERM while starting: stopping before serving" in text, text
