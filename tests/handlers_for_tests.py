@@ -99,6 +99,18 @@ def nap(data: bytes) -> bytes:
     return data
 
 
+def nap_or_fatal(data: bytes) -> bytes:
+    """Echo ``nap`` after 0.3 s; the worker dies on ``fatal`` and hangs on ``hang``; echo
+    the rest."""
+    if data == b"nap":
+        time.sleep(0.3)
+    elif data == b"fatal":
+        os._exit(3)
+    elif data == b"hang":
+        time.sleep(60)
+    return data
+
+
 def crash(data: bytes) -> bytes:
     """The worker process dies on a message starting with ``crash`` (as a segfault would
     take it); echo the rest."""

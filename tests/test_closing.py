@@ -1,6 +1,7 @@
 """How the server ends a connection: a lingering close while the peer still sends, the first
 line of a connection that said nothing yet at a stop, and the idle sweep's view of a peer
-that does not read and of one whose messages are at the workers."""
+that does not read, of one that reads slowly, and of one whose messages are at the
+workers."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import asyncio
 import select
 import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable
 
 import pytest
 
 from aecho.config import Framing, Offload
+from aecho.server import unsent
 from aecho.server.connection import FramedConnection
 from tests.conftest import ServerProcess, running_server, until
 
@@ -141,6 +145,89 @@ async def test_the_idle_sweep_cuts_a_peer_that_never_reads() -> None:
             started = time.monotonic()
             await until(lambda: not server.connections, "the connection to be cut", TIMEOUT)
             assert time.monotonic() - started < 10
+
+
+@pytest.mark.asyncio
+async def test_the_idle_sweep_resets_a_peer_that_never_reads_what_the_kernel_holds() -> None:
+    """The echo fits in the kernel's send buffer, none of it in the server's: a peer that
+    never takes it is reset too, not closed (the kernel would hold that echo on for it)."""
+    burst = 256 << 10
+    async with running_server(idle_timeout=0.3) as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(TIMEOUT)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"z" * burst)
+            await until(
+                lambda: sum(conn.rx for conn in server.connections) == burst, "the burst read"
+            )
+            await until(lambda: not server.connections, "the connection to be cut", TIMEOUT)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.to_thread(_read_to_end, sock, TIMEOUT)
+
+
+def test_where_the_kernel_will_not_say_what_it_holds_the_sweep_counts_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Off Linux, or on a socket that refuses the request, a connection is judged by its
+    own write buffer alone, as before."""
+
+    class Transport(asyncio.Transport):
+        def __init__(self, sock: object) -> None:
+            super().__init__()
+            self.sock = sock
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return self.sock if name == "socket" else default
+
+    closed = socket.socket()
+    closed.close()
+    for refusing in (closed, None, object()):
+        assert unsent.unsent(Transport(refusing)) == 0
+        unsent.reset(Transport(refusing))  # no error
+    assert unsent.unsent(None) == 0
+    sending, receiving = socket.socketpair()
+    with sending, receiving:
+        sending.send(b"x" * 100)  # not read: the kernel still holds it
+        if unsent.OUTQ is not None and sys.platform == "linux":
+            assert unsent.unsent(Transport(sending)) > 0
+        monkeypatch.setattr(unsent, "OUTQ", None)  # a system without the request
+        assert unsent.unsent(Transport(sending)) == 0
+
+
+IDLE = 0.5  # --idle-timeout, s: far longer than the slow reader below ever pauses
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_idle_sweep_keeps_a_peer_that_reads_slowly(
+    serve_process: Callable[..., ServerProcess], loop: str
+) -> None:
+    """The echo of a burst fits in the kernel's send buffer, so the server's own write
+    buffer is empty while the peer, with a small receive buffer, takes it a little at a
+    time for several idle timeouts: it is served to the last byte, and stays open."""
+    server = serve_process("--idle-timeout", str(IDLE), "--loop", loop)
+    burst = bytes(range(256)) * 4096  # 1 MiB
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", server.port))
+        sender = threading.Thread(target=sock.sendall, args=(burst,), daemon=True)
+        sender.start()
+        started = time.monotonic()
+        got = bytearray()
+        for _ in range(len(burst)):  # at least a byte a read, or EOF
+            if len(got) == len(burst) or time.monotonic() - started > TIMEOUT:
+                break
+            chunk = sock.recv(2048)
+            if not chunk:
+                break
+            got += chunk
+            time.sleep(0.005)  # the pace of a slow reader, not a wait for readiness
+        sender.join(TIMEOUT)
+        assert time.monotonic() - started > 2 * 1.25 * IDLE  # past the cut, twice over
+        assert len(got) == len(burst) and got == burst
+        sock.sendall(b"still there?")
+        assert sock.recv(64) == b"still there?"
 
 
 @pytest.mark.asyncio

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
+from typing import cast
 
 import pytest
 
 from aecho.config import Framing, Offload
 from aecho.offload import batching
-from aecho.offload.outcomes import Outcome
+from aecho.offload.link import Worker
+from aecho.offload.outcomes import Outcome, WorkerDied
 from aecho.offload.pool import Pool
 from aecho.offload.slots import Task, discard
-from aecho.offload.turns import Turns, give_back
+from aecho.offload.turns import Turns, blame, give_back
 from aecho.server.server import Server
 from aecho.server.stats import Stats
 from tests.conftest import running_server
@@ -330,6 +333,51 @@ async def test_a_task_queued_behind_a_late_one_goes_to_the_free_worker() -> None
         await pool.close(0)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("fatal", "error"),
+    [
+        (b"fatal", b"ERR WorkerDied: worker process died while handling this message\n"),
+        (b"hang", b"ERR HandlerTimeout: handler ran longer than --handler-timeout 2s\n"),
+    ],
+)
+async def test_a_late_worker_that_dies_on_a_message_it_gave_back_blames_that_message(
+    fatal: bytes, error: bytes
+) -> None:
+    """Two workers.  One peer's line naps, another's kills or hangs its worker; read in
+    the same loop iteration, they share a task.  Once it is late, its worker keeps the
+    nap and gives the other line back; the free worker dies or hangs on it, and so does
+    the late one once its nap is done, since it was sent that line too.  Only the guilty
+    peer gets an error; the napping one, which did nothing wrong, gets its echo."""
+    async with running_server(
+        offload=Offload.process,
+        pool_size=2,
+        framing=Framing.line,
+        handler=T + "nap_or_fatal",
+        handler_timeout=HANG_TIMEOUT,
+    ) as server:
+        peers = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        try:
+            for reader, writer in peers:  # each connection served, and the cost measured
+                writer.write(b"hi\n")
+                assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"hi\n"
+            (napper_reader, napper), (guilty_reader, guilty) = peers
+            started = time.monotonic()
+            napper.write(b"nap\n")
+            guilty.write(fatal + b"\n")  # no await between: one task, the nap first
+            assert await asyncio.wait_for(guilty_reader.readline(), TIMEOUT) == error
+            assert await asyncio.wait_for(napper_reader.readline(), TIMEOUT) == b"nap\n"
+            # The nap ran twice: the late worker kept it, then met the guilty line.
+            assert time.monotonic() - started >= 0.6
+            assert server.stats.pool_restarts == 2  # both workers, on the guilty line
+            assert server.stats.handler_errors == 1
+            napper.write(b"after\n")
+            assert await asyncio.wait_for(napper_reader.readline(), TIMEOUT) == b"after\n"
+        finally:
+            for _, writer in peers:
+                writer.close()
+
+
 def test_what_a_late_task_gives_back_leaves_it_and_goes_nowhere_if_it_returns() -> None:
     a, b, c = Owner("a"), Owner("b"), Owner("c")
     task = _queue((a, 2), (b, 1), (a, 1), (c, 2))
@@ -346,6 +394,37 @@ def test_what_a_late_task_gives_back_leaves_it_and_goes_nowhere_if_it_returns() 
     assert give_back(task, running=2) is None  # nothing more to give
     # A task its worker has not started gives back everything not given back yet.
     assert give_back(task) is not None and task.kept().messages == []
+
+
+class OnMessage:
+    """A worker as :func:`blame` sees it: the index of the message it is on (None: unknown)."""
+
+    def __init__(self, index: int | None) -> None:
+        self.index = index
+
+    def running(self) -> int | None:
+        return self.index
+
+
+def test_a_worker_lost_on_a_message_it_gave_back_blames_nothing_it_kept() -> None:
+    a, b = Owner("a"), Owner("b")
+    hung = WorkerDied("died")
+
+    def late_task() -> deque[Task]:
+        task = _queue((a, 1), (b, 1))
+        give_back(task, running=0)  # a stays, b goes
+        return deque([task, _queue((b, 2))])
+
+    worker = cast(Worker, OnMessage(1))  # on b's message: a's runs again
+    culprit, innocent = blame(tasks := late_task(), hung, worker)
+    assert culprit is None and not tasks
+    assert [_owners(t) for t in innocent] == [["a"], ["b", "b"]]
+    for index in (0, None):  # on a's message, or not known: a's is to blame
+        culprit, innocent = blame(late_task(), hung, cast(Worker, OnMessage(index)))
+        assert culprit is not None and _owners(culprit) == ["a"]
+        assert [_owners(t) for t in innocent] == [["b", "b"]]
+    culprit, innocent = blame(late_task(), None, worker)  # between tasks: nothing running
+    assert culprit is None and [_owners(t) for t in innocent] == [["a"], ["b", "b"]]
 
 
 def test_a_task_put_back_goes_ahead_of_what_its_connections_have_waiting() -> None:

@@ -36,7 +36,7 @@ from aecho.offload.outcomes import (
     failure,
 )
 from aecho.offload.slots import Counters, Slot, Task
-from aecho.offload.turns import Turns, suspects_of
+from aecho.offload.turns import Turns, blame, suspects_of
 from aecho.offload.watch import Watch
 from aecho.text import plural
 
@@ -415,22 +415,20 @@ class Pool:
         The running task fails with ``exc``, unless its worker died under several
         submissions, or hung under several connections' (:func:`suspects_of`): then each
         runs again in a task of its own, so that only the guilty one fails (the others'
-        messages may be handled twice: at least once, never lost).
+        messages may be handled twice: at least once, never lost).  One whose worker was
+        on a message it had given back runs again whole (:func:`blame`).
         """
-        culprit = slot.tasks.popleft().kept() if slot.tasks and exc is not None else None
-        innocent = [kept for task in slot.tasks if (kept := task.kept()).entries]
-        slot.tasks.clear()
-        slot.late = 0
-        old = slot.worker
-        slot.worker = None
+        old, slot.worker, slot.late = slot.worker, None, 0
+        culprit, innocent = blame(slot.tasks, exc, old)  # (its progress read before release)
         pid = old.pid if old is not None else None
         if old is not None:
             old.close()
             old.kill()
             old.release()
         self.stats.pool_restarts += 1
-        if culprit is None:
-            log.warning("worker %s %s between tasks; replacing it", pid, why or "died")
+        if culprit is None:  # nothing running, or a message given back: blamed where it runs
+            said = "between tasks" if exc is None else "on a message it had given back"
+            log.warning("worker %s %s %s; replacing it", pid, why or exc or "died", said)
         # A batch that hung is split by connection only: each submission alone would
         # wait out the timeout in turn, with everything queued behind them.
         elif not self._closing and len(suspects := suspects_of(culprit, exc)) > 1:

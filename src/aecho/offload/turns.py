@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from aecho.offload.link import Worker
 from aecho.offload.outcomes import Outcome, WorkerDied
 from aecho.offload.slots import Task, discard
 
@@ -44,6 +45,45 @@ def owner(callback: Any) -> Any:
     if type(bound) is Gather:
         return getattr(bound.callback, "__self__", bound.callback)
     return bound
+
+
+def blame(
+    tasks: deque[Task], exc: BaseException | None, worker: Worker | None
+) -> tuple[Task | None, list[Task]]:
+    """Empty ``tasks``, those of a worker that died or ran past its timeout (``exc``; None:
+    it died between tasks): the running task's part to blame, and the parts to run again.
+
+    The part to blame is the running task less what it gave back (see :func:`give_back`).
+    But a late worker goes on to the messages it gave back, since it was sent them: one
+    that kills or hangs it there is to blame where it runs again, on the worker it was
+    given to.  So if the message the worker was on (its progress word says which) is one
+    it gave back, nothing of its task is to blame (None, as when nothing was running): what
+    it kept runs again with the tasks queued behind it, rather than fail in that one's
+    place.  Without a progress word, what it kept is to blame, as before anything was
+    given back.
+    """
+    head = tasks.popleft() if tasks and exc is not None else None
+    innocent = [kept for task in tasks if (kept := task.kept()).entries]
+    tasks.clear()
+    if head is None:
+        return None, innocent
+    kept = head.kept()
+    if head.dropped and worker is not None and _gave_back(head, worker.running()):
+        return None, [kept, *innocent] if kept.entries else innocent
+    return kept, innocent
+
+
+def _gave_back(task: Task, index: int | None) -> bool:
+    """Whether ``task``'s message at ``index`` (None: not known) was given back."""
+    if index is None:
+        return False
+    entries = task.entries
+    end = 0
+    for k in range(0, len(entries), 3):
+        end += entries[k + 2]
+        if index < end:
+            return entries[k] is discard
+    return False
 
 
 def suspects_of(task: Task, exc: BaseException | None) -> list[Task]:

@@ -79,7 +79,7 @@ def error_line(exc: BaseException) -> bytes:
 class Tracked(asyncio.Protocol):
     """What the server's sweeps (idle, shutdown) see of a connection in any phase."""
 
-    __slots__ = ("active", "buffered", "idle_ticks", "peer", "rx", "transport")
+    __slots__ = ("active", "buffered", "idle_ticks", "peer", "rx", "transport", "unsent")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -87,6 +87,7 @@ class Tracked(asyncio.Protocol):
         self.active = False  # read since the last sweep
         self.idle_ticks = 0
         self.buffered = 0  # its write buffer at the last idle sweep (Server._sweep_idle)
+        self.unsent = 0  # the kernel's bytes unsent at the last sweep it looked idle at
         # Bytes read; the server adds a connection's to its totals when it ends and
         # metrics sum the open ones at scrape time.  A prelude reads none of its own.
         self.rx = 0

@@ -40,6 +40,7 @@ from aecho.server.pooled import PooledConnection
 from aecho.server.proxy import ProxyPrelude
 from aecho.server.registry import Registry
 from aecho.server.stats import Stats
+from aecho.server.unsent import reset, unsent
 from aecho.text import needs, plural
 
 log = logging.getLogger("aecho.server")
@@ -456,9 +457,10 @@ class Server(Registry):
         # timeout after its last read, with no per-message timer work.
         interval = max(timeout / 4, 0.01)
         limit = 4
-        # Idle: nothing read, nothing of the peer's at the workers, and nothing of its
-        # write buffer taken by the peer.  One whose peer does not read is cut: a close
-        # would wait for its buffer to drain, for ever.
+        # Idle: nothing read, nothing of the peer's at the workers, and nothing taken by
+        # the peer from its write buffer or, once that is empty, from the kernel's send
+        # queue (asked only of a connection that looks idle: one call each).  One whose
+        # peer does not read is cut: a close would wait for its buffers to drain, for ever.
         while True:
             await asyncio.sleep(interval)
             for conn in self._tracked():
@@ -467,11 +469,17 @@ class Server(Registry):
                 if conn.active or conn.working or buffered < conn.buffered:
                     conn.active = False
                     conn.idle_ticks = 0
+                    conn.unsent = 0
+                elif (queued := unsent(t)) < conn.unsent:
+                    conn.idle_ticks = 0
+                    conn.unsent = queued
                 else:
                     conn.idle_ticks += 1
+                    conn.unsent = queued
                     if conn.idle_ticks >= limit:
                         log.debug("closing idle connection %s", format_address(conn.peer))
-                        if buffered:
+                        if buffered or queued:  # the peer takes nothing: reset it
+                            reset(t)
                             conn.abort()
                         else:
                             conn.close()
