@@ -77,8 +77,10 @@ class TlsPrelude(Prelude):
         except (Exception, asyncio.CancelledError) as exc:
             if not stream.shaken:
                 # A timeout, a bad hello, a reset, a stop: this peer only.  A transport
-                # still being made is closed by the loop itself.
-                stream.abort()
+                # still being made is closed by the loop itself; one closing already
+                # (after the alert for a bad hello) is left to send it.
+                if not stream.is_closing():
+                    stream.abort()
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 self.host.stats.tls_failures += 1

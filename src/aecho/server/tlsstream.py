@@ -67,9 +67,11 @@ class TlsStream(asyncio.Protocol, asyncio.Transport):
         self._tcp = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._eof:
+            return  # after the peer's close_notify nothing it sends is its input: dropped
         self._in.write(data)
-        if not self.shaken and not self._shake():
-            return
+        if not self.shaken and (not self._shake() or self.is_closing()):
+            return  # the handshake goes on, failed, or its connection was refused
         self._read()
 
     def eof_received(self) -> bool:
@@ -109,8 +111,8 @@ class TlsStream(asyncio.Protocol, asyncio.Transport):
             self._flush()
             return False
         except (ssl.SSLError, ValueError) as exc:
-            self._flush()  # the alert, if there is one
-            self._fail(exc)
+            self._flush()  # the alert, if there is one, on its way before the close
+            self._fail(exc, alert=True)
             return False
         self._flush()
         ready, self._ready = self._ready, None
@@ -121,17 +123,18 @@ class TlsStream(asyncio.Protocol, asyncio.Transport):
         ready(self)
         return True
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, alert: bool = False) -> None:
         self._ready = None
         if not self.handshake.done():
             self.handshake.set_exception(exc)
         if self._tcp is not None:
-            self._tcp.abort()
+            if alert:
+                self._tcp.close()  # after the alert
+            else:
+                self._tcp.abort()
 
     def _read(self) -> None:
         """Decrypt what has come and hand it over in one piece; then the end of input."""
-        if self._eof:
-            return  # after the peer's close_notify nothing it sends is its input
         chunks: list[bytes] = []
         ended = False
         read = self._ssl.read
