@@ -20,8 +20,9 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-# Most plaintext one read of the record layer returns (one record holds 16 KiB).
-READ_CHUNK = 256 * 1024
+# Plaintext asked of the record layer per read: one record's most.  Each read allocates
+# this much first, so no more (a larger buffer costs an mmap per read under uvloop).
+READ_CHUNK = 16 * 1024
 
 _TLS_EXTRA = ("ssl_object", "sslcontext", "peercert", "cipher", "compression")
 
@@ -137,11 +138,17 @@ class TlsStream(asyncio.Protocol, asyncio.Transport):
         """Decrypt what has come and hand it over in one piece; then the end of input."""
         chunks: list[bytes] = []
         ended = False
-        read = self._ssl.read
+        tls = self._ssl
+        incoming = self._in
         try:
-            while chunk := read(READ_CHUNK):
+            while True:
+                chunk = tls.read(READ_CHUNK)
+                if not chunk:
+                    ended = True  # an empty read: the peer's close_notify
+                    break
                 chunks.append(chunk)
-            ended = True  # an empty read: the peer's close_notify
+                if not incoming.pending and not tls.pending():
+                    break  # all taken: one more read would only raise SSLWantReadError
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
