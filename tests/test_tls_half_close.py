@@ -18,7 +18,7 @@ import pytest
 
 from aecho.config import Framing, Offload
 from aecho.server import connection
-from aecho.tls import client_context
+from aecho.tls import client_context, server_context
 from tests.conftest import running_server, until
 
 TIMEOUT = 30.0
@@ -330,3 +330,9 @@ def _blocking_client(port: int, ca: str) -> None:
         plain = tls.unwrap()  # returns once the server's close_notify came
         assert plain.recv(1) == b""
         plain.close()
+
+
+def test_renegotiation_is_refused(pems: dict[str, str]) -> None:
+    """README: the server refuses renegotiation (its record layer runs no handshake in
+    mid-stream)."""
+    assert server_context(pems["cert"], pems["key"]).options & ssl.OP_NO_RENEGOTIATION
