@@ -33,6 +33,9 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     _check_readable("--tls-key", key)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # The server runs the record layer itself (server.tlsstream): a TLS 1.2 peer asking
+    # to renegotiate is refused rather than served by a handshake in mid-stream.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     try:
         ctx.load_cert_chain(cert, key)
     except ssl.SSLError as exc:

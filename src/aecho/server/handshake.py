@@ -3,12 +3,11 @@
 Handing ``create_server`` an SSL context would make the loop do the handshake before
 any protocol of ours exists: a peer that connects and never finishes would hold a
 descriptor without counting against ``--max-connections`` or the per-IP limit.  So a
-TLS listener accepts (server.acceptor), admits the peer here, and only then starts TLS
-on the socket (``loop.connect_accepted_socket`` with ``--tls-handshake-timeout``).
-Starting TLS on a transport that is already reading (``loop.start_tls``) is no way out:
-uvloop starts reading after ``connection_made`` whatever the protocol asked, and the
-ClientHello would reach the wrong protocol.  Once the handshake is done, the connection
-that serves the peer takes the TLS transport over.
+TLS listener accepts (server.acceptor), admits the peer here, and only then runs TLS on
+the socket: a plain transport (``loop.connect_accepted_socket``) under a record layer of
+the server's own (server.tlsstream), the handshake within ``--tls-handshake-timeout``
+of accept.  Once the handshake is done, the connection that serves the peer takes the
+stream over, and the prelude's place with it.
 """
 
 from __future__ import annotations
@@ -18,11 +17,12 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from aecho.address import format_address
 from aecho.server.connection import Connection
 from aecho.server.prelude import Prelude, PreludeHost
+from aecho.server.tlsstream import TlsStream
 
 log = logging.getLogger("aecho.server.tls")
 
@@ -55,7 +55,7 @@ class TlsPrelude(Prelude):
             self._sock.close()
             self._sock = None
             self.host.release(self)
-        # Cancelling a handshake under way closes its transport, and the socket with it.
+        # Cancelling a handshake under way aborts its transport, and the socket with it.
         if self._task is not None:
             self._task.cancel()
 
@@ -66,31 +66,37 @@ class TlsPrelude(Prelude):
         if sock is None:
             return
         loop = asyncio.get_running_loop()
+        stream = TlsStream(self._context, self._hand_over)
         try:
-            # The transport takes the socket before the first await: from here on,
-            # closing it is the transport's business (its descriptor may be reused).
-            await loop.connect_accepted_socket(
-                lambda: self,
-                sock,
-                ssl=self._context,
-                ssl_handshake_timeout=self.host.config.tls_handshake_timeout,
-            )
-        except Exception as exc:  # timeout, bad hello, reset: this peer only
-            self.host.stats.tls_failures += 1
-            log.debug("TLS handshake with %s failed: %r", format_address(self.peer), exc)
+            async with asyncio.timeout(self.host.config.tls_handshake_timeout):
+                # The transport takes the socket before the first await: from here on,
+                # closing it is the transport's business (its descriptor may be reused).
+                transport, _ = await loop.connect_accepted_socket(lambda: stream, sock)
+                self.transport = transport
+                await stream.handshake
+        except (Exception, asyncio.CancelledError) as exc:
+            if not stream.shaken:
+                # A timeout, a bad hello, a reset, a stop: this peer only.  A transport
+                # still being made is closed by the loop itself; one closing already
+                # (after the alert for a bad hello) is left to send it.
+                if not stream.is_closing():
+                    stream.abort()
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                self.host.stats.tls_failures += 1
+                log.debug("TLS handshake with %s failed: %r", format_address(self.peer), exc)
+            # else the handshake was done, and handed over, just before the timeout fired.
         finally:
             self.host.release(self)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # The handshake is done: the serving connection takes over, and this prelude's
-        # place, within this call, so the peer's first bytes already reach it.
-        tls = cast(asyncio.Transport, transport)
-        self.transport = tls
+    def _hand_over(self, stream: TlsStream) -> None:
+        """The handshake is done: the serving connection takes over, and this prelude's
+        place, within this call, so the peer's first bytes already reach it."""
         inner = self._factory()
         inner.peer = self.peer
         inner.takes_over = self
-        tls.set_protocol(inner)
-        inner.connection_made(tls)
+        stream.set_protocol(inner)
+        inner.connection_made(stream)
         self.host.release(self)  # nothing left to release once the connection took it
 
 
