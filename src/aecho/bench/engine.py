@@ -55,19 +55,20 @@ def takes(t: Tally) -> bool:
 def start_closed_loop(
     t: Timeline, conns: list[BenchConn], deadline: int | None, arm_stop: Callable[[], None]
 ) -> asyncio.Task[None] | None:
-    """Send each connection's first ``--pipeline`` messages; then, where the compiled loop
-    takes the run, hand the connections to it in a task, which ends once they are back
-    and stops the run at ``deadline`` itself; otherwise ``arm_stop`` (the deadline's
-    timer) now."""
+    """Send each connection's first ``--pipeline`` messages and ``arm_stop`` (the
+    deadline's timer); then, where the compiled loop takes the run, hand the connections
+    to it in a task, which ends once they are back.  The loop's slices end at
+    ``deadline`` too, and a stop while it holds replies closes the window only once they
+    are counted (``Tally.held``)."""
     now = monotonic_ns()
     for _ in range(t.cfg.pipeline):
         for conn in conns:
             if t.sending and not conn.lost:
                 conn.send(now)
+    arm_stop()
     if not t.sending or not takes(t):
-        arm_stop()
         return None
-    return asyncio.create_task(_drive(t, conns, deadline, arm_stop))
+    return asyncio.create_task(_drive(t, conns, deadline))
 
 
 def _ready(t: Tally, conns: list[BenchConn]) -> bool:
@@ -78,9 +79,7 @@ def _ready(t: Tally, conns: list[BenchConn]) -> bool:
     )
 
 
-async def _drive(
-    t: Timeline, conns: list[BenchConn], deadline: int | None, arm_stop: Callable[[], None]
-) -> None:
+async def _drive(t: Timeline, conns: list[BenchConn], deadline: int | None) -> None:
     """Serve ``conns`` in the compiled loop, in slices that end on the timeline's ticks
     (and at ``deadline``), each in a thread so the event loop keeps turning: the Python
     path's own connections, a server in the same process, signals, progress."""
@@ -95,7 +94,6 @@ async def _drive(
         if not c.lost and not c.failed and c.transport is not None and not c.transport.is_closing()
     ]
     if not t.sending or not members or not _ready(t, conns):
-        arm_stop()
         return
     engine = _compiled.Engine(
         [c.transport.get_extra_info("socket").fileno() for c in members if c.transport],
@@ -148,9 +146,7 @@ async def _drive(
         _merge(t.hist, engine)
         engine.close()
         t.held = False
-        if t.sending:  # every connection was handed back: the Python path goes on
-            arm_stop()
-        elif t.window_end_ns is None:
+        if not t.sending and t.window_end_ns is None:
             t.close_window(monotonic_ns())
 
 

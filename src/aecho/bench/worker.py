@@ -192,7 +192,7 @@ class Worker(Timeline):
         loop.call_later(max(0, self.measure_ns - monotonic_ns()) / 1e9, self._open_cpu_window)
         deadline = None if cfg.duration is None else self.measure_ns + int(cfg.duration * 1e9)
 
-        def arm_stop() -> None:  # the compiled loop stops at the deadline on its own
+        def arm_stop() -> None:
             if deadline is not None:
                 self._stop_at(loop, deadline)
 
