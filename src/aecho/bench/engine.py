@@ -18,18 +18,19 @@ rule the compiled loop out); ``--json`` says which one ran (``bench_engine``).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Callable
 from time import monotonic_ns
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from aecho.bench.connection import BenchConn, Tally
 from aecho.bench.histogram import BUCKETS, EMPTY_LOW, HIGHEST_NS, SUB_BITS, Histogram
 from aecho.bench.results import TICK_NS
 from aecho.bench.timeline import Timeline
 
-log = logging.getLogger("aecho.bench")
+if TYPE_CHECKING:
+    from aecho.bench._engine import Engine
 
 ENGINE_ENV = "AECHO_BENCH_ENGINE"
 HANDOVER_TRIES = 1000  # loop iterations to wait for every write to go out first
@@ -150,16 +151,14 @@ async def _drive(t: Timeline, conns: list[BenchConn], deadline: int | None) -> N
             t.close_window(monotonic_ns())
 
 
-async def _wake_on_stop(t: Tally, engine: object) -> None:
+async def _wake_on_stop(t: Tally, engine: Engine) -> None:
     """Told to stop (Ctrl-C, the parent's word): the slice under way ends now."""
-    assert _compiled is not None and isinstance(engine, _compiled.Engine)
     await t.stopped.wait()
     engine.wake()
 
 
-def _merge(hist: Histogram, engine: object) -> None:
+def _merge(hist: Histogram, engine: Engine) -> None:
     """Add what the loop recorded since the last call to ``hist``."""
-    assert _compiled is not None and isinstance(engine, _compiled.Engine)
     fresh, total_ns, high, low = engine.take()
     if not fresh:
         return
@@ -171,11 +170,10 @@ def _merge(hist: Histogram, engine: object) -> None:
     hist.low = min(hist.low, low if low >= 0 else EMPTY_LOW)
 
 
-def _restore(engine: object, i: int, conn: BenchConn, write: bool) -> None:
+def _restore(engine: Engine, i: int, conn: BenchConn, write: bool) -> None:
     """Give connection ``i``'s state back to its BenchConn: messages made, replies owed
     (and how much of the oldest came in), and, with ``write``, the bytes of messages the
     loop made but could not yet write, which the transport now writes."""
-    assert _compiled is not None and isinstance(engine, _compiled.Engine)
     seq, off, dues, unsent, wpos = engine.state(i)
     template = conn.template
     conn.seq = seq
@@ -187,7 +185,7 @@ def _restore(engine: object, i: int, conn: BenchConn, write: bool) -> None:
         conn.write(b"".join(rest))
 
 
-def _hand_back(engine: object, i: int, conn: BenchConn, kind: int, err: int) -> None:
+def _hand_back(engine: Engine, i: int, conn: BenchConn, kind: int, err: int) -> None:
     """A connection the loop let go: count it as the Python path would."""
     assert _compiled is not None
     _restore(engine, i, conn, write=False)  # it is failing or at its end: no more sends
