@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
@@ -242,6 +243,22 @@ async def test_a_peer_whose_messages_hang_fails_alone() -> None:
 
 HANG_TIMEOUT = 2.0  # --handler-timeout of the tests below; a free worker answers far sooner
 
+Peer = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def served_peers(port: int, n: int) -> AsyncIterator[list[Peer]]:
+    """``n`` connections, each served one line first (and the cost measured); closed after."""
+    peers = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
+    try:
+        for reader, writer in peers:
+            writer.write(b"hi\n")
+            assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"hi\n"
+        yield peers
+    finally:
+        for _, writer in peers:
+            writer.close()
+
 
 @pytest.mark.asyncio
 async def test_a_message_that_hangs_holds_up_no_other_connection_while_a_worker_is_free() -> None:
@@ -249,33 +266,28 @@ async def test_a_message_that_hangs_holds_up_no_other_connection_while_a_worker_
     iteration, so that the four share a task.  Once that task is late, its worker keeps
     the hung line and gives the others back: the free worker answers them long before
     --handler-timeout, and the hung line alone meets it, once."""
-    async with running_server(
-        offload=Offload.process,
-        pool_size=2,
-        framing=Framing.line,
-        handler=T + "hang",
-        handler_timeout=HANG_TIMEOUT,
-    ) as server:
-        peers = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(4)]
-        try:
-            for reader, writer in peers:  # each connection served, and the cost measured
-                writer.write(b"hi\n")
-                assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"hi\n"
-            (hung_reader, hung), *others = peers
-            started = time.monotonic()
-            hung.write(b"hang\n")
-            for _, writer in others:  # no await between: the server reads all four at once
-                writer.write(b"ok\n")
-            for reader, _ in others:
-                line = await asyncio.wait_for(reader.readline(), HANG_TIMEOUT / 2)
-                assert line == b"ok\n"
-            assert time.monotonic() - started < HANG_TIMEOUT / 2
-            line = await asyncio.wait_for(hung_reader.readline(), TIMEOUT)
-            assert line.startswith(b"ERR HandlerTimeout")
-            assert server.stats.pool_restarts == 1  # the hung line timed out once, alone
-        finally:
-            for _, writer in peers:
-                writer.close()
+    async with (
+        running_server(
+            offload=Offload.process,
+            pool_size=2,
+            framing=Framing.line,
+            handler=T + "hang",
+            handler_timeout=HANG_TIMEOUT,
+        ) as server,
+        served_peers(server.port, 4) as peers,
+    ):
+        (hung_reader, hung), *others = peers
+        started = time.monotonic()
+        hung.write(b"hang\n")
+        for _, writer in others:  # no await between: the server reads all four at once
+            writer.write(b"ok\n")
+        for reader, _ in others:
+            line = await asyncio.wait_for(reader.readline(), HANG_TIMEOUT / 2)
+            assert line == b"ok\n"
+        assert time.monotonic() - started < HANG_TIMEOUT / 2
+        line = await asyncio.wait_for(hung_reader.readline(), TIMEOUT)
+        assert line.startswith(b"ERR HandlerTimeout")
+        assert server.stats.pool_restarts == 1  # the hung line timed out once, alone
 
 
 @pytest.mark.asyncio
@@ -349,33 +361,28 @@ async def test_a_late_worker_that_dies_on_a_message_it_gave_back_blames_that_mes
     nap and gives the other line back; the free worker dies or hangs on it, and so does
     the late one once its nap is done, since it was sent that line too.  Only the guilty
     peer gets an error; the napping one, which did nothing wrong, gets its echo."""
-    async with running_server(
-        offload=Offload.process,
-        pool_size=2,
-        framing=Framing.line,
-        handler=T + "nap_or_fatal",
-        handler_timeout=HANG_TIMEOUT,
-    ) as server:
-        peers = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
-        try:
-            for reader, writer in peers:  # each connection served, and the cost measured
-                writer.write(b"hi\n")
-                assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"hi\n"
-            (napper_reader, napper), (guilty_reader, guilty) = peers
-            started = time.monotonic()
-            napper.write(b"nap\n")
-            guilty.write(fatal + b"\n")  # no await between: one task, the nap first
-            assert await asyncio.wait_for(guilty_reader.readline(), TIMEOUT) == error
-            assert await asyncio.wait_for(napper_reader.readline(), TIMEOUT) == b"nap\n"
-            # The nap ran twice: the late worker kept it, then met the guilty line.
-            assert time.monotonic() - started >= 0.6
-            assert server.stats.pool_restarts == 2  # both workers, on the guilty line
-            assert server.stats.handler_errors == 1
-            napper.write(b"after\n")
-            assert await asyncio.wait_for(napper_reader.readline(), TIMEOUT) == b"after\n"
-        finally:
-            for _, writer in peers:
-                writer.close()
+    async with (
+        running_server(
+            offload=Offload.process,
+            pool_size=2,
+            framing=Framing.line,
+            handler=T + "nap_or_fatal",
+            handler_timeout=HANG_TIMEOUT,
+        ) as server,
+        served_peers(server.port, 2) as peers,
+    ):
+        (napper_reader, napper), (guilty_reader, guilty) = peers
+        started = time.monotonic()
+        napper.write(b"nap\n")
+        guilty.write(fatal + b"\n")  # no await between: one task, the nap first
+        assert await asyncio.wait_for(guilty_reader.readline(), TIMEOUT) == error
+        assert await asyncio.wait_for(napper_reader.readline(), TIMEOUT) == b"nap\n"
+        # The nap ran twice: the late worker kept it, then met the guilty line.
+        assert time.monotonic() - started >= 0.6
+        assert server.stats.pool_restarts == 2  # both workers, on the guilty line
+        assert server.stats.handler_errors == 1
+        napper.write(b"after\n")
+        assert await asyncio.wait_for(napper_reader.readline(), TIMEOUT) == b"after\n"
 
 
 def test_what_a_late_task_gives_back_leaves_it_and_goes_nowhere_if_it_returns() -> None:
