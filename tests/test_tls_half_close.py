@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
 import ssl
 import time
@@ -330,6 +331,51 @@ def _blocking_client(port: int, ca: str) -> None:
         plain = tls.unwrap()  # returns once the server's close_notify came
         assert plain.recv(1) == b""
         plain.close()
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_asks_to_renegotiate_is_refused_and_others_are_served(
+    pems: dict[str, str],
+) -> None:
+    """A TLS 1.2 peer asks to renegotiate mid-stream (``openssl s_client``'s ``R``): the
+    server refuses (a no_renegotiation alert), echoes nothing after it, and goes on
+    serving other peers."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    async with running_server(
+        tls_cert=pems["cert"], tls_key=pems["key"], framing=Framing.line
+    ) as server:
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{server.port}",
+            "-CAfile", pems["ca"],
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(b"hello\n")
+            async with asyncio.timeout(TIMEOUT):
+                while (await proc.stdout.readline()) not in (b"hello\n", b""):
+                    pass  # the handshake's report, then the echo: it is served
+                proc.stdin.write(b"R\n")  # s_client's command: renegotiate
+                await proc.stdin.drain()
+                rest = await proc.stdout.read()  # until the connection is gone
+                await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert b"RENEGOTIATING" in rest and b"no renegotiation" in rest, rest
+        assert proc.returncode != 0
+        peer = await TlsPeer.connect(server.port, pems["ca"])
+        try:
+            await peer.send(b"still here\n")
+            await peer.send_close_notify()
+            assert await peer.read_to_end()
+        finally:
+            peer.close()
+        assert bytes(peer.plain) == b"still here\n"
 
 
 def test_renegotiation_is_refused(pems: dict[str, str]) -> None:
